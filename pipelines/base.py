@@ -1,0 +1,310 @@
+"""What every t2i pipeline shares: loaded components, defaults, LoRAs, noise, decoding.
+
+A t2i pipeline wraps one diffusers pipeline (`self.pipe`) and adds what
+diffusers lacks: prompt syntax and long prompts, CPU-drawn per-image noise (a
+seed means the same image on every device, and a batch equals its single
+runs), the NaN guard, LoRA bookkeeping and the exact `Settings` of each image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from t2i import __version__, guards, loading, prompts
+from t2i.devices import dtype_name, resolve_device, resolve_dtype
+from t2i.errors import UsageError
+from t2i.lora import LoraSet
+from t2i.samplers import DEFAULT_SAMPLER, get_sampler, make_scheduler
+from t2i.settings import LoraSpec, Settings
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    source: loading.ModelSource
+    arch: str  # sd1 | sd2 | sdxl
+    path: Path  # local folder or file the weights came from
+    hash: str  # A1111-style short model hash
+
+
+@dataclass
+class Result:
+    """The images of one call and, for each, the exact settings that make it again."""
+
+    images: list[Image.Image]
+    settings: list[Settings]
+
+    def __iter__(self):
+        return iter(zip(self.images, self.settings))
+
+    def save(self, out: str | Path, overwrite: bool = False) -> list[Path]:
+        """Write PNGs with metadata: into a folder (numbered names) or to a .png path."""
+        from t2i.output import save_images
+
+        return save_images(self.images, self.settings, out, overwrite=overwrite)
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    return {"t2i": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__}
+
+
+@dataclass
+class Defaults:
+    steps: int = 20
+    guidance: float = 7.0
+    sampler: str = DEFAULT_SAMPLER
+    width: int = 512
+    height: int = 512
+    negative_prompt: str = ""
+
+
+class BasePipeline:
+    """Loading, device moves, defaults and the shared steps of generation."""
+
+    task = "text2image"
+    diffusers_classes: dict[str, str] = {}  # arch -> diffusers pipeline class for this task (None: as loaded)
+
+    def __init__(self, pipe, model: LoadedModel, loras: LoraSet | None = None):
+        self.pipe = pipe
+        self.model = model
+        self.loras = loras or LoraSet(pipe)
+        self._scheduler_config = dict(pipe.scheduler.config)
+        self.defaults = self._read_defaults()
+        # Image i of a batch equals the single run with seed + i, bit for bit (see per_image_unet).
+        # False batches the UNet across images: faster, equal only to within float rounding.
+        self.exact_batch = True
+        pipe.set_progress_bar_config(disable=True)  # t2i draws one bar across a whole job
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | None = None,
+        *,
+        device: str = "auto",
+        dtype: str | torch.dtype = "auto",
+        allow_pickle: bool = False,
+        model_config: str | None = None,
+    ):
+        """Load a model: None (the bundled demo model), a diffusers folder, a single file or a hub id."""
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        source = loading.resolve(model)
+        pipe, arch, path = loading.load(source, dt, allow_pickle=allow_pickle, model_config=model_config)
+        pipe = cls._convert(pipe, arch)
+        pipe.to(dev)
+        loaded = LoadedModel(source, arch, Path(path), loading.model_hash(source, Path(path) if Path(path).is_dir() else None))
+        return cls(pipe, loaded)
+
+    @classmethod
+    def from_pipe(cls, other: "BasePipeline"):
+        """The same loaded components (no reload, no copy) behind another task's pipeline."""
+        pipe = cls._convert(other.pipe, other.model.arch)
+        return cls(pipe, other.model, other.loras.rebind(pipe))
+
+    @classmethod
+    def _convert(cls, pipe, arch: str):
+        import diffusers
+
+        wanted = cls.diffusers_classes.get(arch)
+        if wanted is None or type(pipe).__name__ == wanted:
+            return pipe
+        target = getattr(diffusers, wanted)
+        new = target(**{k: v for k, v in pipe.components.items() if k in target._get_signature_keys(target)[0]})
+        if hasattr(new, "register_to_config") and "requires_safety_checker" in new.config:
+            new.register_to_config(requires_safety_checker=False)
+        return new
+
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
+        """Move the components to another device and/or dtype; returns self."""
+        dev = resolve_device(str(device)) if device is not None else self.device
+        dt = resolve_dtype(dtype, dev) if dtype is not None else self.dtype
+        self.pipe.to(dev, dt)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.unet.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    def _read_defaults(self) -> Defaults:
+        size = self.pipe.unet.config.sample_size * self.vae_scale_factor
+        d = Defaults(width=size, height=size)
+        extra = self.model.path / "t2i.json" if self.model.path.is_dir() else None
+        if extra is not None and extra.is_file():
+            try:
+                data = json.loads(extra.read_text())
+                known = {k: v for k, v in data.items() if k in Defaults.__dataclass_fields__}
+                d = replace(d, **known)
+            except (json.JSONDecodeError, TypeError):
+                pass  # model-recommended defaults are a courtesy, not a requirement
+        return d
+
+    # ------------------------------------------------------------------ shared steps
+
+    def _settings(
+        self, prompt, negative_prompt, steps, guidance, sampler, seed, width, height, batch, loras, **extra
+    ) -> list[Settings]:
+        """Check inputs (cheap, before any compute) and fill defaults: one Settings per image."""
+        d = self.defaults
+        if not isinstance(prompt, str):
+            raise UsageError("prompt must be a string (use a loop or a prompts file for several)")
+        steps = d.steps if steps is None else int(steps)
+        guidance = d.guidance if guidance is None else float(guidance)
+        width = d.width if width is None else int(width)
+        height = d.height if height is None else int(height)
+        negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
+        sampler = get_sampler(sampler or d.sampler).name
+        guards.check_steps(steps)
+        guards.check_guidance(guidance)
+        guards.check_size(width, height, self.vae_scale_factor)
+        guards.check_batch(batch)
+        if seed is None or seed == -1:
+            seed = random.randrange(2**32)
+        guards.check_seed(seed)
+        if seed + batch - 1 > guards.MAX_SEED:
+            raise UsageError(f"seed {seed} + batch {batch} runs past 2**64-1; use a smaller seed")
+        specs = [self.loras.spec(l) for l in loras]
+        base = Settings(
+            prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, guidance=guidance,
+            seed=seed, width=width, height=height, model=self.model.source.asked, model_name=self.model.source.name,
+            model_hash=self.model.hash, arch=self.model.arch, loras=specs, device=str(self.device),
+            dtype=dtype_name(self.dtype), pipeline=self.task, versions=versions(), **extra,
+        )
+        return [replace(base, seed=seed + i, batch_index=i, batch_size=batch) for i in range(batch)]
+
+    def _prepare_loras(self, prompt: str, loras: list[LoraSpec]) -> str:
+        """Activate the LoRAs given as arguments plus `<lora:NAME:S>` tags; return the prompt without tags."""
+        clean, tagged = prompts.extract_loras(prompt)
+        self.loras.activate(loras, tagged)
+        return clean
+
+    def _encode(self, prompt: str, negative: str, guidance: float) -> dict:
+        """Prompt embeddings for the diffusers call (chunked, weighted), cond and uncond alike."""
+        p = self.pipe
+        if self.model.arch == "sdxl":
+            toks, encs = [p.tokenizer, p.tokenizer_2], [p.text_encoder, p.text_encoder_2]
+            cond = prompts.encode_sdxl(toks, encs, prompt)
+            zero = not negative and p.config.get("force_zeros_for_empty_prompt", True)
+            uncond = prompts.encode_sdxl(toks, encs, negative, zero=zero)
+            empty = prompts.encode_sdxl(toks, encs, "", zero=zero)
+        else:
+            cond = prompts.encode_sd(p.tokenizer, p.text_encoder, prompt)
+            uncond = prompts.encode_sd(p.tokenizer, p.text_encoder, negative)
+            empty = prompts.encode_sd(p.tokenizer, p.text_encoder, "")
+        cond, uncond = prompts.pad_to_same_length(cond, uncond, empty)
+        kwargs = {"prompt_embeds": cond.embeds, "negative_prompt_embeds": uncond.embeds}
+        if self.model.arch == "sdxl":
+            kwargs |= {"pooled_prompt_embeds": cond.pooled, "negative_pooled_prompt_embeds": uncond.pooled}
+        return kwargs
+
+    def _latent_shape(self, s: Settings) -> tuple[int, ...]:
+        f = self.vae_scale_factor
+        return (1, self.pipe.unet.config.in_channels, s.height // f, s.width // f)
+
+    def _noise(self, settings: list[Settings]) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """Initial latents drawn on the CPU, one generator per image seeded with its own seed.
+
+        The same generators then feed the sampler's per-step noise, so image i of a
+        batch is exactly the single run with seed + i, on any device.
+        """
+        gens, noise = [], []
+        for s in settings:
+            g = torch.Generator("cpu").manual_seed(s.seed)
+            noise.append(torch.randn(self._latent_shape(s), generator=g, dtype=torch.float32))  # (1, C, h, w)
+            gens.append(g)
+        return torch.cat(noise).to(self.device, self.dtype), gens  # (B, C, h, w)
+
+    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Latents -> PIL images through the NaN guard (fp32 retry on overflow)."""
+        vae = self.pipe.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = latents / vae.config.scaling_factor + shift  # (B, C, h, w)
+        notice = lambda m: print(m, file=sys.stderr)  # noqa: E731
+        # One image at a time: the decoder's kernels then see the same shapes as in a single run.
+        images = torch.cat([guards.decode_latents(vae, latents[i : i + 1], notice) for i in range(len(latents))])
+        return self.pipe.image_processor.postprocess(images, output_type="pil")
+
+    def _progress(self, progress, total_calls: int):
+        """A tqdm bar on stderr over all denoising steps of a call, or None."""
+        if progress is False or progress is None:
+            return None
+        if progress is not True:
+            return progress  # the caller's own bar (the CLI shares one across a job)
+        from tqdm.auto import tqdm
+
+        return tqdm(total=0, desc=self.task, unit="step", file=sys.stderr, leave=False)
+
+    def _step_callback(self, bar) -> Callable | None:
+        if bar is None:
+            return None
+        state = {"grown": False}
+
+        def on_step_end(pipe, i, t, kwargs):
+            if not state["grown"]:
+                bar.total = (bar.total or 0) + pipe.num_timesteps
+                state["grown"] = True
+                bar.refresh()
+            bar.update(1)
+            return kwargs
+
+        return on_step_end
+
+
+@contextlib.contextmanager
+def per_image_unet(unet, n_images: int):
+    """Run the UNet one image at a time (its uncond and cond rows together) inside a batch.
+
+    BLAS and conv kernels may pick another blocking for another batch size, which
+    moves the last bits of a result. Evaluating each image's rows as a single run
+    makes image i of a batch bit-identical to the single run with seed + i.
+    """
+    forward = unet.forward
+
+    def split_forward(sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=None, **kwargs):
+        rows = sample.shape[0]  # 2N with classifier-free guidance, else N
+        per = rows // n_images
+        if rows == n_images * per and n_images > 1:
+            outs = []
+            for i in range(n_images):
+                idx = torch.tensor([i + k * n_images for k in range(per)], device=sample.device)
+                t = timestep.index_select(0, idx) if torch.is_tensor(timestep) and timestep.ndim else timestep
+                extra = {k: v.index_select(0, idx) for k, v in (added_cond_kwargs or {}).items()}
+                out = forward(sample.index_select(0, idx), t, encoder_hidden_states.index_select(0, idx), *args,
+                              added_cond_kwargs=extra or added_cond_kwargs, **{**kwargs, "return_dict": False})[0]
+                outs.append(out)  # (per, C, h, w)
+            merged = torch.empty_like(sample, dtype=outs[0].dtype)
+            for i, out in enumerate(outs):
+                merged[i::n_images] = out  # row i + k*N <- out[k]
+            if kwargs.get("return_dict", True):
+                from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+                return UNet2DConditionOutput(sample=merged)
+            return (merged,)
+        return forward(sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+    unet.forward = split_forward
+    try:
+        yield
+    finally:
+        del unet.forward  # back to the class's forward

@@ -1,0 +1,338 @@
+"""The `t2i` command: a thin shell over the Python API.
+
+Every subcommand checks its arguments before loading a model, prints written
+paths on stdout and progress on stderr, and turns a `T2IError` into one line
+`t2i: error: ...` with exit code 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import T2IError, UsageError
+
+EXAMPLES = """examples:
+  t2i generate "a red circle"                       bundled demo model, PNG into ./outputs
+  t2i generate "a blue star" --batch 4 --seed 7 --out stars/
+  t2i generate "castle, (sunset:1.2)" --model ./sd15 --sampler "DPM++ 2M Karras" --steps 25
+  t2i info outputs/00000-7.png                      show the settings stored in a PNG
+  t2i reproduce outputs/00000-7.png                 make it again and compare bit for bit
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `t2i generate: error: ... (see --help)`, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", metavar="PATH|ID",
+                   help="diffusers folder, .safetensors checkpoint or hub id (default: the bundled t2i-shapes)")
+    g.add_argument("--model-config", metavar="DIR",
+                   help="diffusers folder whose configs a single-file checkpoint uses (needed offline)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default: auto")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="default: auto (fp16/bf16 on a GPU, fp32 on the CPU)")
+    g.add_argument("--allow-pickle", action="store_true",
+                   help="also load pickle-based weights (.ckpt/.bin/.pt); they can run code: trusted files only")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--negative-prompt", "-n", metavar="TEXT", help="what to steer away from")
+    g.add_argument("--steps", type=_positive_int, help="denoising steps (default: the model's, usually 20)")
+    g.add_argument("--guidance", "--cfg", type=_number, help="classifier-free guidance scale (default: the model's)")
+    g.add_argument("--sampler", "-s", help="sampler name or A1111 name, e.g. euler-a, \"DPM++ 2M Karras\" (see t2i samplers)")
+    g.add_argument("--seed", type=_positive_int, default=-1, help="seed of the first image; image i uses seed+i (default: random)")
+    g.add_argument("--width", "-W", type=_positive_int, help="multiple of 8 (default: the model's native size)")
+    g.add_argument("--height", "-H", type=_positive_int, help="multiple of 8 (default: the model's native size)")
+    g.add_argument("--batch", "-b", type=_positive_int, default=1, help="images per prompt (default: 1)")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA (diffusers or kohya/A1111 layout); repeatable")
+    g.add_argument("--lora-dir", metavar="DIR", help="where <lora:NAME:SCALE> in a prompt looks for NAME.safetensors")
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--out", "-o", default="outputs", metavar="PATH",
+                   help="folder (files NNNNN-SEED.png) or a .png path (default: ./outputs)")
+    g.add_argument("--overwrite", action="store_true", help="replace existing files at --out")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="t2i",
+        description="Text-to-image diffusion: generate images, fine-tune LoRAs, evaluate and benchmark models.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"t2i {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="make images from a prompt (or a file of prompts)",
+                       description="Generate images from text. Paths of written PNGs go to stdout.")
+    g.add_argument("prompt", nargs="?", help="the prompt (A1111 syntax: (word:1.2), [word], BREAK, <lora:NAME:0.8>)")
+    g.add_argument("--prompts-file", metavar="FILE", help="one prompt per line ('#' comments); each prompt starts at --seed")
+    _model_args(g)
+    _sampling_args(g)
+    _output_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("samplers", help="list sampler names and their A1111 names")
+    s.set_defaults(func=cmd_samplers)
+
+    i = sub.add_parser("info", help="print the generation settings stored in a PNG")
+    i.add_argument("image")
+    i.add_argument("--json", action="store_true", help="print t2i's JSON settings instead of A1111's text")
+    i.set_defaults(func=cmd_info)
+
+    r = sub.add_parser("reproduce", help="regenerate a PNG from its metadata and compare bit for bit",
+                       description="Regenerate an image from the settings in its metadata. Exit code 0 when the "
+                                   "new image matches bit for bit, 1 when it differs.")
+    r.add_argument("image")
+    r.add_argument("--model", "-m", metavar="PATH|ID", help="use this model instead of the one recorded")
+    r.add_argument("--model-config", metavar="DIR", help=argparse.SUPPRESS)
+    r.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "mps"], help="default: as recorded")
+    r.add_argument("--dtype", default=None, choices=["auto", "fp32", "fp16", "bf16"], help="default: as recorded")
+    r.add_argument("--allow-pickle", action="store_true", help=argparse.SUPPRESS)
+    r.add_argument("--out", "-o", metavar="PNG", help="also save the regenerated image here")
+    r.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    r.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_reproduce)
+
+    e = sub.add_parser("eval", help="ShapeEval: GenEval-style accuracy of a model in the shapes world",
+                       description="Generate ShapeEval's fixed prompts with several seeds, check each image by "
+                                   "classical image analysis, print accuracy per category and write a grid.")
+    e.add_argument("--model", "-m", metavar="PATH|ID", help="default: the bundled t2i-shapes")
+    e.add_argument("--steps", type=_positive_int, help="default: the model's")
+    e.add_argument("--sampler", "-s", help="default: the model's")
+    e.add_argument("--guidance", "--cfg", type=_number, help="default: the model's")
+    e.add_argument("--seeds", type=_positive_int, default=4, help="images per prompt (seeds 0..N-1; default 4)")
+    e.add_argument("--out", "-o", metavar="DIR", help="write shapeeval-grid.png and shapeeval.json here")
+    e.add_argument("--ground-truth", action="store_true",
+                   help="score the checker itself on ground-truth renders instead of a model")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    e.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    e.add_argument("--allow-pickle", action="store_true", help=argparse.SUPPRESS)
+    e.add_argument("--model-config", metavar="DIR", help=argparse.SUPPRESS)
+    e.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("train", help="training: the demo model from scratch, or a LoRA")
+    tsub = t.add_subparsers(dest="what", metavar="WHAT", parser_class=_Parser)
+    d = tsub.add_parser("demo", help="train the bundled demo model t2i-shapes from scratch (resumable)")
+    d.add_argument("--config", default=None, metavar="TOML", help="training config (default: train/configs/demo.toml)")
+    d.add_argument("--stage", default="all", choices=["tokenizer", "vae", "unet", "decoder", "export", "all"],
+                   help="default: all (each stage resumes; export writes export_dir from the newest checkpoint)")
+    d.add_argument("--resume", default="latest", metavar="latest|PATH|none", help="default: latest")
+    d.add_argument("--output-dir", help="overrides output_dir")
+    d.add_argument("--export-dir", help="overrides export_dir")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set unet.steps=6000 (TOML values)")
+    d.set_defaults(func=cmd_train_demo)
+    t.set_defaults(func=lambda args: t.print_help() or 2)
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _bar(args, desc: str):
+    if getattr(args, "quiet", False):
+        return False
+    from tqdm.auto import tqdm
+
+    return tqdm(total=0, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def cmd_generate(args) -> int:
+    from . import guards, loading
+    from .lora import parse_lora_arg
+    from .output import plan_paths, save_images
+
+    # 1. Everything checkable without the model, before loading it
+    if bool(args.prompt is not None) == bool(args.prompts_file):
+        raise UsageError("give a prompt or --prompts-file (one of them)")
+    prompts = guards.read_prompts_file(args.prompts_file) if args.prompts_file else [args.prompt]
+    if args.steps is not None:
+        guards.check_steps(args.steps)
+    if args.guidance is not None:
+        guards.check_guidance(args.guidance)
+    guards.check_batch(args.batch)
+    if args.seed != -1:
+        guards.check_seed(args.seed)
+    if args.width is not None or args.height is not None:
+        guards.check_size(args.width or 8, args.height or 8)
+    if args.sampler:
+        from .samplers import get_sampler
+
+        get_sampler(args.sampler)
+    if len(prompts) > 1 and Path(args.out).suffix.lower() == ".png":
+        raise UsageError("--prompts-file writes several images; give a folder as --out")
+    plan_paths(args.out, args.batch, args.overwrite)
+    loras = [parse_lora_arg(x) for x in args.lora]
+    if args.lora_dir and not Path(args.lora_dir).is_dir():
+        raise UsageError(f"--lora-dir {args.lora_dir} is not a folder")
+    from .lora import LoraSet
+
+    vetting = LoraSet(None, args.lora_dir, args.allow_pickle)
+    loras = [vetting.spec(l) for l in loras]
+    loading.resolve(args.model)
+
+    # 2. Load once, generate each prompt
+    pipe = _load(args)
+    pipe.loras.lora_dir, pipe.loras.allow_pickle = vetting.lora_dir, args.allow_pickle
+    bar = _bar(args, "generating")
+    try:
+        for prompt in prompts:
+            result = pipe(prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+                          sampler=args.sampler, seed=None if args.seed == -1 else args.seed, width=args.width,
+                          height=args.height, batch=args.batch, loras=loras, progress=bar)
+            for path in save_images(result.images, result.settings, args.out, overwrite=args.overwrite):
+                print(path, flush=True)
+    finally:
+        if bar:
+            bar.close()
+    return 0
+
+
+def _load(args, task: str = "text2image"):
+    from t2i.pipelines import Text2Image
+
+    return Text2Image.from_pretrained(args.model, device=args.device or "auto", dtype=args.dtype or "auto",
+                                      allow_pickle=args.allow_pickle, model_config=args.model_config)
+
+
+def cmd_samplers(args) -> int:
+    from .samplers import DEFAULT_SAMPLER, SAMPLERS
+
+    width = max(len(n) for n in SAMPLERS)
+    print(f"{'name':<{width}}  A1111 name")
+    for name, s in SAMPLERS.items():
+        mark = "  (default)" if name == DEFAULT_SAMPLER else ""
+        print(f"{name:<{width}}  {s.a1111}{mark}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import json
+
+    from . import metadata
+
+    text, settings = metadata.read(args.image)
+    if text is None and settings is None:
+        raise UsageError(f"{args.image} carries no generation metadata")
+    if args.json:
+        if settings is None:
+            raise UsageError(f"{args.image} has A1111 parameters but no t2i JSON settings; drop --json")
+        print(json.dumps(settings.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(text if text is not None else json.dumps(settings.to_dict(), indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from .reproduce import reproduce
+
+    report = reproduce(args.image, model=args.model, device=args.device, dtype=args.dtype,
+                       allow_pickle=args.allow_pickle, out=args.out, overwrite=args.overwrite,
+                       progress=not args.quiet)
+    print(report.summary())
+    return 0 if report.identical else 1
+
+
+def cmd_eval(args) -> int:
+    from . import guards, shapeeval
+
+    if args.ground_truth:
+        acc = shapeeval.ground_truth_accuracy(n_per_prompt=args.seeds)
+        print("checker accuracy on ground-truth renders")
+        for key, value in acc.items():
+            print(f"{key:<14}{value:>10.3f}")
+        return 0
+    if args.steps is not None:
+        guards.check_steps(args.steps)
+    if args.guidance is not None:
+        guards.check_guidance(args.guidance)
+    if args.sampler:
+        from .samplers import get_sampler
+
+        get_sampler(args.sampler)
+    if args.out:
+        guards.check_writable_folder(args.out)
+    from . import loading
+    from .evaluation import run_eval
+
+    loading.resolve(args.model)
+    pipe = _load(args)
+    bar = _bar(args, "shapeeval")
+    try:
+        run = run_eval(pipe, args.steps, args.sampler, args.guidance, seeds=range(args.seeds), out=args.out,
+                       progress=bar)
+    finally:
+        if bar:
+            bar.close()
+    print(run.report.table())
+    if run.grid:
+        print(f"grid: {run.grid}\nresults: {run.results}")
+    return 0
+
+
+def cmd_train_demo(args) -> int:
+    import tomllib
+
+    from t2i.train import demo
+
+    overrides = {"output_dir": args.output_dir, "export_dir": args.export_dir}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set {item!r}: use KEY=VALUE, e.g. unet.steps=6000")
+        try:
+            overrides[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[key.strip()] = value
+    config = args.config or str(Path(demo.__file__).parent / "configs" / "demo.toml")
+    demo.run(config, args.stage, None if args.resume == "none" else args.resume, overrides)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except T2IError as e:
+        print(f"t2i: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("t2i: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # `python -m t2i.cli`, and `accelerate launch -m t2i.cli`
+    sys.exit(main())

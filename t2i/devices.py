@@ -1,0 +1,61 @@
+"""Device and dtype choice, in one place.
+
+`auto` means: CUDA if present, else Apple's MPS, else the CPU; half precision
+on a GPU (bf16 where the card supports it well, else fp16) and fp32 on the
+CPU, where it is the safe and (without AMX/avx512-bf16) the fast choice.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import UsageError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' -> torch.device, checking it exists."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    kind = name.split(":")[0]
+    if kind not in DEVICES:
+        raise UsageError(f"unknown device {name!r}; use one of: {', '.join(DEVICES)}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is visible to torch; use --device cpu or auto")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps was asked for but MPS is not available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
+    """'auto' | 'fp32' | 'fp16' | 'bf16' -> torch.dtype for `device`."""
+    if isinstance(name, torch.dtype):
+        return name
+    name = (name or "auto").lower()
+    device = device or torch.device("cpu")
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() and _is_ampere_or_newer() else torch.float16
+        if device.type == "mps":
+            return torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype {name!r}; use one of: auto, {', '.join(DTYPES)}")
+    if name == "fp16" and device.type == "cpu":
+        raise UsageError("--dtype fp16 is not supported on the CPU (slow and overflow-prone); use fp32 or bf16")
+    return DTYPES[name]
+
+
+def _is_ampere_or_newer() -> bool:
+    return torch.cuda.get_device_capability()[0] >= 8
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))

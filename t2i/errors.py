@@ -1,0 +1,25 @@
+"""The exceptions t2i raises on purpose.
+
+Every one carries a one-line message that says what was wrong and what to do.
+The CLI prints it as `t2i: error: ...` and exits with code 2, no traceback.
+"""
+
+
+class T2IError(Exception):
+    """Base class: a problem the user can fix from the message alone."""
+
+
+class UsageError(T2IError, ValueError):
+    """Bad arguments or settings (sizes, steps, paths, names)."""
+
+
+class ModelLoadError(T2IError):
+    """A model, VAE or LoRA could not be found or loaded."""
+
+
+class UnsafeFileError(ModelLoadError):
+    """A pickle-based file was refused (pass allow_pickle / --allow-pickle to trust it)."""
+
+
+class NumericalError(T2IError):
+    """NaN or inf that survived the higher-precision retry."""

@@ -1,0 +1,52 @@
+"""`t2i eval`: ShapeEval on a model (default: the bundled demo model)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import shapeeval
+
+
+@dataclass
+class EvalRun:
+    report: shapeeval.EvalReport
+    grid: Path | None
+    results: Path | None
+
+
+def pipeline_generator(pipe, steps=None, sampler=None, guidance=None, progress=False):
+    """A `generate(prompts, seeds)` for shapeeval.evaluate: runs of one prompt with consecutive seeds share a call."""
+
+    def generate(prompts: list[str], seeds: list[int]):
+        images, i = [], 0
+        while i < len(prompts):
+            j = i + 1
+            while j < len(prompts) and prompts[j] == prompts[i] and seeds[j] == seeds[j - 1] + 1:
+                j += 1
+            out = pipe(prompts[i], seed=seeds[i], batch=j - i, steps=steps, sampler=sampler, guidance=guidance,
+                       progress=progress)
+            images += out.images
+            i = j
+        return images
+
+    return generate
+
+
+def run_eval(pipe, steps=None, sampler=None, guidance=None, seeds=(0, 1, 2, 3), out: str | Path | None = None,
+             prompts=None, progress=False) -> EvalRun:
+    """Generate every ShapeEval prompt with each seed, check them, write a grid and a JSON of results."""
+    report = shapeeval.evaluate(pipeline_generator(pipe, steps, sampler, guidance, progress), prompts=prompts,
+                                seeds=seeds)
+    grid = results = None
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        grid = folder / "shapeeval-grid.png"
+        report.grid(grid)
+        results = folder / "shapeeval.json"
+        per_prompt = [{"prompt": r.prompt.prompt, "category": r.prompt.category, "held_out": r.prompt.held_out,
+                       "seed": r.seed, "passed": r.passed} for r in report.results]
+        results.write_text(json.dumps({"summary": report.to_dict(), "results": per_prompt}, indent=1))
+    return EvalRun(report, grid, results)

@@ -1,0 +1,131 @@
+"""Checks that run before expensive work, and the numerical guard after it.
+
+Every check raises `UsageError` with one line that says what was wrong and what
+to do; the CLI turns it into exit code 2 without a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import NumericalError, UsageError
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64-1
+
+
+def check_size(width: int, height: int, multiple: int = 8) -> None:
+    for name, value in (("width", width), ("height", height)):
+        if value < multiple:
+            raise UsageError(f"{name} {value} is too small; use at least {multiple}")
+        if value % multiple:
+            lo, hi = value - value % multiple, value - value % multiple + multiple
+            near = f"{lo} or {hi}" if lo >= multiple else f"{hi}"
+            raise UsageError(f"{name} {value} is not a multiple of {multiple}; use {near}")
+
+
+def check_steps(steps: int) -> None:
+    if steps < 1:
+        raise UsageError(f"steps must be at least 1, got {steps}")
+
+
+def check_guidance(guidance: float) -> None:
+    if not math.isfinite(guidance) or guidance < 0:
+        raise UsageError(f"guidance must be a finite number >= 0, got {guidance}")
+
+
+def check_batch(batch: int) -> None:
+    if batch < 1:
+        raise UsageError(f"batch must be at least 1, got {batch}")
+
+
+def check_seed(seed: int) -> int:
+    """Seeds are integers in 0 .. 2**64-1 (what torch.Generator takes); anything else is refused."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UsageError(f"seed must be an integer, got {seed!r}")
+    if seed < 0 or seed > MAX_SEED:
+        raise UsageError(f"seed {seed} is out of range; use 0 .. 2**64-1 (or -1 for a random seed)")
+    return seed
+
+
+def check_strength(strength: float) -> None:
+    if not (0.0 < strength <= 1.0) or not math.isfinite(strength):
+        raise UsageError(f"strength must be in (0, 1], got {strength}")
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with '#' are skipped."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"prompts file {path} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"prompts file {path} is a folder; give a text file with one prompt per line") from None
+    except PermissionError:
+        raise UsageError(f"prompts file {path} cannot be read (permission denied)") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"prompts file {path} is not UTF-8 text") from None
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise UsageError(f"prompts file {path} has no prompts (one per line; '#' starts a comment)")
+    return prompts
+
+
+def check_writable_folder(folder: str | Path) -> Path:
+    """The folder exists (or can be made) and is writable; made if missing."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"output folder {folder} is a file; give a folder or a .png path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"output folder {folder} cannot be created: {e.strerror}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"output folder {folder} is not writable; choose another with --out")
+    return folder
+
+
+# --------------------------------------------------------------------------- numerical guard
+
+
+def is_finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+def decode_latents(vae, latents: torch.Tensor, notice=None) -> torch.Tensor:
+    """Decode with the VAE; on NaN/inf (the fp16 overflow behind black images) retry in fp32.
+
+    `latents` are already unscaled (divided by the scaling factor). Returns the
+    decoded images in [-1, 1] as float32, shape (B, 3, H, W). Raises
+    NumericalError when the latents themselves are not finite or the fp32
+    retry fails too.
+    """
+    if not is_finite(latents):
+        raise NumericalError("the denoiser produced NaN/inf latents; rerun with --dtype fp32 (or a lower guidance)")
+    dtype = vae.dtype
+    upcast = dtype != torch.float32 and getattr(vae.config, "force_upcast", False)
+    if not upcast:
+        with torch.no_grad():
+            images = vae.decode(latents.to(dtype)).sample  # (B, 3, H, W)
+        if is_finite(images):
+            return images.float()
+        (notice or _stderr)(f"note: the VAE overflowed in {str(dtype).replace('torch.', '')}; decoding again in fp32")
+    with torch.no_grad():
+        vae.to(torch.float32)
+        try:
+            images = vae.decode(latents.float()).sample
+        finally:
+            vae.to(dtype)
+    if not is_finite(images):
+        raise NumericalError("the VAE decoded NaN/inf even in fp32; the model or its VAE is broken")
+    return images
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)

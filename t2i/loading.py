@@ -1,0 +1,399 @@
+"""Finding, vetting and loading models.
+
+`resolve(model)` turns what the user typed into a `ModelSource` without
+loading anything (cheap, so the CLI can fail fast); `load(source, ...)` builds
+the diffusers pipeline. Weights load from safetensors only unless the caller
+passes `allow_pickle=True`; no remote or custom code is ever run.
+
+A model can be:
+- None: the bundled demo model `t2i-shapes` (assets/),
+- a local diffusers folder (model_index.json inside),
+- a single-file checkpoint (.safetensors; .ckpt only with allow_pickle),
+- a Hugging Face hub id such as `stable-diffusion-v1-5/stable-diffusion-v1-5`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import struct
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .errors import ModelLoadError, UnsafeFileError, UsageError
+
+BUNDLED_NAME = "t2i-shapes"
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_ALLOWED_LIBRARIES = {"diffusers", "transformers", None}
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # bundled | folder | single_file | hub
+    location: str  # path or hub id
+    name: str  # what A1111 shows as "Model"
+    asked: str = ""  # what the user typed ("" for the bundled model)
+
+
+# --------------------------------------------------------------------------- file vetting
+
+
+def is_pickle_file(path: str | Path) -> bool:
+    """True for torch/pickle files, whatever they are named: a zip archive or a pickle stream."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip format (holds a pickle)
+        return True
+    # Pickle protocols 2-5 open with PROTO; older ones fail the safetensors header check instead.
+    return len(head) >= 2 and head[0] == 0x80 and head[1] in range(2, 6)
+
+
+def check_safetensors(path: str | Path) -> dict:
+    """Validate a safetensors file's header without loading tensors; return the header.
+
+    Refuses pickles with a .safetensors name, Git LFS pointers, HTML pages,
+    truncated files and headers that claim more data than the file has.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelLoadError(f"{path} is not a safetensors file (only {size} bytes)")
+        if head.startswith(b"version https://git-lfs"):
+            raise ModelLoadError(f"{path} is a Git LFS pointer, not the weights; run `git lfs pull` or download the real file")
+        if is_pickle_file(path):
+            raise UnsafeFileError(f"{path} is a pickle file named .safetensors; refused (pickles can run code)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or n + 8 > size:
+            raise ModelLoadError(f"{path} is not a valid safetensors file (truncated or bad header); download it again")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ModelLoadError(f"{path} is not a valid safetensors file (unreadable header); download it again") from None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path} is not a valid safetensors file (bad header)")
+    end = 8 + n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            lo, hi = info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise ModelLoadError(f"{path} is not a valid safetensors file (bad entry {key!r})") from None
+        if not (0 <= lo <= hi) or end + hi > size:
+            raise ModelLoadError(f"{path} is truncated (tensor {key!r} runs past the end of the file); download it again")
+    return header
+
+
+def check_weight_file(path: str | Path, allow_pickle: bool = False) -> None:
+    """Refuse what could run code, and broken files, before any loader sees them."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        check_safetensors(path)
+        return
+    if path.suffix.lower() in PICKLE_SUFFIXES or is_pickle_file(path):
+        if not allow_pickle:
+            raise UnsafeFileError(
+                f"{path} is a pickle-based file ({path.suffix or 'no suffix'}), which can run code when loaded; "
+                "use a .safetensors file, or pass --allow-pickle if you trust its source"
+            )
+        return
+    raise ModelLoadError(f"{path} is not a weights file t2i knows (.safetensors, or .ckpt/.bin/.pt with --allow-pickle)")
+
+
+def check_folder(path: Path, allow_pickle: bool = False) -> None:
+    """Vet a diffusers folder: its model_index, every weights file, and no custom code."""
+    index = path / "model_index.json"
+    try:
+        config = json.loads(index.read_text())
+    except json.JSONDecodeError:
+        raise ModelLoadError(f"{index} is not valid JSON; the model folder is damaged") from None
+    if not isinstance(config, dict) or "_class_name" not in config:
+        raise ModelLoadError(f"{index} has no _class_name; not a diffusers model folder")
+    for name, value in config.items():
+        if name.startswith("_") or not isinstance(value, list) or len(value) != 2:
+            continue
+        library = value[0]
+        if library not in _ALLOWED_LIBRARIES:
+            raise UnsafeFileError(f"{index}: component {name!r} comes from {library!r}; custom code is never run")
+        if library and not (path / name).is_dir():
+            raise ModelLoadError(f"model folder {path} has no {name}/ folder that model_index.json lists")
+        if library and name not in ("scheduler", "tokenizer", "tokenizer_2", "feature_extractor", "safety_checker"):
+            _check_component(path / name, allow_pickle)
+    for py in path.rglob("*.py"):
+        raise UnsafeFileError(f"model folder {path} contains code ({py.relative_to(path)}); t2i never runs model code")
+
+
+def _check_component(folder: Path, allow_pickle: bool) -> None:
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"{folder} has no config.json; the model folder is incomplete")
+    try:
+        json.loads(config.read_text())
+    except json.JSONDecodeError:
+        raise ModelLoadError(f"{config} is not valid JSON; the model folder is damaged") from None
+    weights = [p for p in folder.iterdir() if p.suffix.lower() in WEIGHT_SUFFIXES]
+    safe = [p for p in weights if p.suffix.lower() == ".safetensors"]
+    if not weights:
+        raise ModelLoadError(f"{folder} has no weights file")
+    if not safe and not allow_pickle:
+        raise UnsafeFileError(
+            f"{folder} has only pickle-based weights ({weights[0].name}); convert to safetensors, "
+            "or pass --allow-pickle if you trust its source"
+        )
+    for p in safe:
+        check_safetensors(p)
+
+
+# --------------------------------------------------------------------------- resolving
+
+
+def bundled_model_path() -> Path | None:
+    """Where the bundled demo model lives in this install, or None if it is not there."""
+    try:
+        root = resources.files("t2i.assets") / BUNDLED_NAME
+    except ModuleNotFoundError:
+        return None
+    path = Path(str(root))
+    return path if (path / "model_index.json").is_file() else None
+
+
+def resolve(model: str | None) -> ModelSource:
+    """Decide what `model` names, checking that local paths exist; loads nothing."""
+    if model is None or model == "":
+        path = bundled_model_path()
+        if path is None:
+            raise ModelLoadError(
+                f"the bundled demo model {BUNDLED_NAME} is not in this install; pass --model PATH_OR_HUB_ID"
+            )
+        return ModelSource("bundled", str(path), BUNDLED_NAME, "")
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise UsageError(f"{path} is a folder without model_index.json; give a diffusers model folder or a checkpoint file")
+        return ModelSource("folder", str(path), path.resolve().name, model)
+    if path.is_file():
+        return ModelSource("single_file", str(path), path.stem, model)
+    looks_like_path = model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1] \
+        or path.suffix.lower() in WEIGHT_SUFFIXES or model.count("/") != 1
+    if looks_like_path or not _HUB_ID.match(model):
+        raise UsageError(f"model {model} does not exist; give a diffusers folder, a .safetensors file or a hub id (org/name)")
+    return ModelSource("hub", model, model.split("/")[-1], model)
+
+
+# --------------------------------------------------------------------------- architecture
+
+
+def arch_of_folder(path: Path) -> str:
+    """'sdxl', 'sd2' or 'sd1' for a diffusers folder."""
+    index = json.loads((path / "model_index.json").read_text())
+    if "XL" in index.get("_class_name", "") or "text_encoder_2" in index:
+        return "sdxl"
+    try:
+        unet = json.loads((path / "unet" / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "sd1"
+    return "sd2" if unet.get("cross_attention_dim") == 1024 else "sd1"
+
+
+def arch_of_keys(keys) -> str:
+    """'sdxl', 'sd2' or 'sd1' from an original (LDM) single-file checkpoint's tensor names."""
+    keys = set(keys)
+    if any(k.startswith("conditioner.embedders.1") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith(("cond_stage_model.transformer.", "model.diffusion_model.")) for k in keys):
+        return "sd1"
+    raise ModelLoadError("checkpoint is not a Stable Diffusion 1.x/2.x/SDXL model (unknown tensor names)")
+
+
+# --------------------------------------------------------------------------- hashes
+
+
+def _cache_file() -> Path:
+    return Path(os.environ.get("T2I_CACHE", Path.home() / ".cache" / "t2i")) / "hashes.json"
+
+
+def file_sha256(path: str | Path, skip_safetensors_header: bool = False) -> str:
+    """sha256 of a file (cached by path, size and mtime); optionally of its tensor data only."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{int(skip_safetensors_header)}"
+    cache = _cache_file()
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, json.JSONDecodeError):
+        known = {}
+    if key in known:
+        return known[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if skip_safetensors_header:
+            (n,) = struct.unpack("<Q", f.read(8))
+            f.seek(8 + n)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    known[key] = digest
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only home only costs a re-hash next time
+    return digest
+
+
+def model_hash(source: ModelSource, folder: Path | None = None) -> str:
+    """A1111's "Model hash" (sha256, first 10 hex) for a file; for a folder, over its weights."""
+    if source.kind == "single_file":
+        return file_sha256(source.location)[:10]
+    folder = folder or Path(source.location)
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*.safetensors")):
+        h.update(str(p.relative_to(folder)).encode())
+        h.update(file_sha256(p).encode())
+    return h.hexdigest()[:10]
+
+
+def lora_hash(path: str | Path) -> str:
+    """A1111's LoRA hash ("Lora hashes"): sha256 of the safetensors tensor data, first 12 hex."""
+    path = Path(path)
+    return file_sha256(path, skip_safetensors_header=path.suffix.lower() == ".safetensors")[:12]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _pipeline_class(arch: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """diffusers' loading bars and its `torch_dtype` rename notice say nothing a user can act on."""
+    from diffusers.utils import logging as dlogging
+
+    dlogging.disable_progress_bar()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        yield
+
+
+def _common_kwargs(arch: str, dtype) -> dict:
+    kwargs = {"torch_dtype": dtype}
+    if arch != "sdxl":
+        kwargs |= {"safety_checker": None, "requires_safety_checker": False, "feature_extractor": None}
+    return kwargs
+
+
+def load(source: ModelSource, dtype, allow_pickle: bool = False, model_config: str | None = None):
+    """Build the diffusers pipeline for `source`; return (pipeline, arch, local folder or file)."""
+    if source.kind in ("bundled", "folder"):
+        path = Path(source.location)
+        check_folder(path, allow_pickle)
+        arch = arch_of_folder(path)
+        cls = _pipeline_class(arch)
+        try:
+            with _quiet_loading():
+                pipe = cls.from_pretrained(
+                    str(path), use_safetensors=None if allow_pickle else True, local_files_only=True,
+                    **_common_kwargs(arch, dtype),
+                )
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise ModelLoadError(f"could not load the model folder {path}: {_first_line(e)}") from None
+        return pipe, arch, path
+    if source.kind == "single_file":
+        return _load_single_file(Path(source.location), dtype, allow_pickle, model_config)
+    return _load_hub(source.location, dtype, allow_pickle)
+
+
+def _load_single_file(path: Path, dtype, allow_pickle: bool, model_config: str | None):
+    check_weight_file(path, allow_pickle)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            arch = arch_of_keys(f.keys())
+    else:
+        import torch
+
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # even when allowed: no code objects
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is one message
+            raise ModelLoadError(f"could not read {path}: {_first_line(e)}") from None
+        arch = arch_of_keys(sd.get("state_dict", sd).keys())
+    cls = _pipeline_class(arch)
+    kwargs = _common_kwargs(arch, dtype)
+    if model_config:
+        kwargs |= {"config": model_config, "local_files_only": True}
+    try:
+        with _quiet_loading():
+            pipe = cls.from_single_file(str(path), **kwargs)
+    except Exception as e:  # noqa: BLE001 - diffusers raises many kinds here; all mean "could not build it"
+        msg = _first_line(e)
+        if _is_offline_error(e) or "local_files_only" in msg or "offline" in msg.lower():
+            raise ModelLoadError(
+                f"{path.name}: building a {arch} pipeline from a single file needs its diffusers config, which could "
+                "not be fetched (offline?); pass --model-config DIR (a diffusers folder of the same architecture)"
+            ) from None
+        raise ModelLoadError(f"could not load {path}: {msg}") from None
+    return pipe, arch, path
+
+
+def _load_hub(repo_id: str, dtype, allow_pickle: bool):
+    from diffusers import DiffusionPipeline
+
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors", *(["*.bin"] if allow_pickle else [])],
+                ignore_patterns=["*.fp16.*", "*.non_ema.*", "*.ema.*", "*.ckpt", "*.onnx", "*.msgpack", "*.h5"],
+            )
+        )
+    except Exception as e:  # noqa: BLE001
+        if _is_offline_error(e):
+            raise ModelLoadError(
+                f"could not reach the Hugging Face hub to fetch {repo_id} (offline?); download it where you are "
+                "online, or pass a local folder with --model"
+            ) from None
+        raise ModelLoadError(f"could not fetch {repo_id} from the hub: {_first_line(e)}") from None
+    del DiffusionPipeline
+    source = ModelSource("folder", str(folder), repo_id.split("/")[-1], repo_id)
+    return load(source, dtype, allow_pickle)
+
+
+def _is_offline_error(e: BaseException) -> bool:
+    names = {type(x).__name__ for x in _chain(e)}
+    hints = {"ConnectionError", "ConnectTimeout", "LocalEntryNotFoundError", "OfflineModeIsEnabled",
+             "NameResolutionError", "MaxRetryError", "ConnectError", "TimeoutException", "gaierror"}
+    return bool(names & hints) or "offline" in str(e).lower() or "connect" in str(e).lower()
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else e.__class__.__name__

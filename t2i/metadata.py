@@ -1,0 +1,125 @@
+"""PNG metadata: A1111's `parameters` text and t2i's full JSON settings.
+
+A1111, ComfyUI's loaders, Civitai and most image browsers read the
+`parameters` chunk, laid out as
+
+    <prompt>
+    Negative prompt: <negative prompt>
+    Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: ..., Model: ...
+
+The `t2i` chunk holds `Settings` as JSON (with library versions), which is
+what `t2i reproduce` replays.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
+
+from .errors import UsageError
+from .samplers import SAMPLERS
+from .settings import Settings
+
+JSON_KEY = "t2i"
+A1111_KEY = "parameters"
+
+
+def _quote(value: str) -> str:
+    """A1111 quotes a value that holds a separator (its infotext `quote`)."""
+    value = str(value)
+    return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",\n:") else value
+
+
+def _fmt_number(x: float) -> str:
+    return f"{x:g}"
+
+
+def a1111_parameters(s: Settings) -> str:
+    """The A1111 `parameters` text for one image."""
+    prompt = s.prompt
+    for lora in s.loras:  # A1111 keeps LoRAs in the prompt; add the ones given on the command line
+        tag = f"<lora:{lora.name}:"
+        if tag not in prompt:
+            prompt = f"{prompt} <lora:{lora.name}:{_fmt_number(lora.scale)}>".strip()
+    lines = [prompt]
+    if s.negative_prompt:
+        lines.append(f"Negative prompt: {s.negative_prompt}")
+    sampler = SAMPLERS[s.sampler].a1111 if s.sampler in SAMPLERS else s.sampler
+    fields: list[tuple[str, str]] = [
+        ("Steps", str(s.steps)),
+        ("Sampler", sampler),
+        ("CFG scale", _fmt_number(s.guidance)),
+        ("Seed", str(s.seed)),
+        ("Size", f"{s.width}x{s.height}"),
+    ]
+    if s.model_hash:
+        fields.append(("Model hash", s.model_hash[:10]))
+    if s.model_name:
+        fields.append(("Model", s.model_name))
+    if s.strength is not None:
+        fields.append(("Denoising strength", _fmt_number(s.strength)))
+    if s.loras:
+        fields.append(("Lora hashes", ", ".join(f"{l.name}: {l.hash[:12]}" for l in s.loras)))
+    fields.append(("Version", f"t2i {s.versions.get('t2i', '')}".strip()))
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields))
+    return "\n".join(lines)
+
+
+_FIELD = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse_a1111(text: str) -> dict[str, str]:
+    """Parse A1111 `parameters` text into {"Prompt", "Negative prompt", "Steps", ...} strings."""
+    lines = text.strip().split("\n")
+    last = lines[-1] if len(_FIELD.findall(lines[-1])) >= 3 else ""
+    body = lines[:-1] if last else lines
+    prompt, negative, in_negative = [], [], False
+    for line in body:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    out = {"Prompt": "\n".join(prompt).strip()}
+    if in_negative:
+        out["Negative prompt"] = "\n".join(negative).strip()
+    for key, value in _FIELD.findall(last):
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"'):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        out[key.strip()] = value
+    return out
+
+
+def png_info(settings: Settings) -> PngInfo:
+    info = PngInfo()
+    info.add_text(A1111_KEY, a1111_parameters(settings))  # tEXt, or iTXt when not Latin-1
+    info.add_text(JSON_KEY, json.dumps(settings.to_dict(), ensure_ascii=False, sort_keys=True))
+    return info
+
+
+def read(path: str | Path) -> tuple[str | None, Settings | None]:
+    """(A1111 parameters text, t2i Settings) stored in an image; either may be None."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            text = dict(getattr(im, "text", {}) or {})
+            text.update({k: v for k, v in im.info.items() if isinstance(v, str)})
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UsageError(f"{path} is not a readable image ({e.__class__.__name__})") from None
+    settings = None
+    if JSON_KEY in text:
+        try:
+            settings = Settings.from_dict(json.loads(text[JSON_KEY]))
+        except (json.JSONDecodeError, TypeError, ValueError, KeyError):
+            raise UsageError(f"{path} has a malformed t2i metadata chunk") from None
+    return text.get(A1111_KEY), settings

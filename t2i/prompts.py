@@ -1,0 +1,222 @@
+"""Prompt syntax and encoding, as A1111 users type it.
+
+- `(word)` multiplies attention by 1.1, `[word]` divides by 1.1, `(word:1.3)` sets
+  a factor; they nest and multiply. `\\(` and `\\)` are literal brackets.
+- `BREAK` (upper case, a word of its own) starts a new 75-token chunk.
+- `<lora:NAME:0.8>` is taken out of the text and returned for the LoRA loader.
+- Prompts longer than the text encoder's window are split into 75-token chunks,
+  each encoded as its own 77-token window, and the embeddings concatenated,
+  instead of being cut off.
+
+Weights are applied the way A1111 does: each token's embedding is multiplied by
+its weight, then the whole chunk is rescaled so its mean is what it was.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+ROUND = 1.1
+SQUARE = 1 / 1.1
+CHUNK = 75  # tokens per window, without the start and end tokens
+COMMA_BACKTRACK = 20  # a full chunk is cut at its last comma if that is this close to the end
+
+_TOKENS = re.compile(r"\\[()\[\]\\]|\(|\[|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|\)|\]|[^\\()\[\]:]+|:|\\")
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+_LORA = re.compile(r"<lora:([^:>]+)(?::([+-]?(?:\d+\.?\d*|\.\d+)))?(?::[^>]*)?>")
+
+
+@dataclass(frozen=True)
+class Fragment:
+    text: str
+    weight: float  # BREAK fragments have weight -1 and empty text
+
+
+def parse(text: str) -> list[Fragment]:
+    """Split a prompt into (text, weight) fragments following A1111's attention syntax."""
+    out: list[list] = []  # [text, weight] pairs, mutable while brackets close
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def scale_from(start: int, factor: float) -> None:
+        for item in out[start:]:
+            if item[1] >= 0:
+                item[1] *= factor
+
+    for m in _TOKENS.finditer(text):
+        tok, number = m.group(0), m.group(1)
+        if tok.startswith("\\") and len(tok) == 2:
+            out.append([tok[1], 1.0])
+        elif tok == "(":
+            round_open.append(len(out))
+        elif tok == "[":
+            square_open.append(len(out))
+        elif number is not None and round_open:
+            scale_from(round_open.pop(), float(number))
+        elif tok == ")" and round_open:
+            scale_from(round_open.pop(), ROUND)
+        elif tok == "]" and square_open:
+            scale_from(square_open.pop(), SQUARE)
+        else:
+            for i, part in enumerate(_BREAK.split(tok)):
+                if i:
+                    out.append(["", -1.0])
+                out.append([part, 1.0])
+    for start in round_open:  # unclosed brackets still count, as in A1111
+        scale_from(start, ROUND)
+    for start in square_open:
+        scale_from(start, SQUARE)
+    merged: list[list] = []
+    for item in out:
+        if merged and merged[-1][1] == item[1] and item[1] >= 0:
+            merged[-1][0] += item[0]
+        else:
+            merged.append(item)
+    frags = [Fragment(t, w) for t, w in merged if t or w < 0]
+    return frags or [Fragment("", 1.0)]
+
+
+def extract_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """Take `<lora:NAME:SCALE>` tags out of a prompt: (clean prompt, [(NAME, SCALE)])."""
+    found = [(m.group(1).strip(), float(m.group(2)) if m.group(2) else 1.0) for m in _LORA.finditer(prompt)]
+    clean = re.sub(r"\s{2,}", " ", _LORA.sub("", prompt)).strip()
+    return clean, found
+
+
+def plain_text(prompt: str) -> str:
+    """The prompt as the words the encoder sees: syntax and LoRA tags removed."""
+    clean, _ = extract_loras(prompt)
+    return "".join(f.text if f.weight >= 0 else " " for f in parse(clean))
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+@dataclass
+class Chunk:
+    ids: list[int]  # at most CHUNK real token ids (no start, end or padding)
+    weights: list[float]
+
+
+def tokenize(tokenizer, prompt: str) -> list[Chunk]:
+    """Weighted token chunks of CHUNK tokens each (A1111's layout: commas and BREAK respected)."""
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    chunks: list[Chunk] = []
+    ids: list[int] = []
+    weights: list[float] = []
+    last_comma = -1
+
+    def flush() -> None:
+        nonlocal ids, weights, last_comma
+        chunks.append(Chunk(ids, weights))
+        ids, weights, last_comma = [], [], -1
+
+    for frag in parse(prompt):
+        if frag.weight < 0:  # BREAK
+            flush()
+            continue
+        for tid in tokenizer(frag.text, add_special_tokens=False, truncation=False).input_ids:
+            if tid == comma:
+                last_comma = len(ids)
+            elif len(ids) == CHUNK and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
+                # Move the words after the last comma into the next chunk, keeping a phrase whole.
+                cut = last_comma + 1
+                rest_ids, rest_w = ids[cut:], weights[cut:]
+                ids, weights = ids[:cut], weights[:cut]
+                flush()
+                ids, weights = rest_ids, rest_w
+            if len(ids) == CHUNK:
+                flush()
+            ids.append(tid)
+            weights.append(frag.weight)
+    if ids or not chunks:
+        flush()
+    return chunks
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def count_tokens(tokenizer, prompt: str) -> int:
+    clean, _ = extract_loras(prompt)
+    return sum(len(tokenizer(f.text, add_special_tokens=False).input_ids) for f in parse(clean) if f.weight >= 0)
+
+
+def _window(tokenizer, chunk: Chunk, device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Start, tokens, end, then padding: the layout diffusers uses, so a short prompt
+    # encodes exactly as in a stock pipeline (CLIP pools at the end token).
+    pad = CHUNK - len(chunk.ids)
+    ids = [tokenizer.bos_token_id, *chunk.ids, tokenizer.eos_token_id] + [_pad_id(tokenizer)] * pad
+    weights = [1.0, *chunk.weights, 1.0] + [1.0] * pad
+    return torch.tensor([ids], device=device), torch.tensor(weights, device=device)
+
+
+def _apply_weights(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A1111: scale each token's embedding by its weight, then restore the chunk's mean."""
+    if bool((w == 1.0).all()):
+        return z
+    before = z.float().mean()
+    z = z * w.to(z.dtype)[None, :, None]  # (1, 77, D)
+    after = z.float().mean()
+    return z * (before / after).to(z.dtype)
+
+
+@dataclass
+class Encoded:
+    embeds: torch.Tensor  # (1, 77 * chunks, D)
+    pooled: torch.Tensor | None = None  # SDXL: (1, 1280)
+
+
+def encode_sd(tokenizer, text_encoder, prompt: str, clip_skip: int | None = None) -> Encoded:
+    """SD 1.x/2.x: last hidden state (or an earlier layer with clip_skip) per chunk, concatenated."""
+    device = text_encoder.device
+    parts = []
+    for chunk in tokenize(tokenizer, prompt):
+        ids, w = _window(tokenizer, chunk, device)
+        with torch.no_grad():
+            if clip_skip:
+                out = text_encoder(ids, output_hidden_states=True)
+                z = text_encoder.text_model.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
+            else:
+                z = text_encoder(ids)[0]  # (1, 77, D)
+        parts.append(_apply_weights(z, w))
+    return Encoded(torch.cat(parts, dim=1))
+
+
+def encode_sdxl(tokenizers, text_encoders, prompt: str, zero: bool = False) -> Encoded:
+    """SDXL: both encoders' penultimate states side by side per chunk; pooled from the first chunk."""
+    chunk_lists = [tokenize(tok, prompt) for tok in tokenizers]
+    n = max(len(c) for c in chunk_lists)
+    for tok, chunks in zip(tokenizers, chunk_lists):  # the two BPEs agree; this only guards the odd case
+        chunks += [Chunk([], []) for _ in range(n - len(chunks))]
+    parts, pooled = [], None
+    for i in range(n):
+        per_encoder = []
+        for tok, enc, chunks in zip(tokenizers, text_encoders, chunk_lists):
+            ids, w = _window(tok, chunks[i], enc.device)
+            with torch.no_grad():
+                out = enc(ids, output_hidden_states=True)
+            if pooled is None and enc is text_encoders[-1]:
+                pooled = out[0]  # (1, 1280) text_embeds of the projection model
+            per_encoder.append(_apply_weights(out.hidden_states[-2], w))  # (1, 77, D_i)
+        parts.append(torch.cat(per_encoder, dim=-1))  # (1, 77, 2048)
+    embeds = torch.cat(parts, dim=1)
+    if zero:  # SDXL's "force zeros for empty prompt"
+        return Encoded(torch.zeros_like(embeds), torch.zeros_like(pooled))
+    return Encoded(embeds, pooled)
+
+
+def pad_to_same_length(a: Encoded, b: Encoded, empty: Encoded) -> tuple[Encoded, Encoded]:
+    """Cond and uncond must have the same number of chunks: pad the shorter with empty chunks."""
+    la, lb = a.embeds.shape[1], b.embeds.shape[1]
+    if la == lb:
+        return a, b
+    if la < lb:
+        b, a = pad_to_same_length(b, a, empty)
+        return a, b
+    reps = (la - lb) // empty.embeds.shape[1]
+    return a, Encoded(torch.cat([b.embeds, *[empty.embeds] * reps], dim=1), b.pooled)

@@ -1,0 +1,72 @@
+"""Regenerate an image from its metadata and compare it bit for bit."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import metadata
+from .errors import UsageError
+
+
+@dataclass
+class Report:
+    image: str
+    identical: bool
+    max_abs_diff: int
+    differing_pixels: int
+    model_hash_matches: bool
+    written: str | None = None
+
+    def summary(self) -> str:
+        if self.identical:
+            line = f"{self.image}: reproduced bit for bit"
+        else:
+            line = (f"{self.image}: differs (max abs pixel difference {self.max_abs_diff}, "
+                    f"{self.differing_pixels} pixels differ)")
+            if not self.model_hash_matches:
+                line += "; the model's hash differs from the recorded one"
+        return line + (f"; saved {self.written}" if self.written else "")
+
+
+def reproduce(image: str | Path, model: str | None = None, device: str | None = None, dtype: str | None = None,
+              allow_pickle: bool = False, out: str | Path | None = None, overwrite: bool = False,
+              progress: bool = True) -> Report:
+    """Re-run the recorded settings of `image`; report whether the new pixels are identical."""
+    from t2i.output import plan_paths, save_images
+    from t2i.pipelines import Text2Image
+
+    _, settings = metadata.read(image)
+    if settings is None:
+        raise UsageError(f"{image} has no t2i settings to replay (A1111 text alone is not exact enough)")
+    if settings.pipeline != "text2image":
+        raise UsageError(f"{image} was made by {settings.pipeline}; reproduce replays text2image images")
+    if out is not None:
+        plan_paths(out, 1, overwrite)
+    for lora in settings.loras:
+        if not Path(lora.path).is_file():
+            raise UsageError(f"the LoRA {lora.path} used for {image} is missing")
+    pipe = Text2Image.from_pretrained(model if model is not None else (settings.model or None),
+                                      device=device or settings.device.split(":")[0],
+                                      dtype=dtype or settings.dtype, allow_pickle=allow_pickle)
+    if pipe.model.hash != settings.model_hash:
+        print(f"note: model hash {pipe.model.hash} differs from the recorded {settings.model_hash}", file=sys.stderr)
+    result = pipe(settings.prompt, negative_prompt=settings.negative_prompt, steps=settings.steps,
+                  guidance=settings.guidance, sampler=settings.sampler, seed=settings.seed, width=settings.width,
+                  height=settings.height, batch=1, loras=settings.loras, progress=progress)
+    new = np.asarray(result.images[0].convert("RGB"), dtype=np.int16)
+    with Image.open(image) as im:
+        old = np.asarray(im.convert("RGB"), dtype=np.int16)
+    if old.shape != new.shape:
+        diff, count = 255, int(np.prod(old.shape[:2]))
+    else:
+        d = np.abs(old - new)
+        diff, count = int(d.max()), int((d.max(axis=-1) > 0).sum())
+    written = None
+    if out is not None:
+        written = str(save_images(result.images, [settings], out, overwrite=overwrite)[0])
+    return Report(str(image), diff == 0, diff, count, pipe.model.hash == settings.model_hash, written)

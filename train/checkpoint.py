@@ -1,0 +1,185 @@
+"""Atomic, resumable training checkpoints.
+
+A checkpoint is a folder `step-00001200/` holding safetensors weights, the
+optimizer and LR-schedule state, the RNG states and a `state.json` written
+last. It is first written under a hidden temporary name, flushed to disk, and
+only then renamed into place, so a crash or a full disk mid-write never leaves
+a folder that `latest()` would pick up. Older checkpoints are pruned only after
+the new one is complete.
+
+Nothing here unpickles arbitrary objects: tensors go through safetensors, the
+optimizer state through `torch.load(weights_only=True)`, everything else
+through JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from t2i.errors import UsageError
+
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+STATE_FILE = "state.json"
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Checkpoints:
+    """The checkpoints of one run, in `root`; keeps the newest `keep` of them."""
+
+    def __init__(self, root: str | Path, keep: int = 2):
+        self.root = Path(root)
+        self.keep = max(1, keep)
+
+    def all(self) -> list[tuple[int, Path]]:
+        if not self.root.is_dir():
+            return []
+        found = []
+        for p in self.root.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and (p / STATE_FILE).is_file():
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1][1] if found else None
+
+    def resolve(self, resume: str | None) -> Path | None:
+        """'latest' -> newest complete checkpoint (or None); a path -> that checkpoint."""
+        if not resume:
+            return None
+        if resume == "latest":
+            return self.latest()
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise UsageError(f"--resume {resume}: not a complete checkpoint folder (no {STATE_FILE}); use 'latest'")
+        return path
+
+    def save(self, step: int, write: Callable[[Path], dict[str, Any]]) -> Path:
+        """Write a checkpoint atomically. `write(folder)` fills the folder and returns the state dict."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"step-{step:08d}"
+        if (final / STATE_FILE).is_file():
+            return final  # this step is already saved, completely
+        tmp = self.root / f".tmp-step-{step:08d}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            state = write(tmp)
+            state = {"step": step, **state}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))  # written last: marks completeness
+            _fsync_tree(tmp)
+            if final.exists():  # an incomplete leftover with the final name
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        for _, path in self.all()[: -self.keep]:
+            shutil.rmtree(path, ignore_errors=True)
+        for p in self.root.glob(".tmp-step-*"):
+            pid = p.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --------------------------------------------------------------------------- state pieces
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states, as JSON-able data plus tensors."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
+def save_training_state(
+    folder: Path,
+    modules: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer | None = None,
+    lr_scheduler: Any = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Write weights (safetensors), optimizer/scheduler state and RNG; return JSON-able extras."""
+    for name, module in modules.items():
+        sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        save_file(sd, str(folder / f"{name}.safetensors"))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    if lr_scheduler is not None:
+        torch.save(lr_scheduler.state_dict(), folder / "lr_scheduler.pt")
+    rng = rng_state()
+    save_file({"torch_rng": rng["torch"], **(tensors or {})}, str(folder / "rng_and_tensors.safetensors"))
+    return {"rng": {"python": rng["python"], "numpy": rng["numpy"]}}
+
+
+def load_training_state(
+    folder: Path,
+    modules: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer | None = None,
+    lr_scheduler: Any = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Restore what save_training_state wrote; return (state.json, extra tensors)."""
+    state = json.loads((folder / STATE_FILE).read_text())
+    for name, module in modules.items():
+        module.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    if lr_scheduler is not None:
+        lr_scheduler.load_state_dict(torch.load(folder / "lr_scheduler.pt", weights_only=True))
+    tensors = load_file(str(folder / "rng_and_tensors.safetensors"))
+    set_rng_state({**state["rng"], "torch": tensors.pop("torch_rng")})
+    return state, tensors

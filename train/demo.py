@@ -1,0 +1,583 @@
+"""Train the demo model `t2i-shapes` from scratch on the shapes world.
+
+Three stages, each resumable, each one command (`t2i train demo --stage S`):
+
+1. tokenizer: a CLIP BPE tokenizer over the shapes world's words
+   (stock `CLIPTokenizer.from_pretrained` loads it).
+2. vae: an AutoencoderKL, 64x64x3 <-> 16x16x4, reconstruction (MSE) + a tiny KL.
+3. unet: a CLIPTextModel and a UNet2DConditionModel trained together with the
+   epsilon objective and min-SNR weighting, on VAE latents; an EMA copy of
+   both is what gets exported.
+
+`--stage all` runs them in order and writes a diffusers folder that stock
+`StableDiffusionPipeline.from_pretrained` loads. Everything runs through
+accelerate: one CPU process here, a GPU when there is one, several processes
+under `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from t2i.errors import UsageError
+from t2i.shapes import IMAGE_SIZE, caption_words, render, sample_scene
+
+from .checkpoint import Checkpoints, load_training_state, save_training_state
+from .config import load_config, to_dict
+
+VAL_SEED = 10**9  # held-out scenes (for PSNR and sample grids) start here
+SAMPLE_PROMPTS = [
+    "a red circle",
+    "a blue square on the left",
+    "two green stars",
+    "a yellow triangle above a purple heart",
+    "a big pink cross",
+    "three orange circles",
+    "a cyan star to the right of a red square",
+    "a small blue heart at the top on a white background",
+]
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 1000
+    max_length: int = 77
+
+
+@dataclass
+class VAEConfig:
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 16
+    # training
+    steps: int = 600
+    batch: int = 32
+    lr: float = 5e-4
+    warmup: int = 50
+    kl_weight: float = 1e-6
+    checkpoint_every: int = 100
+    # decoder fine-tuning (stage "decoder"): the encoder and so the latent space stay fixed,
+    # so it can run after (or while) the UNet trains, and improves every image it decodes
+    decoder_steps: int = 0
+    decoder_lr: float = 2e-4
+
+
+@dataclass
+class TextConfig:
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+
+
+@dataclass
+class UNetConfig:
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 128])
+    layers_per_block: int = 1
+    attention_head_dim: int = 32
+    norm_num_groups: int = 32
+    # Attention only at 8x8 and 4x4: at 16x16 it costs twice the step time on a CPU.
+    down_block_types: list[str] = field(
+        default_factory=lambda: ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    )
+    up_block_types: list[str] = field(
+        default_factory=lambda: ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+    )
+    # training
+    steps: int = 4000
+    batch: int = 64
+    lr: float = 3e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0
+    caption_dropout: float = 0.1
+    checkpoint_every: int = 200
+    sample_every: int = 500
+
+
+@dataclass
+class DemoConfig:
+    output_dir: str = "runs/demo"
+    export_dir: str = "runs/demo/t2i-shapes"
+    seed: int = 0
+    mixed_precision: str = "no"
+    keep_checkpoints: int = 2
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def scene_batch(first_seed: int, n: int) -> tuple[torch.Tensor, list[str]]:
+    """Scenes first_seed .. first_seed+n-1 as a (n, 3, 64, 64) tensor in [-1, 1] and their captions."""
+    import numpy as np
+
+    scenes = [sample_scene(first_seed + i) for i in range(n)]
+    arr = np.stack([np.asarray(render(s), dtype=np.float32) for s in scenes])  # (n, 64, 64, 3)
+    images = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0  # (n, 3, 64, 64)
+    return images, [s.caption for s in scenes]
+
+
+def batch_seed(cfg: DemoConfig, stage_offset: int, step: int, batch: int, rank: int, world: int) -> int:
+    """The first scene seed of a process's batch at `step`: the data position is a pure function of it."""
+    return cfg.seed * 10**8 + stage_offset + (step * world + rank) * batch
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build_tokenizer(cfg: DemoConfig, out: Path, corpus_size: int = 20000):
+    """Train a CLIP-format BPE tokenizer on the shapes world's captions; save it to `out`."""
+    from tokenizers import pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    words = caption_words()
+    printable = [chr(c) for c in range(33, 127)]
+    corpus = [sample_scene(i).caption for i in range(corpus_size)]
+    corpus += [" ".join(words)] * 100 + [" ".join(printable), " ".join("a" + c for c in printable)]
+    backend = CLIPTokenizer().backend_tokenizer  # CLIP's normalizer and pre-tokenizer
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.tokenizer.vocab_size,
+        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus, trainer)
+    out.mkdir(parents=True, exist_ok=True)
+    backend.model.save(str(out))  # vocab.json + merges.txt: also what older transformers reads
+    tok = CLIPTokenizer(vocab=str(out / "vocab.json"), merges=str(out / "merges.txt"), model_max_length=cfg.tokenizer.max_length)
+    tok.save_pretrained(str(out))
+    tok = CLIPTokenizer.from_pretrained(str(out))
+    for w in words:  # every world word must be a single token
+        ids = tok(w, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise RuntimeError(f"tokenizer splits {w!r} into {len(ids)} tokens")
+    return tok
+
+
+def build_vae(cfg: DemoConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n,
+        block_out_channels=list(cfg.vae.block_out_channels),
+        layers_per_block=cfg.vae.layers_per_block,
+        latent_channels=cfg.vae.latent_channels,
+        norm_num_groups=cfg.vae.norm_num_groups,
+        sample_size=IMAGE_SIZE,
+        mid_block_add_attention=False,
+    )
+
+
+def build_text_encoder(cfg: DemoConfig, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    t = cfg.text
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=t.hidden_size,
+            intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_hidden_layers,
+            num_attention_heads=t.num_attention_heads,
+            max_position_embeddings=cfg.tokenizer.max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def build_unet(cfg: DemoConfig, latent_size: int):
+    from diffusers import UNet2DConditionModel
+
+    u = cfg.unet
+    return UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=cfg.vae.latent_channels,
+        out_channels=cfg.vae.latent_channels,
+        layers_per_block=u.layers_per_block,
+        block_out_channels=list(u.block_out_channels),
+        down_block_types=list(u.down_block_types),
+        up_block_types=list(u.up_block_types),
+        cross_attention_dim=cfg.text.hidden_size,
+        attention_head_dim=u.attention_head_dim,
+        norm_num_groups=u.norm_num_groups,
+    )
+
+
+def train_noise_scheduler():
+    """Stable Diffusion's training schedule (scaled-linear betas, epsilon prediction)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _accelerator(cfg: DemoConfig):
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=cfg.mixed_precision)
+
+
+def _warmup(warmup: int):
+    return lambda step: min(1.0, (step + 1) / max(1, warmup))
+
+
+def _log(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB between image batches in [-1, 1], measured on 8-bit pixels like a viewer sees them."""
+    qa = ((a.clamp(-1, 1) + 1) * 127.5).round()
+    qb = ((b.clamp(-1, 1) + 1) * 127.5).round()
+    mse = ((qa - qb) ** 2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+@torch.no_grad()
+def vae_psnr(vae, n: int = 256, batch: int = 64) -> float:
+    """Reconstruction PSNR of the VAE on `n` held-out renders (latent mean, no sampling)."""
+    vae.eval()
+    total = []
+    for i in range(0, n, batch):
+        images, _ = scene_batch(VAL_SEED + i, min(batch, n - i))
+        recon = vae.decode(vae.encode(images).latent_dist.mode()).sample
+        total.append(psnr(recon, images))
+    return sum(total) / len(total)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().to(e.dtype), 1 - decay)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def stage_tokenizer(cfg: DemoConfig) -> None:
+    out = Path(cfg.output_dir) / "tokenizer"
+    tok = build_tokenizer(cfg, out)
+    print(f"tokenizer: {len(tok)} tokens -> {out}")
+
+
+def stage_vae(cfg: DemoConfig, resume: str | None = "latest") -> None:
+    acc = _accelerator(cfg)
+    torch.manual_seed(cfg.seed)
+    root = Path(cfg.output_dir)
+    vae = build_vae(cfg)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(cfg.vae.warmup))
+    ckpts = Checkpoints(root / "vae_checkpoints", keep=cfg.keep_checkpoints)
+    start = 0
+    if (path := ckpts.resolve(resume)) is not None:
+        state, _ = load_training_state(path, {"vae": vae}, opt, sched)
+        start = state["step"]
+        acc.print(f"vae: resumed from {path} at step {start}")
+    vae, opt = acc.prepare(vae, opt)
+    cv = cfg.vae
+    bar = tqdm(range(start, cv.steps), initial=start, total=cv.steps, desc="vae", disable=not acc.is_main_process)
+    for step in bar:
+        vae.train()
+        images, _ = scene_batch(batch_seed(cfg, 0, step, cv.batch, acc.process_index, acc.num_processes), cv.batch)
+        images = images.to(acc.device)
+        with acc.autocast():
+            posterior = acc.unwrap_model(vae).encode(images).latent_dist
+            recon = acc.unwrap_model(vae).decode(posterior.sample()).sample  # (B, 3, 64, 64)
+            rec_loss = F.mse_loss(recon.float(), images)
+            loss = rec_loss + cv.kl_weight * posterior.kl().mean()
+        acc.backward(loss)
+        acc.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        bar.set_postfix(loss=f"{rec_loss.item():.5f}")
+        if acc.is_main_process:
+            _log(root / "vae_log.jsonl", {"step": done, "mse": rec_loss.item(), "lr": sched.get_last_lr()[0], "t": time.time()})
+        if done % cv.checkpoint_every == 0 or done == cv.steps:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                model = acc.unwrap_model(vae)
+                ckpts.save(done, lambda d: save_training_state(d, {"vae": model}, opt, sched))
+                p = vae_psnr(model)
+                _log(root / "vae_log.jsonl", {"step": done, "val_psnr": p})
+                bar.write(f"vae step {done}: held-out PSNR {p:.2f} dB")
+    if acc.is_main_process:
+        export_vae(cfg, acc.unwrap_model(vae))
+
+
+@torch.no_grad()
+def export_vae(cfg: DemoConfig, vae) -> Path:
+    """Save the VAE with a scaling factor that gives its latents unit variance."""
+    vae.eval()
+    images, _ = scene_batch(VAL_SEED + 10**6, 256)
+    latents = vae.encode(images).latent_dist.sample()  # (256, 4, 16, 16)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    out = Path(cfg.output_dir) / "vae"
+    vae.save_pretrained(str(out))
+    print(f"vae: scaling_factor {vae.config.scaling_factor:.4f}, held-out PSNR {vae_psnr(vae):.2f} dB -> {out}")
+    return out
+
+
+def stage_decoder(cfg: DemoConfig, resume: str | None = "latest") -> None:
+    """Fine-tune only the VAE decoder on latents of the frozen encoder; rewrites <output_dir>/vae."""
+    from diffusers import AutoencoderKL
+
+    cv = cfg.vae
+    root = Path(cfg.output_dir)
+    if cv.decoder_steps <= 0:
+        return
+    if not (root / "vae" / "config.json").is_file():
+        raise UsageError(f"stage decoder needs the vae stage's output in {root}; run it first")
+    acc = _accelerator(cfg)
+    torch.manual_seed(cfg.seed + 1)
+    vae = AutoencoderKL.from_pretrained(str(root / "vae"))
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cv.decoder_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(cv.warmup))
+    ckpts = Checkpoints(root / "decoder_checkpoints", keep=cfg.keep_checkpoints)
+    start = 0
+    if (path := ckpts.resolve(resume)) is not None:
+        state, _ = load_training_state(path, {"vae": vae}, opt, sched)
+        start = state["step"]
+        acc.print(f"decoder: resumed from {path} at step {start}")
+    vae, opt = acc.prepare(vae, opt)
+    model = acc.unwrap_model(vae)
+    bar = tqdm(range(start, cv.decoder_steps), initial=start, total=cv.decoder_steps, desc="decoder",
+               disable=not acc.is_main_process)
+    for step in bar:
+        model.decoder.train()
+        images, _ = scene_batch(batch_seed(cfg, 9 * 10**7, step, cv.batch, acc.process_index, acc.num_processes), cv.batch)
+        images = images.to(acc.device)
+        with torch.no_grad():
+            latents = model.encode(images).latent_dist.sample()  # (B, 4, 16, 16): the UNet's latent space
+        with acc.autocast():
+            loss = F.mse_loss(model.decode(latents).sample.float(), images)
+        acc.backward(loss)
+        acc.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        bar.set_postfix(loss=f"{loss.item():.5f}")
+        if acc.is_main_process:
+            _log(root / "decoder_log.jsonl", {"step": done, "mse": loss.item(), "t": time.time()})
+        if done % cv.checkpoint_every == 0 or done == cv.decoder_steps:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                ckpts.save(done, lambda d: save_training_state(d, {"vae": model}, opt, sched))
+                p = vae_psnr(model)
+                _log(root / "decoder_log.jsonl", {"step": done, "val_psnr": p})
+                bar.write(f"decoder step {done}: held-out PSNR {p:.2f} dB")
+    if acc.is_main_process:
+        model.eval()
+        model.save_pretrained(str(root / "vae"))  # same scaling factor: the latent space is unchanged
+        print(f"decoder: held-out PSNR {vae_psnr(model):.2f} dB -> {root / 'vae'}")
+
+
+def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    acc = _accelerator(cfg)
+    torch.manual_seed(cfg.seed)
+    root = Path(cfg.output_dir)
+    if not (root / "vae" / "config.json").is_file() or not (root / "tokenizer").is_dir():
+        raise UsageError(f"stage unet needs the tokenizer and vae stages' output in {root}; run them first")
+    tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
+    vae = AutoencoderKL.from_pretrained(str(root / "vae")).eval().requires_grad_(False)
+    latent_size = IMAGE_SIZE // 2 ** (len(vae.config.block_out_channels) - 1)
+    text_encoder = build_text_encoder(cfg, tokenizer)
+    unet = build_unet(cfg, latent_size)
+    ema_text, ema_unet = copy.deepcopy(text_encoder).requires_grad_(False), copy.deepcopy(unet).requires_grad_(False)
+    noise_scheduler = train_noise_scheduler()
+    cu = cfg.unet
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cu.lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(cu.warmup))
+    ckpts = Checkpoints(root / "unet_checkpoints", keep=cfg.keep_checkpoints)
+    modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text_encoder": ema_text}
+    start = 0
+    if (path := ckpts.resolve(resume)) is not None:
+        state, _ = load_training_state(path, modules, opt, sched)
+        start = state["step"]
+        acc.print(f"unet: resumed from {path} at step {start}")
+    unet, text_encoder, opt = acc.prepare(unet, text_encoder, opt)
+    vae.to(acc.device)
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(acc.device)
+    snr = alphas_cumprod / (1 - alphas_cumprod)  # (1000,)
+    empty_ids = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+
+    bar = tqdm(range(start, cu.steps), initial=start, total=cu.steps, desc="unet", disable=not acc.is_main_process)
+    for step in bar:
+        unet.train()
+        text_encoder.train()
+        images, captions = scene_batch(batch_seed(cfg, 5 * 10**7, step, cu.batch, acc.process_index, acc.num_processes), cu.batch)
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * acc.num_processes + acc.process_index)
+        with torch.no_grad():
+            posterior = vae.encode(images.to(acc.device)).latent_dist
+            latents = posterior.sample(generator=None) * vae.config.scaling_factor  # (B, 4, 16, 16)
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        drop = torch.rand(len(captions), generator=gen) < cu.caption_dropout  # unconditional rows for CFG
+        ids[drop] = empty_ids
+        noise = torch.randn(latents.shape, generator=gen).to(acc.device)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(acc.device)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        with acc.autocast():
+            cond = text_encoder(ids.to(acc.device))[0]  # (B, 77, D)
+            pred = unet(noisy, t, cond).sample  # (B, 4, 16, 16)
+            per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))  # (B,)
+            weight = torch.clamp(snr[t], max=cu.min_snr_gamma) / snr[t]  # min-SNR-gamma for epsilon targets
+            loss = (per_sample * weight).mean()
+        acc.backward(loss)
+        acc.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        decay = min(cu.ema_decay, (1 + done) / (10 + done))
+        ema_update(ema_unet, acc.unwrap_model(unet), decay)
+        ema_update(ema_text, acc.unwrap_model(text_encoder), decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if acc.is_main_process:
+            _log(root / "unet_log.jsonl", {"step": done, "loss": loss.item(), "lr": sched.get_last_lr()[0], "t": time.time()})
+        if done % cu.checkpoint_every == 0 or done == cu.steps:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                m = {**modules, "unet": acc.unwrap_model(unet), "text_encoder": acc.unwrap_model(text_encoder)}
+                ckpts.save(done, lambda d: save_training_state(d, m, opt, sched))
+        if acc.is_main_process and (done % cu.sample_every == 0 or done == cu.steps):
+            pipe = assemble(cfg, tokenizer, ema_text, vae, ema_unet)
+            out = root / "samples" / f"unet-{done:08d}.png"
+            sample_grid(pipe, SAMPLE_PROMPTS, out)
+            bar.write(f"unet step {done}: samples -> {out}")
+
+
+def stage_export(cfg: DemoConfig, resume: str | None = "latest") -> Path:
+    """Build the diffusers folder from the newest UNet checkpoint's EMA weights and the current VAE."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+    from transformers import CLIPTokenizer
+
+    root = Path(cfg.output_dir)
+    path = Checkpoints(root / "unet_checkpoints").resolve(resume or "latest")
+    if path is None:
+        raise UsageError(f"no UNet checkpoint in {root / 'unet_checkpoints'}; run the unet stage first")
+    tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
+    vae = AutoencoderKL.from_pretrained(str(root / "vae")).eval()
+    text_encoder = build_text_encoder(cfg, tokenizer)
+    unet = build_unet(cfg, IMAGE_SIZE // 2 ** (len(vae.config.block_out_channels) - 1))
+    text_encoder.load_state_dict(load_file(str(path / "ema_text_encoder.safetensors")))
+    unet.load_state_dict(load_file(str(path / "ema_unet.safetensors")))
+    out = export(cfg, assemble(cfg, tokenizer, text_encoder.eval(), vae, unet.eval()))
+    step = json.loads((path / "state.json").read_text())["step"]
+    (out / "t2i.json").write_text(json.dumps({"steps": 20, "guidance": 5.0, "sampler": "dpm++2m-karras",
+                                              "trained_unet_steps": step}, indent=1))
+    return out
+
+
+def assemble(cfg: DemoConfig, tokenizer, text_encoder, vae, unet):
+    """A stock StableDiffusionPipeline over the given parts (the default sampler's scheduler)."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    base = train_noise_scheduler().config
+    scheduler = DPMSolverMultistepScheduler.from_config(base, use_karras_sigmas=True)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@torch.no_grad()
+def sample_grid(pipe, prompts: list[str], out: Path, seeds=(0, 1, 2, 3), steps: int = 20, guidance: float = 5.0) -> Path:
+    """Render each prompt with each seed into one grid PNG (rows: prompts, columns: seeds)."""
+    from PIL import Image
+
+    pipe.set_progress_bar_config(disable=True)
+    size = IMAGE_SIZE
+    grid = Image.new("RGB", (size * len(seeds), size * len(prompts)), "white")
+    for r, prompt in enumerate(prompts):
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        images = pipe([prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance, generator=gens, height=size, width=size).images
+        for c, im in enumerate(images):
+            grid.paste(im, (c * size, r * size))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    return out
+
+
+def export(cfg: DemoConfig, pipe) -> Path:
+    """Write the diffusers folder: UNet and VAE weights in fp16 (half the size; stock diffusers
+    loads them as fp32), the text encoder in fp32 (transformers would keep it in fp16)."""
+    import shutil
+
+    out = Path(cfg.export_dir)
+    pipe.unet.to(torch.float16)
+    pipe.vae.to(torch.float16)
+    try:
+        pipe.save_pretrained(str(out), safe_serialization=True)
+    finally:
+        pipe.unet.to(torch.float32)
+        pipe.vae.to(torch.float32)
+    for name in ("vocab.json", "merges.txt"):  # for transformers versions without tokenizer.json support
+        shutil.copy(Path(cfg.output_dir) / "tokenizer" / name, out / "tokenizer" / name)
+    (out / "training_config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    print(f"exported diffusers model -> {out}")
+    return out
+
+
+STAGES = {"tokenizer": stage_tokenizer, "vae": stage_vae, "unet": stage_unet, "decoder": stage_decoder,
+          "export": stage_export}
+
+
+def run(config: str | None, stage: str = "all", resume: str | None = "latest", overrides: dict | None = None) -> None:
+    """Run one stage or all of them (`stage='all'`), resuming from the latest checkpoints."""
+    cfg = load_config(DemoConfig, config, overrides)
+    if stage not in (*STAGES, "all"):
+        raise UsageError(f"unknown stage {stage!r}; use one of: {', '.join(STAGES)}, all")
+    for name in STAGES if stage == "all" else [stage]:
+        if name == "tokenizer":
+            if stage == "all" and (Path(cfg.output_dir) / "tokenizer" / "vocab.json").is_file():
+                continue
+            stage_tokenizer(cfg)
+        else:
+            STAGES[name](cfg, resume)
