@@ -65,10 +65,12 @@ def check_safetensors(path: str | Path) -> dict:
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
+        lead = f.read(64)  # enough to recognise a Git LFS pointer, which 8 bytes are not
+        head = lead[:8]
+        f.seek(8)
         if len(head) < 8:
             raise ModelLoadError(f"{path} is not a safetensors file (only {size} bytes)")
-        if head.startswith(b"version https://git-lfs"):
+        if lead.startswith(b"version https://git-lfs"):
             raise ModelLoadError(f"{path} is a Git LFS pointer, not the weights; run `git lfs pull` or download the real file")
         if is_pickle_file(path):
             raise UnsafeFileError(f"{path} is a pickle file named .safetensors; refused (pickles can run code)")

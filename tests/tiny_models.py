@@ -17,7 +17,6 @@ def tiny_tokenizer(out: Path):
     from t2i.train.demo import DemoConfig, build_tokenizer
 
     cfg = DemoConfig()
-    cfg.tokenizer.vocab_size = 600
     return build_tokenizer(cfg, out, corpus_size=400)
 
 

@@ -1,0 +1,107 @@
+"""Shared fixtures: tiny random SD 1.x and SDXL folders, built once per session.
+
+Everything here is tier 1 (see STYLE.md): random weights, 32x32 images, two
+steps. The models are saved as ordinary diffusers folders so every test goes
+through the same vetting and loading code a real model does.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # tiny_models, as a plain module
+
+import tiny_models  # noqa: E402
+
+# Models this small spend their time starting threads, not computing; one thread
+# is faster and keeps a busy CI machine from oversubscribing its cores.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_env(tmp_path_factory):
+    """t2i's hash cache in a temporary folder, never under ~."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("T2I_CACHE", str(tmp_path_factory.mktemp("t2i-cache")))
+        yield
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tokenizer")
+    tiny_models.tiny_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny SD 1.x diffusers folder (32x32 images). Treat as read-only; copy it to change it."""
+    return tiny_models.build_sd(tmp_path_factory.mktemp("models") / "tiny-sd", tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny SDXL diffusers folder (32x32 images). Treat as read-only."""
+    return tiny_models.build_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def sd_pipe(tiny_sd):
+    """Text2Image over the tiny SD model, loaded once; tests must leave it as they found it."""
+    from t2i.pipelines import Text2Image
+
+    return Text2Image.from_pretrained(str(tiny_sd), device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipe(tiny_sdxl):
+    from t2i.pipelines import Text2Image
+
+    return Text2Image.from_pretrained(str(tiny_sdxl), device="cpu", dtype="fp32")
+
+
+@pytest.fixture
+def sd_copy(tiny_sd, tmp_path) -> Path:
+    """A private copy of the tiny SD folder that a test may damage."""
+    return Path(shutil.copytree(tiny_sd, tmp_path / "model"))
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if anything tries to load a model (for checks that must come first)."""
+    from t2i import loading
+    from t2i.pipelines import Text2Image
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(Text2Image, "from_pretrained", refuse)
+    monkeypatch.setattr(loading, "load", refuse)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """t2i.cli.main in-process: returns (exit code, stdout, stderr); argparse's exits count as codes."""
+    from t2i.cli import main
+
+    def run(*argv):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:  # --help, --version and argparse's own errors
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

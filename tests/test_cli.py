@@ -1,0 +1,152 @@
+"""`t2i` end to end on the tiny SD model: generate, samplers, help, and the error contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from helpers import one_line, pixels
+from t2i import metadata
+from t2i.samplers import SAMPLERS
+
+
+def _pngs(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.png"))
+
+
+def test_generate_writes_pngs_and_prints_only_their_paths(run_cli, tiny_sd, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli("generate", "a red circle", "--model", tiny_sd, "--steps", 2, "--seed", 5,
+                                   "--batch", 2, "--out", out)
+    assert code == 0
+    written = _pngs(out)
+    assert [p.name for p in written] == ["00000-5.png", "00001-6.png"]
+    assert stdout.splitlines() == [str(p) for p in written]  # paths only, one per line
+    assert "step" in stderr  # the progress bar goes to stderr
+    for path, seed in zip(written, (5, 6)):
+        _, settings = metadata.read(path)
+        assert (settings.seed, settings.steps, settings.batch_size) == (seed, 2, 2)
+        assert Image.open(path).size == (32, 32)  # the model's native size by default
+
+
+def test_generate_numbers_on_after_existing_files(run_cli, tiny_sd, tmp_path):
+    for seed in (1, 1):
+        code, stdout, _ = run_cli("generate", "a", "--model", tiny_sd, "--steps", 1, "--seed", seed, "--out", tmp_path,
+                                  "-q")
+        assert code == 0
+    assert [p.name for p in _pngs(tmp_path)] == ["00000-1.png", "00001-1.png"]
+
+
+def test_generate_options_reach_the_image(run_cli, tiny_sd, tmp_path):
+    target = tmp_path / "sub" / "one.png"
+    code, stdout, stderr = run_cli(
+        "generate", "a blue square", "--model", tiny_sd, "--steps", 3, "--seed", 11, "--out", target,
+        "--negative-prompt", "green", "--sampler", "Euler a", "--width", 48, "--height", 40, "--guidance", 3.5,
+        "--device", "cpu", "--dtype", "fp32", "--quiet",
+    )
+    assert code == 0, stderr
+    assert stdout.splitlines() == [str(target)]
+    assert stderr == ""  # --quiet: no bar
+    assert Image.open(target).size == (48, 40)
+    _, s = metadata.read(target)
+    assert (s.prompt, s.negative_prompt, s.sampler, s.steps, s.seed) == ("a blue square", "green", "euler-a", 3, 11)
+    assert (s.width, s.height, s.guidance, s.device, s.dtype) == (48, 40, 3.5, "cpu", "fp32")
+
+
+def test_generate_prompts_file_runs_each_prompt_from_the_seed(run_cli, tiny_sd, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\na red circle\n\na blue star\n")
+    code, stdout, _ = run_cli("generate", "--prompts-file", prompts, "--model", tiny_sd, "--steps", 2, "--seed", 4,
+                              "--out", tmp_path / "out", "-q")
+    assert code == 0
+    paths = [Path(line) for line in stdout.splitlines()]
+    assert len(paths) == 2
+    settings = [metadata.read(p)[1] for p in paths]
+    assert [(s.prompt, s.seed) for s in settings] == [("a red circle", 4), ("a blue star", 4)]
+    assert (pixels(Image.open(paths[0])) != pixels(Image.open(paths[1]))).any()  # the prompt matters
+
+
+def test_overwrite_replaces_an_existing_file(run_cli, tiny_sd, tmp_path):
+    target = tmp_path / "x.png"
+    target.write_bytes(b"old")
+    code, _, _ = run_cli("generate", "a", "--model", tiny_sd, "--steps", 1, "--seed", 1, "--out", target,
+                         "--overwrite", "-q")
+    assert code == 0
+    assert metadata.read(target)[1].seed == 1
+
+
+def test_help_mentions_the_options(run_cli):
+    for argv, words in ((["--help"], ["generate", "samplers", "info", "reproduce"]),
+                        (["generate", "--help"], ["--model", "--steps", "--seed", "--sampler", "--batch", "--out",
+                                                  "--negative-prompt", "--prompts-file", "--allow-pickle"])):
+        code, stdout, _ = run_cli(*argv)
+        assert code == 0
+        for word in words:
+            assert word in stdout
+
+
+def test_samplers_lists_every_name_and_its_a1111_name(run_cli):
+    code, stdout, _ = run_cli("samplers")
+    assert code == 0
+    rows = {line.split()[0]: line for line in stdout.splitlines()[1:]}
+    assert set(rows) == set(SAMPLERS)
+    for name, sampler in SAMPLERS.items():
+        assert sampler.a1111 in rows[name]
+
+
+def test_unknown_sampler_is_exit_2_listing_valid_names(run_cli, tiny_sd, tmp_path, no_model_load):
+    code, stdout, stderr = run_cli("generate", "a", "--model", tiny_sd, "--sampler", "nope", "--out", tmp_path)
+    assert code == 2 and stdout == ""
+    line = one_line(stderr)
+    assert "nope" in line and "euler-a" in line and "dpm++2m-karras" in line
+
+
+def test_info_prints_a1111_text_and_json(run_cli, tiny_sd, tmp_path):
+    target = tmp_path / "i.png"
+    assert run_cli("generate", "a star", "--model", tiny_sd, "--steps", 2, "--seed", 9, "--out", target, "-q")[0] == 0
+    code, stdout, _ = run_cli("info", target)
+    assert code == 0
+    assert stdout.splitlines()[0] == "a star"
+    assert "Seed: 9" in stdout and "Steps: 2" in stdout
+    code, stdout, _ = run_cli("info", "--json", target)
+    assert code == 0
+    data = json.loads(stdout)
+    assert (data["prompt"], data["seed"], data["model"]) == ("a star", 9, str(tiny_sd))
+
+
+def test_info_on_an_image_without_metadata_is_exit_2(run_cli, tmp_path):
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    code, _, stderr = run_cli("info", plain)
+    assert code == 2
+    assert "no generation metadata" in one_line(stderr)
+
+
+# --------------------------------------------------------------------------- the process contract
+
+
+def _t2i(*argv, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "t2i.cli", *map(str, argv)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=120)
+
+
+def test_process_exits_2_with_one_line_and_no_traceback(tmp_path):
+    bad = tmp_path / "model.ckpt"
+    bad.write_bytes(b"\x80\x04K\x01.")  # a pickle: refused by name and content, never opened by torch
+    p = _t2i("generate", "a", "--model", bad, "--out", tmp_path / "out", cwd=tmp_path)
+    assert p.returncode == 2
+    assert p.stdout == ""
+    line = one_line(p.stderr)
+    assert line.startswith("t2i: error:") and "--allow-pickle" in line
+
+
+def test_process_argparse_errors_are_one_line_exit_2(tmp_path):
+    p = _t2i("generate", "a", "--steps", "many", cwd=tmp_path)
+    assert p.returncode == 2
+    assert "--steps" in one_line(p.stderr)

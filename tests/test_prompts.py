@@ -1,0 +1,86 @@
+"""A1111 prompt syntax: weights, escapes, BREAK, LoRA tags, and 75-token chunks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from t2i import prompts
+from t2i.prompts import CHUNK, Fragment, parse
+
+
+def weights(text: str) -> list[tuple[str, float]]:
+    return [(f.text, round(f.weight, 6)) for f in parse(text)]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("a cat", [("a cat", 1.0)]),
+    ("(a:1.5)", [("a", 1.5)]),
+    ("(a)", [("a", 1.1)]),
+    ("[a]", [("a", round(1 / 1.1, 6))]),
+    ("((a))", [("a", 1.21)]),
+    ("[[a]]", [("a", round(1 / 1.21, 6))]),
+    ("((a:2))", [("a", 2.2)]),
+    ("x (a:0.5) y", [("x ", 1.0), ("a", 0.5), (" y", 1.0)]),
+    ("(a, (b:2))", [("a, ", 1.1), ("b", 2.2)]),
+    ("(a", [("a", 1.1)]),  # unclosed still counts, as in A1111
+])
+def test_weights(text, expected):
+    assert weights(text) == expected
+
+
+def test_escaped_brackets_are_literal():
+    assert parse(r"\(a\) \[b\]") == [Fragment("(a) [b]", 1.0)]
+    assert weights(r"(\(a\):1.5)") == [("(a)", 1.5)]
+
+
+def test_colon_without_a_number_is_text():
+    assert prompts.plain_text("(ratio: wide)") == "ratio: wide"
+
+
+def test_break_is_a_fragment_and_a_new_chunk(tokenizer):
+    assert [f.weight for f in parse("red BREAK blue")] == [1.0, -1.0, 1.0]
+    assert parse("BREAKFAST") == [Fragment("BREAKFAST", 1.0)]  # only the word BREAK
+    chunks = prompts.tokenize(tokenizer, "red circle BREAK blue")
+    assert [len(c.ids) for c in chunks] == [2, 1]
+    assert len(prompts.tokenize(tokenizer, "red circle blue")) == 1
+
+
+def test_extract_loras():
+    assert prompts.extract_loras("x <lora:foo:0.7>") == ("x", [("foo", 0.7)])
+    assert prompts.extract_loras("<lora:a> b <lora:c:-1.5> d") == ("b d", [("a", 1.0), ("c", -1.5)])
+    assert prompts.plain_text("(cat:1.2) <lora:foo:0.7>") == "cat"
+
+
+def test_weights_reach_the_tokens(tokenizer):
+    (chunk,) = prompts.tokenize(tokenizer, "red (circle:1.5)")
+    assert chunk.weights == [1.0, 1.5]
+
+
+def test_long_prompts_split_at_75_tokens(tokenizer):
+    chunks = prompts.tokenize(tokenizer, "red " * 160)
+    assert [len(c.ids) for c in chunks] == [CHUNK, CHUNK, 10]
+
+
+def test_a_full_chunk_breaks_at_its_last_comma(tokenizer):
+    text = "red " * 70 + ", " + "blue " * 10
+    first, second = prompts.tokenize(tokenizer, text)
+    assert len(first.ids) == 71  # 70 words and the comma; the phrase after it moves on whole
+    assert len(second.ids) == 10
+
+
+def test_weighted_encoding_keeps_the_mean_and_changes_the_tokens(sd_pipe):
+    tok, enc = sd_pipe.pipe.tokenizer, sd_pipe.pipe.text_encoder
+    plain = prompts.encode_sd(tok, enc, "red circle").embeds
+    weighted = prompts.encode_sd(tok, enc, "red (circle:1.5)").embeds
+    assert not torch.equal(plain, weighted)
+    assert torch.allclose(plain.mean(), weighted.mean(), atol=1e-5)
+
+
+def test_cond_and_uncond_are_padded_to_the_same_length(sd_pipe):
+    tok, enc = sd_pipe.pipe.tokenizer, sd_pipe.pipe.text_encoder
+    long, short = prompts.encode_sd(tok, enc, "red " * 100), prompts.encode_sd(tok, enc, "")
+    a, b = prompts.pad_to_same_length(long, short, short)
+    assert a.embeds.shape == b.embeds.shape == (1, 154, 32)
+    b2, a2 = prompts.pad_to_same_length(short, long, short)
+    assert a2.embeds.shape == b2.embeds.shape

@@ -1,0 +1,98 @@
+"""The demo model's training stages on a seconds-long config: they run, resume and export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from t2i.errors import UsageError
+from t2i.train import demo
+from t2i.train.checkpoint import Checkpoints
+
+TINY = Path(demo.__file__).parent / "configs" / "tiny.toml"
+
+
+def _run(root: Path, stage: str, resume="latest", **overrides):
+    demo.run(str(TINY), stage, resume, {"output_dir": str(root), "export_dir": str(root / "model"), **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """All stages once, then the exported folder."""
+    root = tmp_path_factory.mktemp("demo")
+    _run(root, "all", **{"vae.decoder_steps": 2})
+    return root
+
+
+def test_all_stages_write_a_stock_diffusers_model(trained):
+    from diffusers import StableDiffusionPipeline
+
+    model = trained / "model"
+    pipe = StableDiffusionPipeline.from_pretrained(str(model))  # no t2i code involved
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=2, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    assert json.loads((model / "t2i.json").read_text())["trained_unet_steps"] == 4
+    assert (model / "tokenizer" / "vocab.json").is_file() and (model / "tokenizer" / "merges.txt").is_file()
+    assert list((trained / "samples").glob("unet-*.png")), "sample grids are written during training"
+    logs = [json.loads(l) for l in (trained / "unet_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_tokenizer_keeps_world_words_whole(trained):
+    from transformers import CLIPTokenizer
+
+    from t2i.shapes import caption_words
+
+    tok = CLIPTokenizer.from_pretrained(str(trained / "tokenizer"))
+    for word in caption_words():
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+
+
+def test_vae_scaling_factor_gives_unit_variance_latents(trained):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(trained / "vae"))
+    images, _ = demo.scene_batch(demo.VAL_SEED + 10**6, 64)
+    with torch.no_grad():
+        z = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+    assert 0.7 < float(z.std()) < 1.3
+
+
+def test_unet_resume_equals_a_straight_run(tmp_path):
+    """4 steps straight == 2 steps, stop, resume for 2 more: same weights (fp32, CPU)."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for root in (straight, split):
+        _run(root, "tokenizer")
+        _run(root, "vae")
+    _run(straight, "unet")
+    _run(split, "unet", **{"unet.steps": 2})
+    _run(split, "unet", **{"unet.steps": 4})
+    a = load_file(str(Checkpoints(straight / "unet_checkpoints").latest() / "unet.safetensors"))
+    b = load_file(str(Checkpoints(split / "unet_checkpoints").latest() / "unet.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_vae_resume_continues_from_the_checkpoint(tmp_path):
+    _run(tmp_path, "vae", **{"vae.steps": 2})
+    assert Checkpoints(tmp_path / "vae_checkpoints").all()[-1][0] == 2
+    _run(tmp_path, "vae", **{"vae.steps": 4})
+    steps = [json.loads(l)["step"] for l in (tmp_path / "vae_log.jsonl").read_text().splitlines()]
+    assert [s for s in steps][:3] == [1, 2, 2] and 4 in steps and steps.count(1) == 1  # no step redone
+
+
+def test_unet_stage_without_vae_is_a_clear_error(tmp_path):
+    with pytest.raises(UsageError, match="run them first"):
+        _run(tmp_path, "unet")
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="unknown config key unet.stepz"):
+        _run(tmp_path, "tokenizer", **{"unet.stepz": 3})
