@@ -33,6 +33,7 @@ class LoadedModel:
     arch: str  # sd1 | sd2 | sdxl
     path: Path  # local folder or file the weights came from
     hash: str  # A1111-style short model hash
+    model_config: str = ""  # diffusers folder that configured a single-file checkpoint
 
 
 @dataclass
@@ -106,7 +107,8 @@ class BasePipeline:
         pipe, arch, path = loading.load(source, dt, allow_pickle=allow_pickle, model_config=model_config)
         pipe = cls._convert(pipe, arch)
         pipe.to(dev)
-        loaded = LoadedModel(source, arch, Path(path), loading.model_hash(source, Path(path) if Path(path).is_dir() else None))
+        folder = Path(path) if Path(path).is_dir() else None
+        loaded = LoadedModel(source, arch, Path(path), loading.model_hash(source, folder), model_config or "")
         return cls(pipe, loaded)
 
     @classmethod
@@ -188,7 +190,7 @@ class BasePipeline:
         base = Settings(
             prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, guidance=guidance,
             seed=seed, width=width, height=height, model=self.model.source.asked, model_name=self.model.source.name,
-            model_hash=self.model.hash, arch=self.model.arch, loras=specs, device=str(self.device),
+            model_hash=self.model.hash, model_config=self.model.model_config, arch=self.model.arch, loras=specs, device=str(self.device),
             dtype=dtype_name(self.dtype), pipeline=self.task, versions=versions(), **extra,
         )
         return [replace(base, seed=seed + i, batch_index=i, batch_size=batch) for i in range(batch)]

@@ -341,7 +341,7 @@ def _load_single_file(path: Path, dtype, allow_pickle: bool, model_config: str |
     cls = _pipeline_class(arch)
     kwargs = _common_kwargs(arch, dtype)
     if model_config:
-        kwargs |= {"config": model_config, "local_files_only": True}
+        kwargs |= {"config": str(_check_model_config(model_config, arch, path)), "local_files_only": True}
     try:
         with _quiet_loading():
             pipe = cls.from_single_file(str(path), **kwargs)
@@ -354,6 +354,26 @@ def _load_single_file(path: Path, dtype, allow_pickle: bool, model_config: str |
             ) from None
         raise ModelLoadError(f"could not load {path}: {msg}") from None
     return pipe, arch, path
+
+
+def _check_model_config(model_config: str, arch: str, path: Path) -> Path:
+    """The --model-config folder, if it is a local diffusers folder of the checkpoint's architecture.
+
+    Anything else would reach diffusers as a hub id (which it fetches even with local_files_only)
+    or fail deep inside it with a bare tensor name.
+    """
+    folder = Path(model_config).expanduser()
+    if not (folder / "model_index.json").is_file():
+        raise UsageError(f"--model-config {model_config} is not a diffusers folder (no model_index.json); "
+                         f"give a local folder of a {arch} model")
+    try:
+        found = arch_of_folder(folder)
+    except json.JSONDecodeError:
+        raise UsageError(f"--model-config {model_config}: model_index.json is not valid JSON") from None
+    if found != arch:
+        raise UsageError(f"--model-config {model_config} is a {found} model but {path.name} is {arch}; "
+                         f"give a folder of a {arch} model")
+    return folder
 
 
 def _load_hub(repo_id: str, dtype, allow_pickle: bool):

@@ -35,7 +35,7 @@ class Report:
 
 def reproduce(image: str | Path, model: str | None = None, device: str | None = None, dtype: str | None = None,
               allow_pickle: bool = False, out: str | Path | None = None, overwrite: bool = False,
-              progress: bool = True) -> Report:
+              progress: bool = True, model_config: str | None = None) -> Report:
     """Re-run the recorded settings of `image`; report whether the new pixels are identical."""
     from t2i.output import plan_paths, save_images
     from t2i.pipelines import Text2Image
@@ -52,7 +52,8 @@ def reproduce(image: str | Path, model: str | None = None, device: str | None = 
             raise UsageError(f"the LoRA {lora.path} used for {image} is missing")
     pipe = Text2Image.from_pretrained(model if model is not None else (settings.model or None),
                                       device=device or settings.device.split(":")[0],
-                                      dtype=dtype or settings.dtype, allow_pickle=allow_pickle)
+                                      dtype=dtype or settings.dtype, allow_pickle=allow_pickle,
+                                      model_config=model_config or settings.model_config or None)
     if pipe.model.hash != settings.model_hash:
         print(f"note: model hash {pipe.model.hash} differs from the recorded {settings.model_hash}", file=sys.stderr)
     result = pipe(settings.prompt, negative_prompt=settings.negative_prompt, steps=settings.steps,

@@ -27,6 +27,7 @@ class Settings:
     model: str = ""  # what was asked for: a path, a hub id, or "" for the bundled model
     model_name: str = ""
     model_hash: str = ""
+    model_config: str = ""  # the --model-config folder a single-file checkpoint was built with
     arch: str = ""  # sd1 | sd2 | sdxl
     loras: list[LoraSpec] = field(default_factory=list)
     device: str = "cpu"

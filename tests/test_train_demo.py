@@ -96,3 +96,14 @@ def test_unet_stage_without_vae_is_a_clear_error(tmp_path):
 def test_unknown_config_key_is_refused(tmp_path):
     with pytest.raises(UsageError, match="unknown config key unet.stepz"):
         _run(tmp_path, "tokenizer", **{"unet.stepz": 3})
+
+
+def test_unet_can_start_from_an_exported_model(trained, tmp_path):
+    """Without checkpoints, training continues from a bundled model's weights (a lost run's fallback)."""
+    import shutil
+
+    for part in ("tokenizer", "vae"):
+        shutil.copytree(trained / part, tmp_path / part)
+    _run(tmp_path, "unet", **{"unet.init_from": str(trained / "model"), "unet.steps": 5})
+    logs = [json.loads(l) for l in (tmp_path / "unet_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if "loss" in r] == [5]  # continued at step 4, ran one step

@@ -69,8 +69,12 @@ def build_sd(folder: Path, tokenizer_dir: Path) -> Path:
     return folder
 
 
-def build_sdxl(folder: Path, tokenizer_dir: Path) -> Path:
-    """An SDXL-layout model: two text encoders, pooled embeddings and time ids."""
+def build_sdxl(folder: Path, tokenizer_dir: Path, hidden_2: int = 32) -> Path:
+    """An SDXL-layout model: two text encoders, pooled embeddings and time ids.
+
+    `hidden_2` is text_encoder_2's width. Single-file loading tells SDXL's two encoders apart by
+    width (768 vs 1280 in the real model), so a single-file round trip needs it to differ from 32.
+    """
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
@@ -81,11 +85,12 @@ def build_sdxl(folder: Path, tokenizer_dir: Path) -> Path:
         down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
         attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64, norm_num_groups=8,
+        cross_attention_dim=32 + hidden_2, norm_num_groups=8,  # the two encoders' outputs, concatenated
     )
     pipe = StableDiffusionXLPipeline(
-        vae=_vae(), text_encoder=_text_encoder(tokenizer), text_encoder_2=_text_encoder(tokenizer, projection=True),
-        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=_scheduler(),
+        vae=_vae(), text_encoder=_text_encoder(tokenizer),
+        text_encoder_2=_text_encoder(tokenizer, hidden_2, projection=True), tokenizer=tokenizer, tokenizer_2=tokenizer,
+        unet=unet, scheduler=_scheduler(),
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return folder

@@ -102,6 +102,9 @@ class UNetConfig:
     caption_dropout: float = 0.1
     checkpoint_every: int = 200
     sample_every: int = 500
+    # A diffusers folder (e.g. the bundled model) whose UNet and text encoder start the
+    # run when there is no checkpoint yet; its vae/ and tokenizer/ must be the run's.
+    init_from: str = ""
 
 
 @dataclass
@@ -469,6 +472,10 @@ def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
         state, _ = load_training_state(path, modules, opt, sched)
         start = state["step"]
         acc.print(f"unet: resumed from {path} at step {start}")
+    elif cu.init_from:
+        _init_from(cu.init_from, unet, text_encoder, ema_unet, ema_text)
+        start = json.loads((Path(cu.init_from) / "t2i.json").read_text()).get("trained_unet_steps", 0)
+        acc.print(f"unet: started from the weights in {cu.init_from} (step {start}; optimizer state is new)")
     unet, text_encoder, opt = acc.prepare(unet, text_encoder, opt)
     vae.to(acc.device)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(acc.device)
@@ -541,6 +548,16 @@ def stage_export(cfg: DemoConfig, resume: str | None = "latest") -> Path:
     (out / "t2i.json").write_text(json.dumps({"steps": 20, "guidance": 5.0, "sampler": "dpm++2m-karras",
                                               "trained_unet_steps": step}, indent=1))
     return out
+
+
+def _init_from(folder: str, unet, text_encoder, ema_unet, ema_text) -> None:
+    from safetensors.torch import load_file
+
+    root = Path(folder)
+    u = {k: v.float() for k, v in load_file(str(root / "unet" / "diffusion_pytorch_model.safetensors")).items()}
+    t = {k: v.float() for k, v in load_file(str(root / "text_encoder" / "model.safetensors")).items()}
+    for module, sd in ((unet, u), (ema_unet, u), (text_encoder, t), (ema_text, t)):
+        module.load_state_dict(sd)
 
 
 def assemble(cfg: DemoConfig, tokenizer, text_encoder, vae, unet):
