@@ -17,7 +17,7 @@ def tiny_tokenizer(out: Path):
     from t2i.train.demo import DemoConfig, build_tokenizer
 
     cfg = DemoConfig()
-    return build_tokenizer(cfg, out, corpus_size=400)
+    return build_tokenizer(cfg, out)
 
 
 def _scheduler():

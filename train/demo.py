@@ -165,7 +165,7 @@ def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     return pieces
 
 
-def build_tokenizer(cfg: DemoConfig, out: Path, corpus_size: int = 0):
+def build_tokenizer(cfg: DemoConfig, out: Path):
     """A CLIP-format BPE tokenizer in which every word of the shapes world is one token.
 
     Built deterministically (no trainer: BPE trainers break ties differently run to
@@ -175,14 +175,14 @@ def build_tokenizer(cfg: DemoConfig, out: Path, corpus_size: int = 0):
     """
     from transformers import CLIPTokenizer
 
-    del corpus_size  # kept for callers of the trainer-based version
-    alphabet = list(_bytes_to_unicode().values())
+    byte_chars = _bytes_to_unicode()
+    alphabet = list(byte_chars.values())
     vocab = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]
     merges: list[tuple[str, str]] = []
     ranks: dict[tuple[str, str], int] = {}
     known = set(vocab)
     for word in sorted(caption_words()):
-        encoded = "".join(_bytes_to_unicode()[b] for b in word.encode("utf-8"))
+        encoded = "".join(byte_chars[b] for b in word.encode("utf-8"))
         pieces = _bpe([*encoded[:-1], encoded[-1] + "</w>"], ranks)
         while len(pieces) > 1:  # join the first two pieces left, until the word is whole
             pair = (pieces[0], pieces[1])

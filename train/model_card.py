@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 CARD = """---
@@ -76,15 +77,8 @@ def _params(folder: Path, part: str) -> int:
     for f in (folder / part).glob("*.safetensors"):
         with safe_open(str(f), framework="pt") as sf:
             for k in sf.keys():
-                total += _numel(sf.get_slice(k).get_shape())
+                total += math.prod(sf.get_slice(k).get_shape())
     return total
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def write_card(folder: Path, eval_json: Path, psnr: float, seeds: int = 4) -> Path:
