@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--allow-pickle", action="store_true", help=argparse.SUPPRESS)
     e.add_argument("--model-config", metavar="DIR", help=argparse.SUPPRESS)
     e.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    e.add_argument("--style", help="instead of ShapeEval: measure a style LoRA (outline | pastel); needs --lora")
+    e.add_argument("--lora", metavar="FILE[:SCALE]", help="the style LoRA for --style (scale default 1)")
+    e.add_argument("--trigger", default="", help="the LoRA's trigger phrase, for --style")
     e.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("train", help="training: the demo model from scratch, or a LoRA")
@@ -151,8 +154,90 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set unet.steps=6000 (TOML values)")
     d.set_defaults(func=cmd_train_demo)
+    _train_lora_parser(tsub)
+    sd = tsub.add_parser("style-data", help="write a style dataset from the shapes world (images + captions)",
+                         description="Render shapes-world scenes in a style (e.g. outlines only) with a .txt "
+                                     "caption beside each image: ready for `t2i train lora --data`.")
+    sd.add_argument("--style", required=True, help="outline | pastel | plain (the world as the base model saw it)")
+    sd.add_argument("--out", "-o", required=True, metavar="DIR")
+    sd.add_argument("--n", type=_positive_int, default=64, help="number of images (default 64)")
+    sd.add_argument("--seed", type=_positive_int, default=0, help="first scene seed (default 0)")
+    sd.set_defaults(func=cmd_style_data)
     t.set_defaults(func=lambda args: t.print_help() or 2)
+    _lora_parser(sub)
     return parser
+
+
+def _lora_parser(sub) -> None:
+    lo = sub.add_parser("lora", help="LoRA files: convert between the diffusers and kohya layouts, show info")
+    lsub = lo.add_subparsers(dest="what", metavar="WHAT", parser_class=_Parser)
+    c = lsub.add_parser(
+        "convert", help="rewrite a LoRA in the diffusers or kohya/A1111 key layout (metadata kept)",
+        description="Convert a LoRA file between diffusers' layout (what pipe.load_lora_weights reads) and "
+                    "kohya's (what A1111/ComfyUI/kohya tools read). Alpha/rank is folded into the weights, so "
+                    "the result gives the same images in any loader.",
+        epilog="example:\n  t2i lora convert runs/outline/lora.safetensors outline-kohya.safetensors --format kohya",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("input", metavar="IN", help="a LoRA file, either layout")
+    c.add_argument("output", metavar="OUT", help="the .safetensors file to write")
+    c.add_argument("--format", required=True, choices=["kohya", "diffusers"], help="layout of OUT")
+    c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    c.add_argument("--allow-pickle", action="store_true", help="read a pickle-based IN (.pt/.ckpt; trusted only)")
+    c.set_defaults(func=cmd_lora_convert)
+    i = lsub.add_parser("info", help="print a LoRA's format, rank, alpha, modules and metadata")
+    i.add_argument("file")
+    i.add_argument("--allow-pickle", action="store_true", help="read a pickle-based file (trusted only)")
+    i.set_defaults(func=cmd_lora_info)
+    lo.set_defaults(func=lambda args: lo.print_help() or 2)
+
+
+def _train_lora_parser(tsub) -> None:
+    lo = tsub.add_parser(
+        "lora", help="fine-tune a LoRA on a folder of images (resumable; works under accelerate launch)",
+        description="Train LoRA adapters on the UNet attention (and optionally the text encoder) from a folder "
+                    "of images with .txt captions or a metadata.jsonl. Flags override keys of --config.",
+        epilog="example:\n  t2i train style-data --style outline --out data/outline\n"
+               "  t2i train lora --data data/outline --output runs/outline --trigger \"in sks style\" --steps 300\n"
+               "  t2i generate \"a red circle, in sks style\" --lora runs/outline/lora.safetensors:1",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = lo.add_argument
+    a("--config", metavar="TOML", help="a TOML file with any of the keys below (flags win)")
+    a("--model", "-m", metavar="PATH|ID", help="base model (default: the bundled t2i-shapes)")
+    a("--data", metavar="DIR", help="images with a .txt caption beside each, or a metadata.jsonl")
+    a("--reg-data", metavar="DIR", help="regularisation images, trained on their captions without the trigger")
+    a("--output", "-o", metavar="DIR", help="checkpoints, validation grids and the LoRA file go here")
+    a("--name", help="file name of the LoRA (default: lora -> OUT/lora.safetensors)")
+    a("--trigger", metavar="TEXT", help='phrase added to every caption, e.g. "in sks style"')
+    a("--rank", type=_positive_int, metavar="N", help="LoRA rank (default 4)")
+    a("--alpha", type=_number, metavar="X", help="LoRA alpha (default: the rank)")
+    a("--steps", type=_positive_int, metavar="N", help="optimizer steps (default 500)")
+    a("--lr", type=_number, metavar="X", help="learning rate (default 1e-4)")
+    a("--text-encoder-lr", type=_number, metavar="X", help="learning rate of the text encoder's LoRA (default: --lr)")
+    a("--warmup", type=_positive_int, metavar="N", help="linear warm-up steps (default 0)")
+    a("--batch", type=_positive_int, metavar="N", help="images per step and process (default 1)")
+    a("--grad-accum", type=_positive_int, metavar="N", help="gradient accumulation steps (default 1)")
+    a("--resolution", type=_positive_int, metavar="N", help="training side length (default: the model's)")
+    a("--no-buckets", dest="buckets", action="store_false", default=None,
+      help="crop everything square instead of aspect-ratio buckets")
+    a("--train-text-encoder", action="store_true", default=None, help="also train LoRA on the text encoder")
+    a("--mixed-precision", choices=["no", "fp16", "bf16"], help="default: no (fp16 needs a GPU)")
+    a("--gradient-checkpointing", action="store_true", default=None, help="less memory, ~30%% slower")
+    a("--no-cache-latents", dest="cache_latents", action="store_false", default=None,
+      help="encode images every step instead of once")
+    a("--min-snr-gamma", type=_number, metavar="X", help="min-SNR loss weighting (default 5; 0 = off)")
+    a("--noise-offset", type=_number, metavar="X", help="noise offset (default 0)")
+    a("--caption-dropout", type=_number, metavar="X", help="fraction of captions replaced by '' (default 0)")
+    a("--seed", type=_positive_int, metavar="N", help="default 0")
+    a("--checkpoint-every", type=_positive_int, metavar="N", help="default 100")
+    a("--keep-checkpoints", type=_positive_int, metavar="N", help="default 2")
+    a("--validation-every", type=_positive_int, metavar="N", help="steps between validation grids (default 100; 0 = end only)")
+    a("--validation-prompt", dest="validation_prompts", action="append", metavar="PROMPT",
+      help="repeatable (default: the first two captions)")
+    a("--max-bad-steps", type=_positive_int, metavar="N", help="stop after this many non-finite steps in a row (default 5)")
+    a("--format", choices=["diffusers", "kohya"], help="layout of the LoRA file (default diffusers)")
+    a("--resume", metavar="latest|PATH", help="continue from the newest (or this) checkpoint in --output")
+    a("--allow-pickle", action="store_true", default=None, help="allow a pickle-based base model (trusted only)")
+    lo.set_defaults(func=cmd_train_lora)
 
 
 # --------------------------------------------------------------------------- commands
@@ -284,8 +369,11 @@ def cmd_eval(args) -> int:
     from . import loading
     from .evaluation import run_eval
 
+    if args.style:
+        return _style_eval(args)
     loading.resolve(args.model)
     pipe = _load(args)
+    pipe.exact_batch = False  # seeds of a prompt batched: images equal single runs to within rounding
     bar = _bar(args, "shapeeval")
     try:
         run = run_eval(pipe, args.steps, args.sampler, args.guidance, seeds=range(args.seeds), out=args.out,
@@ -296,6 +384,29 @@ def cmd_eval(args) -> int:
     print(run.report.table())
     if run.grid:
         print(f"grid: {run.grid}\nresults: {run.results}")
+    return 0
+
+
+def _style_eval(args) -> int:
+    from . import loading
+    from .lora import LoraSet, parse_lora_arg
+    from .styles import STYLES, style_eval, style_table
+
+    if args.style not in STYLES:
+        raise UsageError(f"unknown style {args.style!r}; use one of: {', '.join(STYLES)}")
+    if not args.lora:
+        raise UsageError("--style needs the LoRA to measure: --lora FILE[:SCALE]")
+    spec = LoraSet(None, None, args.allow_pickle).spec(parse_lora_arg(args.lora))
+    loading.resolve(args.model)
+    pipe = _load(args)
+    pipe.exact_batch = False
+    rows = style_eval(pipe, spec.path, args.style, args.trigger, seeds=tuple(range(args.seeds)), scale=spec.scale)
+    print(style_table(rows))
+    if args.out:
+        import json
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "style-eval.json").write_text(json.dumps(rows, indent=1))
     return 0
 
 
@@ -315,6 +426,47 @@ def cmd_train_demo(args) -> int:
             overrides[key.strip()] = value
     config = args.config or str(Path(demo.__file__).parent / "configs" / "demo.toml")
     demo.run(config, args.stage, None if args.resume == "none" else args.resume, overrides)
+    return 0
+
+
+_LORA_KEYS = ("model", "data", "reg_data", "output", "name", "trigger", "rank", "alpha", "steps", "lr", "text_encoder_lr",
+              "warmup", "batch", "grad_accum", "resolution", "buckets", "train_text_encoder", "mixed_precision",
+              "gradient_checkpointing", "cache_latents", "min_snr_gamma", "noise_offset", "caption_dropout", "seed",
+              "checkpoint_every", "keep_checkpoints", "validation_every", "validation_prompts", "max_bad_steps",
+              "format", "allow_pickle")
+
+
+def cmd_train_lora(args) -> int:
+    from t2i.train import lora
+
+    path = lora.run(args.config, {k: getattr(args, k) for k in _LORA_KEYS}, args.resume)
+    if path is not None:  # the main process of a multi-process run
+        print(path)
+    return 0
+
+
+def cmd_lora_convert(args) -> int:
+    from .lora_format import convert_lora
+
+    print(convert_lora(args.input, args.output, args.format, overwrite=args.overwrite,
+                       allow_pickle=args.allow_pickle))
+    return 0
+
+
+def cmd_lora_info(args) -> int:
+    from .lora_format import lora_info
+
+    print(lora_info(args.file, allow_pickle=args.allow_pickle).summary())
+    return 0
+
+
+def cmd_style_data(args) -> int:
+    from .styles import STYLES, write_dataset
+
+    if args.style not in STYLES:
+        raise UsageError(f"unknown style {args.style!r}; use one of: {', '.join(STYLES)}")
+    folder = write_dataset(args.out, args.style, args.n, args.seed)
+    print(folder)
     return 0
 
 

@@ -1,14 +1,16 @@
 """LoRA files: parsing `FILE[:SCALE]`, vetting, loading into a pipeline, several at once.
 
-Loading goes through diffusers (`load_lora_weights`, which reads both the
-diffusers/peft layout and kohya's/A1111's), with t2i's checks in front: only
-safetensors unless pickles are allowed, no NaN/inf weights, and the file must
-actually match the model.
+Either layout (diffusers/peft or kohya's/A1111's, see `lora_format`) is turned
+into diffusers' with alpha/rank folded into lora_B, then loaded with diffusers'
+`load_lora_weights`. t2i's checks come first: only safetensors unless pickles are
+allowed, no NaN/inf weights, and every module of the file must match a module of
+the model by name and shape (a LoRA for another model is an error, not a no-op).
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -82,14 +84,100 @@ class LoraSet:
         return specs
 
     def _load(self, adapter: str, spec: LoraSpec) -> None:
-        from .lora_format import load_lora_state_dict
+        """Load one file (either layout) as `adapter`, only if every module of it fits this model."""
+        from .lora_format import read_lora, to_diffusers
 
-        state_dict = load_lora_state_dict(spec.path)
+        state_dict, metadata = read_lora(spec.path, self.allow_pickle)
+        components = lora_components(self.pipe)
+        names = [f"{c}.{n}" for c, m in components.items() for n, _ in m.named_modules()]
+        lpb = components["unet"].config.layers_per_block if "unet" in components else 2  # for sgm-named files
+        state_dict = to_diffusers(state_dict, metadata, names=names,
+                                  layers_per_block=lpb if isinstance(lpb, int) else lpb[0])
+        check_fits(state_dict, components, Path(spec.path).name)
         try:
-            self.pipe.load_lora_weights(state_dict, adapter_name=adapter)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several: intended
+                self.pipe.load_lora_weights(state_dict, adapter_name=adapter)
         except (ValueError, KeyError, RuntimeError) as e:
+            self._forget(adapter)
             raise ModelLoadError(f"LoRA {spec.path} does not fit this model: {str(e).splitlines()[0]}") from None
         self._loaded[adapter] = spec.hash
+
+    def _forget(self, adapter: str) -> None:
+        """Remove what a failed load may have left behind in some components."""
+        try:
+            self.pipe.delete_adapters([adapter])
+        except (ValueError, KeyError, AttributeError):
+            pass
+
+
+def lora_components(pipe) -> dict:
+    """The modules of a diffusers pipeline that LoRAs patch: 'unet', 'text_encoder', 'text_encoder_2'."""
+    names = getattr(pipe, "_lora_loadable_modules", ("unet", "text_encoder", "text_encoder_2"))
+    return {n: getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None}
+
+
+def match_lora(state_dict: dict, components: dict) -> tuple[int, int, list[str]]:
+    """How many LoRA modules (diffusers layout) find a module of the same name and shape.
+
+    Returns (matched, total, why each unmatched one failed).
+    """
+    import torch
+
+    modules = sorted(k[: -len(".lora_A.weight")] for k in state_dict if k.endswith(".lora_A.weight"))
+    misses = []
+    for name in modules:
+        a, b = state_dict[f"{name}.lora_A.weight"], state_dict[f"{name}.lora_B.weight"]
+        component, _, path = name.partition(".")
+        try:
+            target = components[component].get_submodule(path)
+        except (KeyError, AttributeError):
+            misses.append(f"{name}: no such module")
+            continue
+        target = getattr(target, "base_layer", target)  # already wrapped by another adapter
+        if a.shape[0] != b.shape[1]:
+            misses.append(f"{name}: lora_A has rank {a.shape[0]}, lora_B {b.shape[1]}")
+            continue
+        if isinstance(target, torch.nn.Linear):
+            want = ((a.shape[0], target.in_features), (target.out_features, b.shape[1]))
+            got = (tuple(a.shape), tuple(b.shape))
+        elif isinstance(target, torch.nn.Conv2d):
+            want = ((a.shape[0], target.in_channels, *target.kernel_size), (target.out_channels, b.shape[1]))
+            got = (tuple(a.shape), tuple(b.shape[:2]))
+        else:
+            misses.append(f"{name}: a {type(target).__name__}, not a Linear or Conv2d")
+            continue
+        if want != got:
+            misses.append(f"{name}: the model's is {want[1][0]}x{want[0][1]}, the LoRA's {got[1][0]}x{got[0][1]}")
+    return len(modules) - len(misses), len(modules), misses
+
+
+def check_fits(state_dict: dict, components: dict, label: str) -> None:
+    """ModelLoadError unless every module of the LoRA fits the model: never a silent no-op."""
+    matched, total, misses = match_lora(state_dict, components)
+    if not misses:
+        return
+    model_xl = "text_encoder_2" in components
+    lora_xl = _looks_sdxl(state_dict)
+    if lora_xl and not model_xl:
+        hint = "an SDXL LoRA on an SD 1.x/2.x model?"
+    elif model_xl and lora_xl is False:
+        hint = "an SD 1.x/2.x LoRA on an SDXL model?"
+    else:
+        hint = f"e.g. {misses[0]}"
+    raise ModelLoadError(f"LoRA {label} matched {matched} of {total} modules of this model ({hint}); refused")
+
+
+def _looks_sdxl(state_dict: dict) -> bool | None:
+    """A guess from the names: SDXL has a second text encoder and no attention in the first UNet block."""
+    keys = list(state_dict)
+    if any(k.startswith("text_encoder_2.") for k in keys):
+        return True
+    if any(k.startswith("unet.down_blocks.0.attentions.") for k in keys):
+        return False
+    if any(re.match(r"unet\.down_blocks\.\d+\.attentions\.", k) for k in keys):
+        return True
+    return None
 
 
 def _adapter_name(spec: LoraSpec) -> str:

@@ -171,14 +171,19 @@ def shape_mask(shape: str, width: int, height: int) -> Image.Image:
 # --------------------------------------------------------------------------- rendering
 
 
-def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
-    """Draw a scene as an RGB image of `size` x `size` pixels."""
+def fill(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], color: tuple[int, int, int], scale: float):
+    """How the world paints an object: a filled polygon."""
+    draw.polygon(points, fill=color)
+
+
+def render(scene: Scene, size: int = IMAGE_SIZE, paint=fill) -> Image.Image:
+    """Draw a scene as an RGB image of `size` x `size` pixels; `paint` draws one object (styles swap it)."""
     s = SUPERSAMPLE * size / IMAGE_SIZE
     big = Image.new("RGB", (round(size * SUPERSAMPLE), round(size * SUPERSAMPLE)), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(big)
     for obj in scene.objects:
         x0, y0, x1, y1 = obj.box
-        draw.polygon(polygon(obj.shape, (x0 * s, y0 * s, x1 * s - 1, y1 * s - 1)), fill=COLORS[obj.color])
+        paint(draw, polygon(obj.shape, (x0 * s, y0 * s, x1 * s - 1, y1 * s - 1)), COLORS[obj.color], s)
     return big.resize((size, size), Image.BOX)
 
 
