@@ -259,3 +259,15 @@ def test_config_file_keys_and_flags_override_them(tmp_path):
     (tmp_path / "bad.toml").write_text("rnak = 4\n")
     with pytest.raises(UsageError, match="unknown config key rnak"):
         lora.load(str(tmp_path / "bad.toml"), {})
+
+
+def test_eval_style_prints_the_table_and_scale_0_is_the_base(trained, tiny_sd, run_cli, tmp_path):
+    code, out, err = run_cli("eval", "--style", "pastel", "--model", tiny_sd, "--lora", trained / "lora.safetensors",
+                             "--trigger", "in sks style", "--seeds", 1, "--steps", 2, "-q", "--out", tmp_path)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "style-eval.json").read_text())
+    assert list(rows) == ["style data", "base", "base + trigger words", "lora + trigger", "lora, no trigger",
+                          "lora at scale 0 + trigger"]
+    assert rows["lora at scale 0 + trigger"] == rows["base + trigger words"]
+    assert rows["lora + trigger"] != rows["base + trigger words"]
+    assert "lora + trigger" in out and "ShapeEval" in out

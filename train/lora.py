@@ -5,6 +5,8 @@ The run, in order:
 2. Load the base model through t2i (safe loading, model hash), freeze it, add
    peft LoRA adapters to the UNet attention projections (and the text encoder's).
 3. Cache VAE latents (and text embeddings when the text encoder is frozen).
+   Regularisation images (`reg_data`) train on their captions without the
+   trigger, so prompts without it keep the base model's look.
 4. Train through accelerate: one CPU process, a GPU with mixed precision, or
    several processes under `accelerate launch` with no code change.
    Min-SNR weighting, noise offset, caption dropout, aspect-ratio buckets.
