@@ -48,11 +48,18 @@ def next_number(folder: Path) -> int:
     return best + 1
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_png(image: Image.Image, settings: Settings, path: Path, overwrite: bool = False) -> bool:
     """Write atomically; False (nothing written) if `path` exists and overwrite is off."""
     fd, tmp = tempfile.mkstemp(prefix=".t2i-", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; an image gets the user's usual mode
         image.save(tmp, pnginfo=metadata.png_info(settings))
         if overwrite:
             os.replace(tmp, path)

@@ -80,6 +80,19 @@ def test_overwrite_replaces_an_existing_file(run_cli, tiny_sd, tmp_path):
     assert metadata.read(target)[1].seed == 1
 
 
+def test_images_get_the_users_usual_file_mode(run_cli, tiny_sd, tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        code, _, _ = run_cli("generate", "a", "--model", tiny_sd, "--steps", 1, "--out", tmp_path / "x.png", "-q")
+    finally:
+        os.umask(mask)
+    assert code == 0
+    assert stat.S_IMODE((tmp_path / "x.png").stat().st_mode) == 0o644  # not mkstemp's private 0600
+
+
 def test_help_mentions_the_options(run_cli):
     for argv, words in ((["--help"], ["generate", "samplers", "info", "reproduce"]),
                         (["generate", "--help"], ["--model", "--steps", "--seed", "--sampler", "--batch", "--out",
