@@ -167,11 +167,16 @@ def _say(acc, message: str) -> None:
 
 
 def _signals_to_interrupt():
-    """SIGTERM (a cluster's preemption, `kill`) behaves like Ctrl-C: checkpoint, then exit."""
+    """SIGINT (Ctrl-C) and SIGTERM (a cluster's preemption, `kill`): checkpoint, then exit.
+
+    SIGINT is set explicitly: a process started in the background by a non-interactive
+    shell inherits it as ignored, and `kill -INT` should still save and stop the run.
+    """
     def handler(signum, frame):
         raise KeyboardInterrupt
     with contextlib.suppress(ValueError):  # not the main thread
         signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
 
 
 class Encoder:
