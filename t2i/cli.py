@@ -429,17 +429,14 @@ def cmd_train_demo(args) -> int:
     return 0
 
 
-_LORA_KEYS = ("model", "data", "reg_data", "output", "name", "trigger", "rank", "alpha", "steps", "lr", "text_encoder_lr",
-              "warmup", "batch", "grad_accum", "resolution", "buckets", "train_text_encoder", "mixed_precision",
-              "gradient_checkpointing", "cache_latents", "min_snr_gamma", "noise_offset", "caption_dropout", "seed",
-              "checkpoint_every", "keep_checkpoints", "validation_every", "validation_prompts", "max_bad_steps",
-              "format", "allow_pickle")
-
-
 def cmd_train_lora(args) -> int:
+    import dataclasses
+
     from t2i.train import lora
 
-    path = lora.run(args.config, {k: getattr(args, k) for k in _LORA_KEYS}, args.resume)
+    # each config key with a flag of the same name; None = flag not given, the file's value stays
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(lora.LoraTrainConfig) if hasattr(args, f.name)}
+    path = lora.run(args.config, flags, args.resume)
     if path is not None:  # the main process of a multi-process run
         print(path)
     return 0
@@ -461,10 +458,8 @@ def cmd_lora_info(args) -> int:
 
 
 def cmd_style_data(args) -> int:
-    from .styles import STYLES, write_dataset
+    from .styles import write_dataset
 
-    if args.style not in STYLES:
-        raise UsageError(f"unknown style {args.style!r}; use one of: {', '.join(STYLES)}")
     folder = write_dataset(args.out, args.style, args.n, args.seed)
     print(folder)
     return 0

@@ -271,3 +271,20 @@ def test_eval_style_prints_the_table_and_scale_0_is_the_base(trained, tiny_sd, r
     assert rows["lora at scale 0 + trigger"] == rows["base + trigger words"]
     assert rows["lora + trigger"] != rows["base + trigger words"]
     assert "lora + trigger" in out and "ShapeEval" in out
+
+
+def test_an_image_broken_mid_run_is_skipped_and_reported(tiny_sd, data, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    copy = Path(shutil.copytree(data, tmp_path / "data"))
+    original = lora.Encoder.cache
+
+    def cache_then_break(self):  # after the scan vetted every file, one goes bad
+        original(self)
+        (copy / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+
+    monkeypatch.setattr(lora.Encoder, "cache", cache_then_break)
+    path = lora.run(None, _cfg(tiny_sd, copy, tmp_path / "out", steps=6, cache_latents=False))
+    err = capsys.readouterr().err
+    assert err.count("warning: skipping") == 1 and "0.png is not a readable image" in err
+    assert all(torch.isfinite(v).all() for v in _weights(path).values())

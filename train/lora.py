@@ -199,23 +199,37 @@ class Encoder:
         return tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                    return_tensors="pt").input_ids
 
-    @torch.no_grad()
-    def _encode_images(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pixels(self, idx) -> list[tuple[int, torch.Tensor]]:
+        """(i, (3, H, W) fitted to its bucket) for each readable image; one unreadable since the scan is
+        reported once and skipped from then on."""
         from t2i.images import load_rgb
 
-        pixels = []
+        out = []
         for i in idx:
-            pixels.append(to_tensor(fit(load_rgb(self.dataset.items[i].path), self.plan.bucket_of[i])))
+            if i in self.bad:
+                continue
+            try:
+                out.append((i, to_tensor(fit(load_rgb(self.dataset.items[i].path), self.plan.bucket_of[i]))))
+            except UsageError as e:
+                self.bad.add(i)
+                _say(self.acc, f"warning: skipping {e}")
+        return out
+
+    @torch.no_grad()
+    def _encode(self, pixels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.stack(pixels).to(self.acc.device, self.vae.dtype)  # (B, 3, H, W)
         dist = self.vae.encode(x).latent_dist
-        return dist.mean.float(), dist.std.float()  # (B, C, H/f, W/f)
+        return dist.mean.float().cpu(), dist.std.float().cpu()  # (B, C, H/f, W/f)
 
     def cache(self) -> None:
         if self.cfg.cache_latents:
             items = range(len(self.dataset.items))
             for i in tqdm(items, desc="caching latents", disable=not self.acc.is_main_process, leave=False):
-                mean, std = self._encode_images([i])
-                self.latents[i] = (mean[0].cpu(), std[0].cpu())
+                for j, px in self._pixels([i]):
+                    mean, std = self._encode([px])
+                    self.latents[j] = (mean[0], std[0])
+            if not self.latents:
+                raise TrainingError("no training image is readable any more; check --data")
         if not self.cfg.train_text_encoder:
             with torch.no_grad():
                 te = self.pipe.pipe.text_encoder
@@ -224,14 +238,19 @@ class Encoder:
                 self.empty = te(self.tokens([""]).to(self.acc.device))[0][0].float().cpu()
 
     def batch(self, idx: list[int], gen: torch.Generator, text_encoder) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents (B, C, h, w) scaled for the UNet, conditioning (B, 77, D))."""
+        """(latents (B, C, h, w) scaled for the UNet, conditioning (B, 77, D)); unreadable images are left out,
+        and a batch left empty takes the first readable image instead."""
         dev = self.acc.device
         if self.latents:
+            idx = [i for i in idx if i in self.latents] or [next(iter(self.latents))]
             mean = torch.stack([self.latents[i][0] for i in idx])
             std = torch.stack([self.latents[i][1] for i in idx])
         else:
-            idx = self._readable(idx)
-            mean, std = (t.cpu() for t in self._encode_images(idx))
+            loaded = self._pixels(idx) or self._pixels(range(len(self.dataset.items)))[:1]
+            if not loaded:
+                raise TrainingError("no training image is readable any more; check --data")
+            idx = [i for i, _ in loaded]
+            mean, std = self._encode([px for _, px in loaded])
         latents = (mean + std * torch.randn(mean.shape, generator=gen)) * self.vae.config.scaling_factor
         drop = (torch.rand(len(idx), generator=gen) < self.cfg.caption_dropout).tolist()  # unconditional rows for CFG
         if self.embeds:
@@ -240,22 +259,6 @@ class Encoder:
             ids = self.tokens(["" if d else self.captions[i] for i, d in zip(idx, drop)]).to(dev)
             cond = text_encoder(ids)[0]
         return latents.to(dev), cond
-
-    def _readable(self, idx: list[int]) -> list[int]:
-        """Drop images that became unreadable since the scan (reported once each)."""
-        from t2i.images import load_rgb
-
-        good = []
-        for i in idx:
-            if i in self.bad:
-                continue
-            try:
-                load_rgb(self.dataset.items[i].path)
-                good.append(i)
-            except UsageError as e:
-                self.bad.add(i)
-                self._say(acc, f"warning: skipping {e}")
-        return good or [min(set(range(len(self.dataset.items))) - self.bad)]
 
 
 def _accelerator(cfg: LoraTrainConfig):
