@@ -125,7 +125,10 @@ class BasePipeline:
         if wanted is None or type(pipe).__name__ == wanted:
             return pipe
         target = getattr(diffusers, wanted)
-        new = target(**{k: v for k, v in pipe.components.items() if k in target._get_signature_keys(target)[0]})
+        modules, options = target._get_signature_keys(target)
+        kwargs = {k: v for k, v in pipe.components.items() if k in modules}
+        kwargs |= {k: pipe.config[k] for k in options if k in pipe.config and k not in kwargs}  # e.g. force_zeros_...
+        new = target(**kwargs)
         if hasattr(new, "register_to_config") and "requires_safety_checker" in new.config:
             new.register_to_config(requires_safety_checker=False)
         return new
@@ -220,6 +223,47 @@ class BasePipeline:
             kwargs |= {"pooled_prompt_embeds": cond.pooled, "negative_pooled_prompt_embeds": uncond.pooled}
         return kwargs
 
+    def _generate(self, settings: list[Settings], progress, task_inputs: Callable, finish: Callable | None = None
+                  ) -> Result:
+        """The path every task shares: LoRAs, sampler, prompt embeddings, then the diffusers call per group.
+
+        `task_inputs(group)` gives the task's own arguments of the diffusers call (initial
+        latents, init image, mask, strength, per-image generators); `finish(group, images)`
+        may post-process the decoded images (inpainting pastes the unmasked original back).
+        """
+        s0 = settings[0]
+        text = self._prepare_loras(s0.prompt, s0.loras)
+        sampler_info = get_sampler(s0.sampler)
+        embeds = self._encode(text, s0.negative_prompt, s0.guidance)
+        # A batch-coupled sampler draws its step noise for the whole batch at once: one image per call
+        groups = [[s] for s in settings] if sampler_info.batch_coupled else [settings]
+        bar = self._progress(progress, len(groups))
+        images = []
+        try:
+            for group in groups:
+                n = len(group)
+                self.pipe.scheduler = make_scheduler(group[0].sampler, self._scheduler_config, seed=group[0].seed)
+                batched = {k: v.expand(n, *v.shape[1:]) for k, v in embeds.items()}
+                with per_image_unet(self.pipe.unet, n) if self.exact_batch else contextlib.nullcontext():
+                    out = self.pipe(**batched, **task_inputs(group), num_inference_steps=s0.steps,
+                                    guidance_scale=s0.guidance, output_type="latent",
+                                    callback_on_step_end=self._step_callback(bar))
+                decoded = self._decode(out.images)
+                images += finish(group, decoded) if finish else decoded
+        finally:
+            if bar is not None and progress is True:
+                bar.close()
+        return Result(images, settings)
+
+    @staticmethod
+    def _generators(settings: list[Settings]) -> list[torch.Generator]:
+        """One CPU generator per image, seeded with its own seed: noise drawn on the CPU, the same on any device."""
+        return [torch.Generator("cpu").manual_seed(s.seed) for s in settings]
+
+    @staticmethod
+    def _notice(message: str) -> None:
+        print(f"note: {message}", file=sys.stderr)
+
     def _latent_shape(self, s: Settings) -> tuple[int, ...]:
         f = self.vae_scale_factor
         return (1, self.pipe.unet.config.in_channels, s.height // f, s.width // f)
@@ -230,11 +274,8 @@ class BasePipeline:
         The same generators then feed the sampler's per-step noise, so image i of a
         batch is exactly the single run with seed + i, on any device.
         """
-        gens, noise = [], []
-        for s in settings:
-            g = torch.Generator("cpu").manual_seed(s.seed)
-            noise.append(torch.randn(self._latent_shape(s), generator=g, dtype=torch.float32))  # (1, C, h, w)
-            gens.append(g)
+        gens = self._generators(settings)
+        noise = [torch.randn(self._latent_shape(s), generator=g, dtype=torch.float32) for s, g in zip(settings, gens)]
         return torch.cat(noise).to(self.device, self.dtype), gens  # (B, C, h, w)
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:

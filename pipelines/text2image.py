@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-
-from t2i.samplers import get_sampler
 from t2i.settings import LoraSpec
 
-from .base import BasePipeline, Result, per_image_unet
+from .base import BasePipeline, Result
 
 
 class Text2Image(BasePipeline):
@@ -40,49 +37,10 @@ class Text2Image(BasePipeline):
         progress=True,
     ) -> Result:
         """Generate `batch` images; image i uses seed + i. Defaults come from the model."""
-        # 1. Check inputs and fill defaults (one Settings per image)
         settings = self._settings(prompt, negative_prompt, steps, guidance, sampler, seed, width, height, batch,
                                   list(loras))
-        s0 = settings[0]
-        # 2. LoRAs (arguments and <lora:...> tags)
-        text = self._prepare_loras(s0.prompt, s0.loras)
-        # 3. Sampler
-        sampler_info = get_sampler(s0.sampler)
-        # 4. Prompt embeddings
-        embeds = self._encode(text, s0.negative_prompt, s0.guidance)
-        # 5-7. Noise, denoising and decoding, per group of images that may share a call
-        groups = [[s] for s in settings] if sampler_info.batch_coupled else [settings]
-        bar = self._progress(progress, len(groups))
-        images = []
-        try:
-            for group in groups:
-                images += self._generate(group, embeds, bar)
-        finally:
-            if bar is not None and progress is True:
-                bar.close()
-        return Result(images, settings)
+        return self._generate(settings, progress, self._inputs)
 
-    def _generate(self, group, embeds, bar):
-        s0 = group[0]
-        self.pipe.scheduler = self._scheduler(s0.sampler, s0.seed)
+    def _inputs(self, group) -> dict:
         latents, generators = self._noise(group)
-        n = len(group)
-        batched = {k: v.expand(n, *v.shape[1:]) for k, v in embeds.items()}
-        with per_image_unet(self.pipe.unet, n) if self.exact_batch else contextlib.nullcontext():
-            out = self.pipe(
-                **batched,
-                num_inference_steps=s0.steps,
-                guidance_scale=s0.guidance,
-                height=s0.height,
-                width=s0.width,
-                latents=latents,
-                generator=generators,
-                output_type="latent",
-                callback_on_step_end=self._step_callback(bar),
-            )
-        return self._decode(out.images)
-
-    def _scheduler(self, name, seed):
-        from t2i.samplers import make_scheduler
-
-        return make_scheduler(name, self._scheduler_config, seed=seed)
+        return {"latents": latents, "generator": generators, "height": group[0].height, "width": group[0].width}

@@ -18,6 +18,8 @@ EXAMPLES = """examples:
   t2i generate "a red circle"                       bundled demo model, PNG into ./outputs
   t2i generate "a blue star" --batch 4 --seed 7 --out stars/
   t2i generate "castle, (sunset:1.2)" --model ./sd15 --sampler "DPM++ 2M Karras" --steps 25
+  t2i img2img "a red circle, in sks style" --init photo.png --strength 0.6 --lora pastel.safetensors
+  t2i inpaint "a blue star" --init scene.png --mask mask.png    white in the mask is redrawn
   t2i info outputs/00000-7.png                      show the settings stored in a PNG
   t2i reproduce outputs/00000-7.png                 make it again and compare bit for bit
 """
@@ -72,6 +74,25 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-dir", metavar="DIR", help="where <lora:NAME:SCALE> in a prompt looks for NAME.safetensors")
 
 
+def _prompt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", help="the prompt (A1111 syntax: (word:1.2), [word], BREAK, <lora:NAME:0.8>)")
+    p.add_argument("--prompts-file", metavar="FILE", help="one prompt per line ('#' comments); each prompt starts at --seed")
+
+
+def _image_args(p: argparse.ArgumentParser, mask: bool = False) -> None:
+    g = p.add_argument_group("input image")
+    g.add_argument("--init", "-i", required=True, metavar="IMAGE",
+                   help="the image to start from (any mode; a side not a multiple of 8 is resized, with a notice)")
+    g.add_argument("--strength", "--denoising-strength", type=_number, default=0.75,
+                   help="share of the schedule that is redrawn, in (0, 1]: low keeps the image (default 0.75)")
+    if mask:
+        g.add_argument("--mask", required=True, metavar="IMAGE",
+                       help="white = redraw, black = keep (resized to --init's size if it differs, with a notice)")
+        g.add_argument("--mask-blur", type=_positive_int, default=4, metavar="PX",
+                       help="soften the mask's edge by this many pixels (default 4, as A1111)")
+        g.add_argument("--invert-mask", action="store_true", help="redraw the black part instead")
+
+
 def _output_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--out", "-o", default="outputs", metavar="PATH",
@@ -90,14 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"t2i {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    g = sub.add_parser("generate", help="make images from a prompt (or a file of prompts)",
-                       description="Generate images from text. Paths of written PNGs go to stdout.")
-    g.add_argument("prompt", nargs="?", help="the prompt (A1111 syntax: (word:1.2), [word], BREAK, <lora:NAME:0.8>)")
-    g.add_argument("--prompts-file", metavar="FILE", help="one prompt per line ('#' comments); each prompt starts at --seed")
-    _model_args(g)
-    _sampling_args(g)
-    _output_args(g)
-    g.set_defaults(func=cmd_generate)
+    generation = [  # command, task, help, description
+        ("generate", "text2image", "make images from a prompt (or a file of prompts)",
+         "Generate images from text."),
+        ("img2img", "image2image", "redraw an image from a prompt, keeping its layout",
+         "Image to image: the init image is noised to --strength of the schedule and denoised towards the prompt."),
+        ("inpaint", "inpaint", "redraw the masked part of an image from a prompt",
+         "Inpainting: the white part of --mask is redrawn, the rest of --init is kept (pixel for pixel beyond the blurred edge)."),
+    ]
+    for command, task, help_text, description in generation:
+        g = sub.add_parser(command, help=help_text, description=description + " Paths of written PNGs go to stdout.")
+        _prompt_args(g)
+        if task != "text2image":
+            _image_args(g, mask=task == "inpaint")
+        _model_args(g)
+        _sampling_args(g)
+        _output_args(g)
+        g.set_defaults(func=cmd_generate, task=task)
 
     s = sub.add_parser("samplers", help="list sampler names and their A1111 names")
     s.set_defaults(func=cmd_samplers)
@@ -116,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "mps"], help="default: as recorded")
     r.add_argument("--dtype", default=None, choices=["auto", "fp32", "fp16", "bf16"], help="default: as recorded")
     r.add_argument("--allow-pickle", action="store_true", help="allow pickle-based weights (trusted files only)")
+    r.add_argument("--init", metavar="IMAGE", help="img2img/inpaint: the init image, if it moved from the recorded path")
+    r.add_argument("--mask", metavar="IMAGE", help="inpaint: the mask, if it moved from the recorded path")
     r.add_argument("--out", "-o", metavar="PNG", help="also save the regenerated image here")
     r.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -140,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--style", help="instead of ShapeEval: measure a style LoRA (outline | pastel); needs --lora")
     e.add_argument("--lora", metavar="FILE[:SCALE]", help="the style LoRA for --style (scale default 1)")
     e.add_argument("--trigger", default="", help="the LoRA's trigger phrase, for --style")
+    e.add_argument("--transfer", metavar="S[,S...]",
+                   help="with --style: measure style transfer instead, img2img of content renders at these "
+                        "strengths, e.g. 0.3,0.5,0.7 (style metric, and ShapeEval of the content)")
     e.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("train", help="training: the demo model from scratch, or a LoRA")
@@ -269,6 +304,7 @@ def cmd_generate(args) -> int:
         guards.check_seed(args.seed)
     if args.width is not None or args.height is not None:
         guards.check_size(args.width or 8, args.height or 8)
+    task_inputs = _check_image_inputs(args)
     if args.sampler:
         from .samplers import get_sampler
 
@@ -286,14 +322,14 @@ def cmd_generate(args) -> int:
     loading.resolve(args.model)
 
     # 2. Load once, generate each prompt
-    pipe = _load(args)
+    pipe = _load(args, args.task)
     pipe.loras.lora_dir, pipe.loras.allow_pickle = vetting.lora_dir, args.allow_pickle
     bar = _bar(args, "generating")
     try:
         for prompt in prompts:
-            result = pipe(prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
-                          sampler=args.sampler, seed=None if args.seed == -1 else args.seed, width=args.width,
-                          height=args.height, batch=args.batch, loras=loras, progress=bar)
+            result = pipe(prompt, **task_inputs, negative_prompt=args.negative_prompt, steps=args.steps,
+                          guidance=args.guidance, sampler=args.sampler, seed=None if args.seed == -1 else args.seed,
+                          width=args.width, height=args.height, batch=args.batch, loras=loras, progress=bar)
             for path in save_images(result.images, result.settings, args.out, overwrite=args.overwrite):
                 print(path, flush=True)
     finally:
@@ -302,11 +338,33 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _load(args, task: str = "text2image"):
-    from t2i.pipelines import Text2Image
+def _check_image_inputs(args) -> dict:
+    """img2img/inpaint: the init image and mask decode, strength and blur are in range; the pipeline's arguments."""
+    from . import guards
+    from .images import as_mask, check_mask, read_input
 
-    return Text2Image.from_pretrained(args.model, device=args.device or "auto", dtype=args.dtype or "auto",
-                                      allow_pickle=args.allow_pickle, model_config=args.model_config)
+    if args.task == "text2image":
+        return {}
+    read_input(args.init, "--init")
+    guards.check_strength(args.strength)
+    if args.steps is not None and int(args.steps * args.strength) < 1:
+        raise UsageError(f"--strength {args.strength:g} of {args.steps} steps runs no denoising step; "
+                         f"use --strength {1 / args.steps:.2g} or more, or more --steps")
+    inputs = {"init_image": args.init, "strength": args.strength}
+    if args.task == "inpaint":
+        check_mask(read_input(args.mask, "--mask", convert=as_mask)[0], args.invert_mask)
+        if args.mask_blur < 0:
+            raise UsageError(f"--mask-blur must be 0 or more pixels, got {args.mask_blur}")
+        inputs |= {"mask": args.mask, "mask_blur": args.mask_blur, "invert_mask": args.invert_mask}
+    return inputs
+
+
+def _load(args, task: str = "text2image"):
+    from t2i.pipelines import Image2Image, Inpaint, Text2Image
+
+    cls = {"text2image": Text2Image, "image2image": Image2Image, "inpaint": Inpaint}[task]
+    return cls.from_pretrained(args.model, device=args.device or "auto", dtype=args.dtype or "auto",
+                               allow_pickle=args.allow_pickle, model_config=args.model_config)
 
 
 def cmd_samplers(args) -> int:
@@ -342,7 +400,7 @@ def cmd_reproduce(args) -> int:
 
     report = reproduce(args.image, model=args.model, device=args.device, dtype=args.dtype,
                        allow_pickle=args.allow_pickle, out=args.out, overwrite=args.overwrite,
-                       progress=not args.quiet, model_config=args.model_config)
+                       progress=not args.quiet, model_config=args.model_config, init=args.init, mask=args.mask)
     print(report.summary())
     return 0 if report.identical else 1
 
@@ -390,24 +448,42 @@ def cmd_eval(args) -> int:
 def _style_eval(args) -> int:
     from . import loading
     from .lora import LoraSet, parse_lora_arg
-    from .styles import STYLES, style_eval, style_table
+    from .styles import STYLES, style_eval, style_table, transfer_eval
 
     if args.style not in STYLES:
         raise UsageError(f"unknown style {args.style!r}; use one of: {', '.join(STYLES)}")
     if not args.lora:
         raise UsageError("--style needs the LoRA to measure: --lora FILE[:SCALE]")
+    strengths = _strengths(args.transfer) if args.transfer else None
     spec = LoraSet(None, None, args.allow_pickle).spec(parse_lora_arg(args.lora))
     loading.resolve(args.model)
     pipe = _load(args)
     pipe.exact_batch = False
-    rows = style_eval(pipe, spec.path, args.style, args.trigger, seeds=tuple(range(args.seeds)), scale=spec.scale)
+    seeds = tuple(range(args.seeds))
+    if strengths:
+        rows = transfer_eval(pipe, spec.path, args.style, args.trigger, strengths, seeds=seeds, scale=spec.scale)
+    else:
+        rows = style_eval(pipe, spec.path, args.style, args.trigger, seeds=seeds, scale=spec.scale)
     print(style_table(rows))
     if args.out:
         import json
 
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "style-eval.json").write_text(json.dumps(rows, indent=1))
+        name = "style-transfer.json" if strengths else "style-eval.json"
+        (Path(args.out) / name).write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def _strengths(text: str) -> list[float]:
+    from . import guards
+
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--transfer {text!r}: give strengths like 0.3,0.5,0.7") from None
+    for v in values:
+        guards.check_strength(v)
+    return values
 
 
 def cmd_train_demo(args) -> int:

@@ -1,6 +1,6 @@
 """Reading user images: any common mode and bit depth in, 8-bit RGB out.
 
-Used for training data (and for img2img/inpaint inputs). A file that is not
+Used for training data and for img2img/inpaint inputs and masks. A file that is not
 an image is a one-line `UsageError`; nothing here guesses silently.
 """
 
@@ -35,12 +35,55 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
     return img.convert("RGB")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image file fully (so corrupt data fails here) as 8-bit RGB."""
+def load_rgb(path: str | Path, convert=to_rgb) -> Image.Image:
+    """Open an image file fully (so corrupt data fails here) as 8-bit RGB (or what `convert` makes of it)."""
     path = Path(path)
     try:
         with Image.open(path) as img:
             img.load()
-            return to_rgb(img)
+            return convert(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise UsageError(f"{path} is not a readable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+
+
+def read_input(source: str | Path | Image.Image, what: str = "init image", convert=to_rgb
+               ) -> tuple[Image.Image, str | None]:
+    """An img2img/inpaint input as 8-bit RGB (or `convert`'s mode), and its absolute path (None: in memory)."""
+    if isinstance(source, Image.Image):
+        return convert(source), None
+    if not isinstance(source, (str, Path)):
+        raise UsageError(f"{what} must be a path or a PIL image, got {type(source).__name__}")
+    path = Path(source)
+    if not path.is_file():
+        raise UsageError(f"{what} {path} does not exist" if not path.exists() else f"{what} {path} is not a file")
+    try:
+        return load_rgb(path, convert), str(path.resolve())
+    except UsageError as e:
+        raise UsageError(f"{what}: {e}") from None
+
+
+def as_mask(img: Image.Image) -> Image.Image:
+    """A mask in mode L from any mode: white repaints, black keeps; transparent pixels keep (over black)."""
+    return to_rgb(img, background=(0, 0, 0)).convert("L")
+
+
+def pixel_hash(img: Image.Image) -> str:
+    """SHA-256 (16 hex) of an image's size, mode and pixels: the same picture gives the same hash in any file."""
+    import hashlib
+
+    h = hashlib.sha256(f"{img.mode} {img.width}x{img.height}\n".encode())
+    h.update(img.tobytes())
+    return h.hexdigest()[:16]
+
+
+def snap_size(width: int, height: int, multiple: int) -> tuple[int, int]:
+    """The nearest size whose sides are multiples of `multiple` (at least one multiple each)."""
+    return tuple(max(multiple, int(v / multiple + 0.5) * multiple) for v in (width, height))
+
+
+def check_mask(mask: Image.Image, invert: bool = False) -> None:
+    """Refuse a mask that repaints nothing (all black, or all white when inverted)."""
+    lo, hi = mask.getextrema()
+    if (lo if invert else hi) == (255 if invert else 0):
+        raise UsageError("the mask is all " + ("white: with --invert-mask nothing is repainted" if invert else
+                                              "black: nothing to repaint (white marks the area to redraw)"))

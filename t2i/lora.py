@@ -9,6 +9,7 @@ the model by name and shape (a LoRA for another model is an error, not a no-op).
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from dataclasses import replace
@@ -45,10 +46,14 @@ class LoraSet:
         other._loaded = self._loaded  # shared: the adapters live in the shared modules
         return other
 
-    def spec(self, lora: LoraSpec | str) -> LoraSpec:
-        """Resolve and vet a LoRA argument (cheap: no tensors are loaded)."""
+    def spec(self, lora: LoraSpec | str | Path) -> LoraSpec:
+        """Resolve and vet a LoRA argument: "FILE[:SCALE]", a path (scale 1) or a LoraSpec. No tensors are loaded."""
         if isinstance(lora, str):
             lora = parse_lora_arg(lora)
+        elif isinstance(lora, os.PathLike):
+            lora = LoraSpec(os.fspath(lora))
+        elif not isinstance(lora, LoraSpec):
+            raise UsageError(f"a LoRA is a path, \"FILE:SCALE\" or a LoraSpec, got {type(lora).__name__}")
         path = Path(lora.path).expanduser()
         if not path.is_file():
             raise UsageError(f"LoRA file {path} does not exist")

@@ -62,6 +62,10 @@ def a1111_parameters(s: Settings) -> str:
         fields.append(("Model", s.model_name))
     if s.strength is not None:
         fields.append(("Denoising strength", _fmt_number(s.strength)))
+    if s.mask_blur is not None:
+        fields.append(("Mask blur", str(s.mask_blur)))
+    if s.invert_mask:
+        fields.append(("Mask mode", "Inpaint not masked"))
     if s.loras:
         fields.append(("Lora hashes", ", ".join(f"{l.name}: {l.hash[:12]}" for l in s.loras)))
     fields.append(("Version", f"t2i {s.versions.get('t2i', '')}".strip()))

@@ -33,30 +33,59 @@ class Report:
         return line + (f"; saved {self.written}" if self.written else "")
 
 
+def _input_image(recorded: str | None, given: str | None, want_hash: str | None, what: str, flag: str, convert):
+    """The init image or mask to replay with: the recorded file (or `given`), checked against the recorded hash."""
+    from .images import pixel_hash, read_input
+
+    source = given or recorded
+    if source is None:
+        raise UsageError(f"the {what} was given in memory, not as a file; pass it with {flag}")
+    img, _ = read_input(source, what, convert=convert)
+    if want_hash and pixel_hash(img) != want_hash:
+        raise UsageError(f"the {what} {source} is not the one the image was made from (its pixels differ); "
+                         f"pass the original with {flag}")
+    return source
+
+
 def reproduce(image: str | Path, model: str | None = None, device: str | None = None, dtype: str | None = None,
               allow_pickle: bool = False, out: str | Path | None = None, overwrite: bool = False,
-              progress: bool = True, model_config: str | None = None) -> Report:
-    """Re-run the recorded settings of `image`; report whether the new pixels are identical."""
+              progress: bool = True, model_config: str | None = None, init: str | None = None,
+              mask: str | None = None) -> Report:
+    """Re-run the recorded settings of `image`; report whether the new pixels are identical.
+
+    Images made by img2img or inpaint replay from their recorded init image and mask
+    (or `init`/`mask` when the files moved), which must have the recorded pixels.
+    """
+    from t2i.images import as_mask, to_rgb
     from t2i.output import plan_paths, save_images
-    from t2i.pipelines import Text2Image
+    from t2i.pipelines import Image2Image, Inpaint, Text2Image
 
     _, settings = metadata.read(image)
     if settings is None:
         raise UsageError(f"{image} has no t2i settings to replay (A1111 text alone is not exact enough)")
+    classes = {"text2image": Text2Image, "image2image": Image2Image, "inpaint": Inpaint}
+    if settings.pipeline not in classes:
+        raise UsageError(f"{image} was made by an unknown pipeline {settings.pipeline!r}; this t2i replays "
+                         f"{', '.join(classes)}")
+    inputs = {}
     if settings.pipeline != "text2image":
-        raise UsageError(f"{image} was made by {settings.pipeline}; reproduce replays text2image images")
+        inputs = {"init_image": _input_image(settings.init_image, init, settings.init_image_hash, "init image",
+                                             "--init", to_rgb), "strength": settings.strength}
+    if settings.pipeline == "inpaint":
+        inputs |= {"mask": _input_image(settings.mask_image, mask, settings.mask_image_hash, "mask", "--mask",
+                                        as_mask), "mask_blur": settings.mask_blur, "invert_mask": settings.invert_mask}
     if out is not None:
         plan_paths(out, 1, overwrite)
     for lora in settings.loras:
         if not Path(lora.path).is_file():
             raise UsageError(f"the LoRA {lora.path} used for {image} is missing")
-    pipe = Text2Image.from_pretrained(model if model is not None else (settings.model or None),
+    pipe = classes[settings.pipeline].from_pretrained(model if model is not None else (settings.model or None),
                                       device=device or settings.device.split(":")[0],
                                       dtype=dtype or settings.dtype, allow_pickle=allow_pickle,
                                       model_config=model_config or settings.model_config or None)
     if pipe.model.hash != settings.model_hash:
         print(f"note: model hash {pipe.model.hash} differs from the recorded {settings.model_hash}", file=sys.stderr)
-    result = pipe(settings.prompt, negative_prompt=settings.negative_prompt, steps=settings.steps,
+    result = pipe(settings.prompt, **inputs, negative_prompt=settings.negative_prompt, steps=settings.steps,
                   guidance=settings.guidance, sampler=settings.sampler, seed=settings.seed, width=settings.width,
                   height=settings.height, batch=1, loras=settings.loras, progress=progress)
     new = np.asarray(result.images[0].convert("RGB"), dtype=np.int16)

@@ -39,6 +39,8 @@ class Settings:
     mask_image: str | None = None
     mask_image_hash: str | None = None
     strength: float | None = None
+    mask_blur: int | None = None  # inpainting: pixels of Gaussian blur on the mask
+    invert_mask: bool = False  # inpainting: repaint the black part instead
     batch_size: int = 1  # images made in the same call: reproduce replays the whole call
     batch_index: int = 0  # position in that call (the seed is already per image)
     versions: dict[str, str] = field(default_factory=dict)

@@ -148,9 +148,44 @@ def style_eval(pipe, lora: str, style: str, trigger: str, prompts=None, seeds=(0
     return rows
 
 
+def transfer_eval(pipe, lora: str, style: str, trigger: str, strengths=(0.3, 0.5, 0.7), prompts=None,
+                  seeds=(0, 1), scale: float = 1.0) -> dict[str, dict[str, float]]:
+    """Style transfer by img2img: ground-truth renders of ShapeEval prompts (the content) redrawn with the LoRA.
+
+    For each strength, the style metric of the outputs and ShapeEval's checker on them
+    against the content's own prompt (is the content still there?). Reference rows: the
+    content itself, and the same scenes rendered in the style (what a perfect transfer
+    would score), and img2img with the trigger words but no LoRA (what img2img alone does).
+    """
+    from t2i.pipelines import Image2Image
+
+    from . import shapeeval
+    from .train.data import with_trigger
+
+    img2img = Image2Image.from_pipe(pipe)  # the same loaded components
+    prompts = list(prompts or shapeeval.build_prompts()[::12])
+    cases = [(p, shapeeval.ground_truth_scene(p, seed)) for p in prompts for seed in seeds]
+
+    def score(images):
+        passed = [shapeeval.check(img, p) for img, (p, _) in zip(images, cases)]
+        return {"style": style_score(images, style), "shapeeval": float(np.mean(passed))}
+
+    content = [render(scene) for _, scene in cases]
+    rows = {"content (renders)": score(content),
+            f"content rendered {style}": score([STYLES[style](scene) for _, scene in cases])}
+    for strength in strengths:
+        for name, loras in (("trigger words, no LoRA", []), ("LoRA + trigger", [f"{lora}:{scale}"])):
+            images = []
+            for (p, _), init in zip(cases, content):
+                images += img2img(with_trigger(p.prompt, trigger), init, strength=strength, seed=0, loras=loras,
+                                  progress=False).images
+            rows[f"img2img {strength:g}, {name}"] = score(images)
+    return rows
+
+
 def style_table(rows: dict[str, dict[str, float]]) -> str:
-    lines = [f"{'':28s} {'style':>7s} {'ShapeEval':>9s}"]
+    lines = [f"{'':38s} {'style':>7s} {'ShapeEval':>9s}"]
     for name, r in rows.items():
         se = f"{r['shapeeval']:9.3f}" if "shapeeval" in r else f"{'-':>9s}"
-        lines.append(f"{name:28s} {r['style']:7.3f} {se}")
+        lines.append(f"{name:38s} {r['style']:7.3f} {se}")
     return "\n".join(lines)

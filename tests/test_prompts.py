@@ -84,3 +84,42 @@ def test_cond_and_uncond_are_padded_to_the_same_length(sd_pipe):
     assert a.embeds.shape == b.embeds.shape == (1, 154, 32)
     b2, a2 = prompts.pad_to_same_length(short, long, short)
     assert a2.embeds.shape == b2.embeds.shape
+
+
+def _stock_window(tok, enc, text):
+    """What diffusers' own encode_prompt feeds CLIP: start, tokens, end, padding to 77."""
+    ids = tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        return enc(ids.input_ids)[0]  # (1, 77, D)
+
+
+def test_unweighted_prompts_encode_exactly_as_stock_diffusers(sd_pipe):
+    p = sd_pipe.pipe
+    stock, _ = p.encode_prompt("red circle", "cpu", 1, False)
+    assert torch.equal(prompts.encode_sd(p.tokenizer, p.text_encoder, "red circle").embeds, stock)
+
+
+@pytest.mark.parametrize("text, weights", [
+    ("red (circle:1.5)", {2: 1.5}),
+    ("(red) [circle]", {1: 1.1, 2: 1 / 1.1}),
+    ("((red:0.5) circle)", {1: 0.55, 2: 1.1}),
+])
+def test_weights_change_the_embeddings_as_a1111_by_hand(sd_pipe, text, weights):
+    """A1111 (sd_hijack_clip): z = CLIP(tokens); z *= weight per token; z *= mean(z before) / mean(z after)."""
+    tok, enc = sd_pipe.pipe.tokenizer, sd_pipe.pipe.text_encoder
+    z = _stock_window(tok, enc, "red circle")  # positions: 0 start, 1 red, 2 circle, 3 end, padding
+    w = torch.ones(z.shape[1])
+    for position, weight in weights.items():
+        w[position] = weight
+    expected = z * w[None, :, None]
+    expected = expected * (z.mean() / expected.mean())
+    got = prompts.encode_sd(tok, enc, text).embeds
+    assert torch.allclose(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_chunks_are_encoded_separately_and_concatenated(sd_pipe):
+    """BREAK (and the 75-token limit) starts a new 77-token window; windows are encoded alone, then joined."""
+    tok, enc = sd_pipe.pipe.tokenizer, sd_pipe.pipe.text_encoder
+    got = prompts.encode_sd(tok, enc, "red circle BREAK blue square").embeds
+    expected = torch.cat([_stock_window(tok, enc, "red circle"), _stock_window(tok, enc, "blue square")], dim=1)
+    assert torch.equal(got, expected)

@@ -63,3 +63,18 @@ def test_a_short_lora_run_on_the_demo_model_moves_the_style(tmp_path):
     (base, base_images), (zero, zero_images), (styled, _) = score(None), score(0.0), score(1.0)
     assert all((a.tobytes() == b.tobytes()) for a, b in zip(base_images, zero_images))  # scale 0 = no LoRA
     assert styled > base + 0.05, (base, styled)
+
+    # The same LoRA through img2img: content renders redrawn at strength 0.7 turn paler with it than without
+    from t2i import shapeeval
+    from t2i.pipelines import Image2Image
+    from t2i.shapes import render
+
+    img2img = Image2Image.from_pipe(pipe)
+    contents = [(p, render(shapeeval.ground_truth_scene(p, 0))) for p in shapeeval.build_prompts()[::24]]
+
+    def transfer(loras):
+        return styles.style_score([img2img(f"{p.prompt}, in sks style", init, strength=0.7, seed=0, loras=loras,
+                                           progress=False).images[0] for p, init in contents], "pastel")
+
+    plain, pastel = transfer([]), transfer([path])
+    assert pastel > plain + 0.05, (plain, pastel)
