@@ -21,7 +21,7 @@ from PIL import Image
 
 from t2i import __version__, guards, loading, prompts
 from t2i.devices import dtype_name, resolve_device, resolve_dtype
-from t2i.errors import UsageError
+from t2i.errors import NumericalError, UsageError
 from t2i.lora import LoraSet
 from t2i.samplers import DEFAULT_SAMPLER, get_sampler, make_scheduler
 from t2i.settings import LoraSpec, Settings
@@ -189,6 +189,8 @@ class BasePipeline:
         guards.check_seed(seed)
         if seed + batch - 1 > guards.MAX_SEED:
             raise UsageError(f"seed {seed} + batch {batch} runs past 2**64-1; use a smaller seed")
+        guards.check_memory(self.memory_estimate(batch, width, height), self.device,
+                            "use a smaller batch or size" + ("" if self.exact_batch else ", or exact_batch=True"))
         specs = [self.loras.spec(l) for l in loras]
         base = Settings(
             prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, guidance=guidance,
@@ -197,6 +199,18 @@ class BasePipeline:
             dtype=dtype_name(self.dtype), pipeline=self.task, versions=versions(), **extra,
         )
         return [replace(base, seed=seed + i, batch_index=i, batch_size=batch) for i in range(batch)]
+
+    def memory_estimate(self, batch: int, width: int, height: int) -> int:
+        """Bytes one call needs beyond the loaded weights, from the sizes alone; it errs low (attention maps
+        are not counted: SDPA need not hold them), so a job it refuses could not have run."""
+        f, size = self.vae_scale_factor, torch.finfo(self.dtype).bits // 8
+        h, w = height // f, width // f
+        rows = 2 * (1 if self.exact_batch else batch)  # cond + uncond rows in one UNet call
+        unet = sum(c * (h >> i) * (w >> i) for i, c in enumerate(self.pipe.unet.config.block_out_channels))
+        unet *= 8 * rows * size  # a few feature maps alive per level, plus the skip connections
+        vae = 8 * self.pipe.vae.config.block_out_channels[0] * height * width * 4  # one image decoded at a time
+        kept = batch * (2 * 3 * height * width * 4 + 3 * height * width)  # decoded float tensors, then 8-bit images
+        return unet + vae + kept
 
     def _prepare_loras(self, prompt: str, loras: list[LoraSpec]) -> str:
         """Activate the LoRAs given as arguments plus `<lora:NAME:S>` tags; return the prompt without tags."""
@@ -298,17 +312,23 @@ class BasePipeline:
 
         return tqdm(total=0, desc=self.task, unit="step", file=sys.stderr, leave=False)
 
-    def _step_callback(self, bar) -> Callable | None:
-        if bar is None:
-            return None
+    def _step_callback(self, bar) -> Callable:
+        """After each step: stop at the first NaN/inf in the latents (not after all steps), advance the bar."""
         state = {"grown": False}
 
         def on_step_end(pipe, i, t, kwargs):
-            if not state["grown"]:
-                bar.total = (bar.total or 0) + pipe.num_timesteps
-                state["grown"] = True
-                bar.refresh()
-            bar.update(1)
+            latents = kwargs.get("latents")
+            if latents is not None and not guards.is_finite(latents):
+                raise NumericalError(
+                    f"the UNet produced NaN/inf at step {i + 1} of {pipe.num_timesteps} in {dtype_name(self.dtype)}"
+                    + ("; rerun with --dtype fp32" if self.dtype != torch.float32 else
+                       "; the model's weights may be broken (try another sampler or a lower guidance)"))
+            if bar is not None:
+                if not state["grown"]:
+                    bar.total = (bar.total or 0) + pipe.num_timesteps
+                    state["grown"] = True
+                    bar.refresh()
+                bar.update(1)
             return kwargs
 
         return on_step_end

@@ -38,9 +38,15 @@ def check_guidance(guidance: float) -> None:
         raise UsageError(f"guidance must be a finite number >= 0, got {guidance}")
 
 
+MAX_BATCH = 100_000  # per call; memory is checked from an estimate once the model is loaded
+
+
 def check_batch(batch: int) -> None:
     if batch < 1:
         raise UsageError(f"batch must be at least 1, got {batch}")
+    if batch > MAX_BATCH:
+        raise UsageError(f"batch {batch} is more than one call makes (at most {MAX_BATCH}); split the work "
+                         "into several runs or a prompts file")
 
 
 def check_seed(seed: int) -> int:
@@ -89,6 +95,41 @@ def check_writable_folder(folder: str | Path) -> Path:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"output folder {folder} is not writable; choose another with --out")
     return folder
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for a new job on `device` (CUDA: free device memory; CPU: MemAvailable within any
+    cgroup limit); None where it cannot be read."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        free = int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:"))) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    try:
+        limit, used = (Path("/sys/fs/cgroup", n).read_text().strip() for n in ("memory.max", "memory.current"))
+        if limit != "max":
+            free = min(free, int(limit) - int(used))
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def check_memory(need: int, device: torch.device, advice: str) -> None:
+    """Refuse a job whose estimated need exceeds the free memory (an estimate that errs low: it refuses only
+    what cannot fit)."""
+    free = available_memory(device)
+    if free is not None and need > free:
+        gib = 2**30
+        raise UsageError(f"this needs about {need / gib:.1f} GiB of memory on {device.type} but "
+                         f"{max(free, 0) / gib:.1f} GiB are free; {advice}")
 
 
 # --------------------------------------------------------------------------- numerical guard

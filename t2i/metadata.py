@@ -123,7 +123,10 @@ def read(path: str | Path) -> tuple[str | None, Settings | None]:
     settings = None
     if JSON_KEY in text:
         try:
-            settings = Settings.from_dict(json.loads(text[JSON_KEY]))
-        except (json.JSONDecodeError, TypeError, ValueError, KeyError):
+            data = json.loads(text[JSON_KEY])
+            if not isinstance(data, dict):
+                raise TypeError("not an object")
+            settings = Settings.from_dict(data)
+        except (json.JSONDecodeError, TypeError, ValueError, KeyError, AttributeError):
             raise UsageError(f"{path} has a malformed t2i metadata chunk") from None
     return text.get(A1111_KEY), settings

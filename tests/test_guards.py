@@ -34,6 +34,7 @@ def refused(run_cli, tiny_sd, tmp_path, no_model_load):
     (("--guidance", "nan"), "guidance must be a finite number"),
     (("--guidance", "inf"), "guidance must be a finite number"),
     (("--batch", 0), "batch must be at least 1"),
+    (("--batch", 10**6), "at most 100000"),
     (("--seed", -5), "seed -5 is out of range"),
     (("--seed", 2**64), f"seed {2**64} is out of range"),
     (("--sampler", "Euler b"), "unknown sampler 'Euler b'"),

@@ -133,24 +133,6 @@ def test_reproduce_needs_t2i_settings(run_cli, tmp_path):
 # --------------------------------------------------------------------------- LoRA
 
 
-@pytest.fixture(scope="module")
-def lora_file(tmp_path_factory, tiny_sd) -> Path:
-    """A small random LoRA on the tiny UNet's attention, saved the way diffusers saves LoRAs."""
-    import torch
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    unet = UNet2DConditionModel.from_pretrained(str(tiny_sd / "unet"))
-    torch.manual_seed(0)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                init_lora_weights=False))  # random B: the LoRA changes the output
-    folder = tmp_path_factory.mktemp("lora")
-    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=get_peft_model_state_dict(unet),
-                                              weight_name="ink.safetensors")
-    return folder / "ink.safetensors"
-
-
 def test_lora_changes_the_image_and_is_recorded(run_cli, tiny_sd, lora_file, tmp_path):
     from t2i.loading import lora_hash
 
