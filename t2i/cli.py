@@ -8,6 +8,7 @@ paths on stdout and progress on stderr, and turns a `T2IError` into one line
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from pathlib import Path
 
@@ -321,21 +322,67 @@ def cmd_generate(args) -> int:
     loras = [vetting.spec(l) for l in loras]
     loading.resolve(args.model)
 
-    # 2. Load once, generate each prompt
+    # 2. Under `accelerate launch`/torchrun: this process's share of the prompts, named as one process would
+    share = _distributed_share(args, len(prompts))
+    seed = None if args.seed == -1 else args.seed
+    if share is not None:
+        state, mine, first_number, seed = share
+        args.device = str(state.device) if args.device == "auto" else args.device
+        args.quiet = args.quiet or not state.is_main_process
+
+    # 3. Load once, generate each prompt
     pipe = _load(args, args.task)
     pipe.loras.lora_dir, pipe.loras.allow_pickle = vetting.lora_dir, args.allow_pickle
     bar = _bar(args, "generating")
     try:
-        for prompt in prompts:
+        for i, prompt in enumerate(prompts):
+            if share is not None and i not in mine:
+                continue
             result = pipe(prompt, **task_inputs, negative_prompt=args.negative_prompt, steps=args.steps,
-                          guidance=args.guidance, sampler=args.sampler, seed=None if args.seed == -1 else args.seed,
-                          width=args.width, height=args.height, batch=args.batch, loras=loras, progress=bar)
-            for path in save_images(result.images, result.settings, args.out, overwrite=args.overwrite):
+                          guidance=args.guidance, sampler=args.sampler, seed=seed, width=args.width,
+                          height=args.height, batch=args.batch, loras=loras, progress=bar)
+            names = None
+            if share is not None:
+                names = [f"{first_number + i * args.batch + j:05d}-{s.seed}.png" for j, s in enumerate(result.settings)]
+            for path in save_images(result.images, result.settings, args.out, overwrite=args.overwrite, names=names):
                 print(path, flush=True)
     finally:
         if bar:
             bar.close()
+    if share is not None:
+        share[0].wait_for_everyone()
     return 0
+
+
+def _distributed_share(args, n_prompts: int):
+    """Under several processes (WORLD_SIZE > 1): (state, this process's prompt indices, the first file number,
+    the seed), agreed by all processes before any writes; None for a single process.
+
+    Prompt i goes to process i % N, and its images get the numbers and seeds a single
+    process would give them, so the folder ends up the same as after one process.
+    """
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    from .output import next_number, plan_paths
+
+    import torch
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo between CPU processes
+    folder, _ = plan_paths(args.out, args.batch, args.overwrite)
+    if folder is None:
+        raise UsageError("several processes write into a folder; give a folder as --out, not a .png path")
+    agreed = [next_number(folder), args.seed if args.seed != -1 else random.randrange(2**32)]
+    if state.is_main_process is False:
+        agreed = [None, None]
+    broadcast_object_list(agreed)  # process 0's view of the folder and its seed, before anyone writes
+    state.wait_for_everyone()
+    mine = set(range(state.process_index, n_prompts, state.num_processes))
+    return state, mine, agreed[0], agreed[1]
 
 
 def _check_image_inputs(args) -> dict:

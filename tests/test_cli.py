@@ -163,3 +163,28 @@ def test_process_argparse_errors_are_one_line_exit_2(tmp_path):
     p = _t2i("generate", "a", "--steps", "many", cwd=tmp_path)
     assert p.returncode == 2
     assert "--steps" in one_line(p.stderr)
+
+
+def test_a_prompts_file_split_across_two_processes_writes_what_one_process_writes(run_cli, tiny_sd, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m t2i.cli generate --prompts-file ...` (CPU processes,
+    gloo): the same file names and the same pixels as a single process."""
+    import numpy as np
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n# a comment\na blue square\ntwo green stars\n")
+    common = ["--prompts-file", prompts, "--model", tiny_sd, "--steps", 2, "--batch", 2, "--seed", 7, "-q"]
+    code, _, stderr = run_cli("generate", *common, "--out", tmp_path / "one")
+    assert code == 0, stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "-m", "t2i.cli", "generate", *map(str, common), "--out", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _pngs(tmp_path / "one"), _pngs(tmp_path / "two")
+    assert [p.name for p in one] == [p.name for p in two] == [
+        "00000-7.png", "00001-8.png", "00002-7.png", "00003-8.png", "00004-7.png", "00005-8.png"]
+    assert sorted(proc.stdout.split()) == sorted(str(p) for p in two)  # each image printed once, by its process
+    for a, b in zip(one, two):
+        assert np.array_equal(pixels(Image.open(a)), pixels(Image.open(b))), a.name
+        assert metadata.read(a)[1].prompt == metadata.read(b)[1].prompt
