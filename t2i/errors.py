@@ -21,5 +21,9 @@ class UnsafeFileError(ModelLoadError):
     """A pickle-based file was refused (pass allow_pickle / --allow-pickle to trust it)."""
 
 
+class StorageError(T2IError):
+    """A file could not be written or read back (disk full, permissions, a damaged checkpoint)."""
+
+
 class NumericalError(T2IError):
     """NaN or inf that survived the higher-precision retry."""

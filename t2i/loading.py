@@ -290,9 +290,15 @@ def _quiet_loading():
     from diffusers.utils import logging as dlogging
 
     dlogging.disable_progress_bar()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        yield
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity(dlogging.CRITICAL)  # its logged errors repeat what the raised error says
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            yield
+    finally:
+        dlogging.set_verbosity(level)
 
 
 def _common_kwargs(arch: str, dtype) -> dict:
@@ -315,12 +321,32 @@ def load(source: ModelSource, dtype, allow_pickle: bool = False, model_config: s
                     str(path), use_safetensors=None if allow_pickle else True, local_files_only=True,
                     **_common_kwargs(arch, dtype),
                 )
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
             raise ModelLoadError(f"could not load the model folder {path}: {_first_line(e)}") from None
         return pipe, arch, path
     if source.kind == "single_file":
         return _load_single_file(Path(source.location), dtype, allow_pickle, model_config)
     return _load_hub(source.location, dtype, allow_pickle)
+
+
+def load_pickled_weights(path: Path) -> dict:
+    """A pickle-based weights file (only when pickles are allowed), read with torch.load(weights_only=True):
+    tensors and plain containers only, never code. Anything else is a one-line ModelLoadError."""
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the error below says what matters
+            warnings.simplefilter("ignore")
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is one message
+        what = "objects other than tensors" if "weights only" in str(e).lower() else _first_line(e)
+        raise ModelLoadError(f"could not read {path}: it holds {what} (read with weights_only=True, "
+                             "so no code ran); use a .safetensors file") from None
+    if not isinstance(sd, dict):
+        raise ModelLoadError(f"could not read {path}: it holds a {type(sd).__name__}, not a dict of tensors")
+    return sd
 
 
 def _load_single_file(path: Path, dtype, allow_pickle: bool, model_config: str | None):
@@ -331,12 +357,7 @@ def _load_single_file(path: Path, dtype, allow_pickle: bool, model_config: str |
         with safe_open(str(path), framework="pt") as f:
             arch = arch_of_keys(f.keys())
     else:
-        import torch
-
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)  # even when allowed: no code objects
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is one message
-            raise ModelLoadError(f"could not read {path}: {_first_line(e)}") from None
+        sd = load_pickled_weights(path)
         arch = arch_of_keys(sd.get("state_dict", sd).keys())
     cls = _pipeline_class(arch)
     kwargs = _common_kwargs(arch, dtype)

@@ -26,7 +26,7 @@ from typing import Iterable
 
 import torch
 
-from .errors import ModelLoadError, NumericalError, UsageError
+from .errors import ModelLoadError, NumericalError, StorageError, UsageError
 
 FORMATS = ("diffusers", "kohya")
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -68,8 +68,10 @@ def read_lora(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str, t
             metadata = dict(f.metadata() or {})
             sd = {k: f.get_tensor(k) for k in f.keys()}
     else:  # only reached when pickles were explicitly allowed
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+        from .loading import load_pickled_weights
+
+        sd = load_pickled_weights(path)
+        sd = sd.get("state_dict", sd)
     if not isinstance(sd, dict) or not sd:
         raise ModelLoadError(f"LoRA {path} holds no tensors; is it a LoRA file?")
     bad = [k for k, v in sd.items() if torch.is_floating_point(v) and not bool(torch.isfinite(v).all())]
@@ -317,6 +319,7 @@ def save_lora(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: d
     header["format"] = "pt"
     out = {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -324,6 +327,9 @@ def save_lora(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: d
     try:
         save_file(out, str(tmp), metadata=header)
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:  # disk full, quota, permissions (safetensors wraps its I/O errors)
+        kept = "the existing file is unchanged" if path.exists() else "nothing was written"
+        raise StorageError(f"could not write {path}: {getattr(e, 'strerror', None) or e}; {kept}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path

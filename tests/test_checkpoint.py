@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from t2i.errors import StorageError
 from t2i.train.checkpoint import Checkpoints, load_training_state, save_training_state
 
 
@@ -36,7 +37,8 @@ def test_crash_while_writing_leaves_previous_checkpoint(tmp_path):
         (folder / "half.bin").write_bytes(b"x" * 10)
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match="step 2 .*No space left on device; the previous checkpoint "
+                                           r"\(step-00000001\) is intact"):
         ck.save(2, broken)
     assert [s for s, _ in ck.all()] == [1]
     assert (ck.latest() / "w.txt").read_text() == "1"

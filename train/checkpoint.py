@@ -19,14 +19,16 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from t2i.errors import UsageError
+from t2i.errors import StorageError, T2IError, UsageError
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "state.json"
@@ -99,8 +101,13 @@ class Checkpoints:
                 shutil.rmtree(final)
             os.rename(tmp, final)
             _fsync_dir(self.root)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, (OSError, SafetensorError)):  # disk full, quota, permissions: say so, keep the rest
+                before = self.latest()
+                kept = f"the previous checkpoint ({before.name}) is intact" if before else "no earlier checkpoint exists"
+                raise StorageError(f"could not write checkpoint step {step} in {self.root}: "
+                                   f"{getattr(e, 'strerror', None) or e}; {kept}") from None
             raise
         self._prune()
         return final
@@ -172,14 +179,35 @@ def load_training_state(
     optimizer: torch.optim.Optimizer | None = None,
     lr_scheduler: Any = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Restore what save_training_state wrote; return (state.json, extra tensors)."""
-    state = json.loads((folder / STATE_FILE).read_text())
-    for name, module in modules.items():
-        module.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    if lr_scheduler is not None:
-        lr_scheduler.load_state_dict(torch.load(folder / "lr_scheduler.pt", weights_only=True))
-    tensors = load_file(str(folder / "rng_and_tensors.safetensors"))
-    set_rng_state({**state["rng"], "torch": tensors.pop("torch_rng")})
+    """Restore what save_training_state wrote; return (state.json, extra tensors).
+
+    Weights are safetensors (headers vetted first); optimizer and scheduler state are read
+    with `torch.load(weights_only=True)`, which refuses code. A damaged or hostile file is
+    a one-line StorageError naming it, never a traceback.
+    """
+    from t2i.loading import check_weight_file
+
+    current = folder / STATE_FILE
+    try:
+        state = json.loads(current.read_text())
+        for name, module in modules.items():
+            current = folder / f"{name}.safetensors"
+            check_weight_file(current, allow_pickle=False)
+            module.load_state_dict(load_file(str(current)))
+        for obj, file in ((optimizer, "optimizer.pt"), (lr_scheduler, "lr_scheduler.pt")):
+            if obj is not None:
+                current = folder / file
+                with warnings.catch_warnings():  # torch's note on an unusual pickle protocol: the error says it
+                    warnings.simplefilter("ignore")
+                    obj.load_state_dict(torch.load(current, weights_only=True))
+        current = folder / "rng_and_tensors.safetensors"
+        check_weight_file(current, allow_pickle=False)
+        tensors = load_file(str(current))
+        set_rng_state({**state["rng"], "torch": tensors.pop("torch_rng")})
+    except T2IError as e:
+        raise StorageError(f"checkpoint {folder} cannot be resumed: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint file means the same to the user
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StorageError(f"checkpoint {folder} cannot be resumed: {current.name} is damaged "
+                           f"({type(e).__name__}: {detail[:200]}); resume from another with --resume PATH") from None
     return state, tensors

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from t2i.errors import T2IError, UsageError
+from t2i.errors import StorageError, T2IError, UsageError
 from .checkpoint import Checkpoints, load_training_state, save_training_state
 from .config import load_config
 from .data import BatchPlan, Dataset, bucket_sizes, fit, merge, scan, to_tensor, with_trigger
@@ -362,13 +362,16 @@ def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
                 "reg_images": sum(it.reg for it in dataset.items)}
     start = 0
     if (path := ckpts.resolve(resume)) is not None:
-        state = json.loads((path / "state.json").read_text())
-        differs = {k: (state["identity"].get(k), v) for k, v in identity.items() if state["identity"].get(k) != v}
+        state, tensors = load_training_state(path, {}, opt, sched)  # a damaged file: one-line StorageError
+        was = state.get("identity", {})
+        differs = {k: (was.get(k), v) for k, v in identity.items() if was.get(k) != v}
         if differs:
-            k, (was, now) = next(iter(differs.items()))
-            raise UsageError(f"checkpoint {path} was trained with {k}={was}, this run has {k}={now}; "
+            k, (before, now) = next(iter(differs.items()))
+            raise UsageError(f"checkpoint {path} was trained with {k}={before}, this run has {k}={now}; "
                              f"use the same settings or a new --output")
-        _, tensors = load_training_state(path, {}, opt, sched)
+        if set(params) - set(tensors):
+            raise StorageError(f"checkpoint {path} lacks the LoRA weights {sorted(set(params) - set(tensors))[0]}; "
+                               "resume from another with --resume PATH")
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(tensors[k])
