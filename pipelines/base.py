@@ -86,6 +86,7 @@ class BasePipeline:
         # Image i of a batch equals the single run with seed + i, bit for bit (see per_image_unet).
         # False batches the UNet across images: faster, equal only to within float rounding.
         self.exact_batch = True
+        self.on_step: Callable[[int], None] | None = None  # called after every denoising step (benchmarks, UIs)
         pipe.set_progress_bar_config(disable=True)  # t2i draws one bar across a whole job
 
     # ------------------------------------------------------------------ construction
@@ -323,6 +324,8 @@ class BasePipeline:
                     f"the UNet produced NaN/inf at step {i + 1} of {pipe.num_timesteps} in {dtype_name(self.dtype)}"
                     + ("; rerun with --dtype fp32" if self.dtype != torch.float32 else
                        "; the model's weights may be broken (try another sampler or a lower guidance)"))
+            if self.on_step is not None:
+                self.on_step(i)
             if bar is not None:
                 if not state["grown"]:
                     bar.total = (bar.total or 0) + pipe.num_timesteps

@@ -178,6 +178,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "strengths, e.g. 0.3,0.5,0.7 (style metric, and ShapeEval of the content)")
     e.set_defaults(func=cmd_eval)
 
+    b = sub.add_parser("bench", help="time t2i against stock diffusers on the same generation",
+                       description="Run one generation through stock diffusers' pipeline call and through t2i "
+                                   "(plain, and with each speed option), alternating, and print medians.")
+    b.add_argument("--model", "-m", metavar="PATH|ID", help="default: the bundled t2i-shapes")
+    b.add_argument("--steps", type=_positive_int, help="default: the model's")
+    b.add_argument("--size", type=_positive_int, help="image side in pixels (default: the model's)")
+    b.add_argument("--batch", type=_positive_int, default=1, help="images per call (default 1)")
+    b.add_argument("--repeats", type=_positive_int, default=3, help="rounds of all variants (default 3)")
+    b.add_argument("--options", default="batched,channels_last",
+                   help="t2i speed options to bench, each alone and together (default: batched,channels_last)")
+    b.add_argument("--shapeeval", action="store_true", help="also ShapeEval of each variant (13 prompts x 2 seeds)")
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    b.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    b.add_argument("--allow-pickle", action="store_true", help=argparse.SUPPRESS)
+    b.add_argument("--model-config", metavar="DIR", help=argparse.SUPPRESS)
+    b.set_defaults(func=cmd_bench)
+
     t = sub.add_parser("train", help="training: the demo model from scratch, or a LoRA")
     tsub = t.add_subparsers(dest="what", metavar="WHAT", parser_class=_Parser)
     d = tsub.add_parser("demo", help="train the bundled demo model t2i-shapes from scratch (resumable)")
@@ -531,6 +548,31 @@ def _strengths(text: str) -> list[float]:
     for v in values:
         guards.check_strength(v)
     return values
+
+
+def cmd_bench(args) -> int:
+    from . import bench, guards, loading
+
+    if args.steps is not None:
+        guards.check_steps(args.steps)
+    guards.check_batch(args.batch)
+    if args.size is not None:
+        guards.check_size(args.size, args.size)
+    options = [o.strip() for o in args.options.split(",") if o.strip()]
+    bench.variants(options)  # unknown names fail here, before loading
+    loading.resolve(args.model)
+    pipe = _load(args)
+    rows = bench.run(pipe, args.steps, args.size, args.batch, args.repeats, options, shapeeval=args.shapeeval)
+    print(f"{pipe.model.source.name}, {pipe.device.type}, {torch_threads()} threads, batch {args.batch}, "
+          f"{args.repeats} repeats")
+    print(bench.table(rows))
+    return 0
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def cmd_train_demo(args) -> int:
