@@ -382,19 +382,18 @@ def _distributed_share(args, n_prompts: int):
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    import torch
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
     from .output import next_number, plan_paths
-
-    import torch
 
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo between CPU processes
     folder, _ = plan_paths(args.out, args.batch, args.overwrite)
     if folder is None:
         raise UsageError("several processes write into a folder; give a folder as --out, not a .png path")
     agreed = [next_number(folder), args.seed if args.seed != -1 else random.randrange(2**32)]
-    if state.is_main_process is False:
+    if not state.is_main_process:
         agreed = [None, None]
     broadcast_object_list(agreed)  # process 0's view of the folder and its seed, before anyone writes
     state.wait_for_everyone()
@@ -563,16 +562,12 @@ def cmd_bench(args) -> int:
     loading.resolve(args.model)
     pipe = _load(args)
     rows = bench.run(pipe, args.steps, args.size, args.batch, args.repeats, options, shapeeval=args.shapeeval)
-    print(f"{pipe.model.source.name}, {pipe.device.type}, {torch_threads()} threads, batch {args.batch}, "
+    import torch
+
+    print(f"{pipe.model.source.name}, {pipe.device.type}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"{args.repeats} repeats")
     print(bench.table(rows))
     return 0
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def cmd_train_demo(args) -> int:
