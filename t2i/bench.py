@@ -93,32 +93,12 @@ def _step_clock(times: list[float]):
     return on_step_end
 
 
-@contextlib.contextmanager
-def channels_last(pipe):
-    """UNet and VAE in channels-last memory format for the block (oneDNN/cuDNN convolutions may prefer it)."""
-    modules = [pipe.pipe.unet, pipe.pipe.vae]
-    for m in modules:
-        m.to(memory_format=torch.channels_last)
-    try:
-        yield
-    finally:
-        for m in modules:
-            m.to(memory_format=torch.contiguous_format)
-
-
-@contextlib.contextmanager
-def batched(pipe):
-    """One UNet call for the whole batch (images equal single runs to within float rounding)."""
-    before, pipe.exact_batch = pipe.exact_batch, False
-    try:
-        yield
-    finally:
-        pipe.exact_batch = before
-
-
 def variants(names: list[str]) -> dict[str, list]:
     """The t2i variants to bench: 'plain' (t2i's defaults) and each named switch alone, plus all together."""
-    switches = {"batched": batched, "channels_last": channels_last}
+    from .speed import batched, channels_last, feature_cache
+
+    switches = {"batched": batched, "channels_last": channels_last,
+                "cache2": lambda pipe: feature_cache(pipe, 2), "cache3": lambda pipe: feature_cache(pipe, 3)}
     unknown = [n for n in names if n not in switches]
     if unknown:
         from .errors import UsageError
@@ -126,8 +106,10 @@ def variants(names: list[str]) -> dict[str, list]:
         raise UsageError(f"unknown speed option {unknown[0]!r}; choose from: {', '.join(switches)}")
     out = {"t2i": []}
     out |= {f"t2i + {n}": [switches[n]] for n in names}
-    if len(names) > 1:
-        out[f"t2i + {' + '.join(names)}"] = [switches[n] for n in names]
+    caches = [n for n in names if n.startswith("cache")]
+    together = [n for n in names if not n.startswith("cache")] + caches[-1:]  # one cache interval at a time
+    if len(together) > 1:
+        out[f"t2i + {' + '.join(together)}"] = [switches[n] for n in together]
     return out
 
 
@@ -226,3 +208,4 @@ def table(rows: list[Row]) -> str:
     lines.append("medians over the repeats; speed-up = stock call time / this call time; "
                  "max |diff| = largest pixel difference from stock's image (0-255)")
     return "\n".join(lines)
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from helpers import one_line
-from t2i import bench
+from t2i import bench, speed
 
 
 def test_bench_rows_and_outputs_against_stock(sd_pipe):
@@ -31,3 +31,23 @@ def test_bench_cli_runs(run_cli, tiny_sd):
     code, stdout, stderr = run_cli("bench", "--model", tiny_sd, "--steps", 2, "--repeats", 1, "--options", "batched")
     assert code == 0, stderr
     assert "stock diffusers" in stdout and "t2i + batched" in stdout
+
+
+def test_feature_cache_runs_the_deep_blocks_only_every_nth_step_and_undoes_itself(sd_pipe):
+    calls = []
+    hook = sd_pipe.pipe.unet.mid_block.resnets[0].register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        plain = sd_pipe("x", steps=6, seed=3, sampler="euler", progress=False).images[0]
+        calls.clear()
+        with speed.feature_cache(sd_pipe, 3):
+            assert sd_pipe.exact_batch is False
+            cached = sd_pipe("x", steps=6, seed=3, sampler="euler", progress=False).images[0]
+            assert len(calls) == 2  # steps 1 and 4 of 6 run the whole UNet
+            sd_pipe("x", steps=6, seed=3, sampler="euler", progress=False)
+            assert len(calls) == 4  # a new call starts with a full step, never with the last call's features
+        after = sd_pipe("x", steps=6, seed=3, sampler="euler", progress=False).images[0]
+    finally:
+        hook.remove()
+    assert sd_pipe.exact_batch is True
+    assert after.tobytes() == plain.tobytes()  # leaving the block restores the plain UNet exactly
+    assert cached.tobytes() != plain.tobytes()
