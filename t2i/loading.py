@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import re
 import struct
 import warnings
@@ -140,9 +141,12 @@ def _check_component(folder: Path, allow_pickle: bool) -> None:
     if not config.is_file():
         raise ModelLoadError(f"{folder} has no config.json; the model folder is incomplete")
     try:
-        json.loads(config.read_text())
+        values = json.loads(config.read_text())
     except json.JSONDecodeError:
         raise ModelLoadError(f"{config} is not valid JSON; the model folder is damaged") from None
+    if not isinstance(values, dict):
+        raise ModelLoadError(f"{config} holds a JSON {type(values).__name__}, not an object; "
+                             "the model folder is damaged")
     weights = [p for p in folder.iterdir() if p.suffix.lower() in WEIGHT_SUFFIXES]
     safe = [p for p in weights if p.suffix.lower() == ".safetensors"]
     if not weights:
@@ -321,7 +325,12 @@ def load(source: ModelSource, dtype, allow_pickle: bool = False, model_config: s
                     str(path), use_safetensors=None if allow_pickle else True, local_files_only=True,
                     **_common_kwargs(arch, dtype),
                 )
-        except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
+        except (pickle.UnpicklingError, OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
+            # diffusers and transformers read .bin weights with weights_only=True; a payload is refused there
+            if any(isinstance(x, pickle.UnpicklingError) for x in _chain(e)):
+                raise ModelLoadError(f"could not load the model folder {path}: a pickle-based weights file in it "
+                                     "holds objects other than tensors (read with weights_only=True, so no code ran); "
+                                     "use safetensors weights") from None
             raise ModelLoadError(f"could not load the model folder {path}: {_first_line(e)}") from None
         return pipe, arch, path
     if source.kind == "single_file":

@@ -3,7 +3,9 @@
 Each image is written to a temporary file first and then linked to its final
 name with `os.link`, which fails if the name exists: two `t2i generate`
 processes writing into one folder can never replace each other's files, and
-a crash never leaves a half-written PNG under a real name.
+a crash never leaves a half-written PNG under a real name. A number is kept
+only if no other file holds it once ours is in place, so two processes that
+pick the same number at the same moment never both keep it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from . import metadata
-from .errors import UsageError
+from .errors import StorageError, UsageError
 from .guards import check_writable_folder
 from .settings import Settings
 
@@ -55,10 +57,14 @@ def _umask() -> int:
 
 
 def write_png(image: Image.Image, settings: Settings, path: Path, overwrite: bool = False) -> bool:
-    """Write atomically; False (nothing written) if `path` exists and overwrite is off."""
-    fd, tmp = tempfile.mkstemp(prefix=".t2i-", suffix=".png", dir=path.parent)
-    os.close(fd)
+    """Write atomically; False (nothing written) if `path` exists and overwrite is off.
+
+    A failed write (disk full, permissions) is a one-line StorageError and leaves `path` as it was.
+    """
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".t2i-", suffix=".png", dir=path.parent)
+        os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; an image gets the user's usual mode
         image.save(tmp, pnginfo=metadata.png_info(settings))
         if overwrite:
@@ -69,9 +75,18 @@ def write_png(image: Image.Image, settings: Settings, path: Path, overwrite: boo
         except FileExistsError:
             return False
         return True
+    except OSError as e:
+        kept = "the existing file is unchanged" if path.exists() else "nothing was written"
+        raise StorageError(f"could not write {path}: {e.strerror or e}; {kept}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _number_free(folder: Path, number: int, mine: Path) -> bool:
+    """No file but `mine` has this NNNNN- prefix."""
+    prefix = f"{number:05d}-"
+    return not any(e.name.startswith(prefix) and e.name != mine.name for e in os.scandir(folder))
 
 
 def save_images(images, settings: list[Settings], out: str | Path, overwrite: bool = False,
@@ -93,8 +108,13 @@ def save_images(images, settings: list[Settings], out: str | Path, overwrite: bo
                 raise UsageError(f"{path} exists; pass --overwrite to replace it")
             written.append(path)
             continue
-        while not write_png(image, s, folder / f"{number:05d}-{s.seed}.png"):
-            number += 1  # taken, e.g. by another process writing into the same folder
-        written.append(folder / f"{number:05d}-{s.seed}.png")
+        while True:  # a number is taken, e.g. by another process writing into the same folder: try the next
+            path = folder / f"{number:05d}-{s.seed}.png"
+            if _number_free(folder, number, path) and write_png(image, s, path):
+                if _number_free(folder, number, path):
+                    break
+                path.unlink()  # another process linked this number at the same moment: both move on
+            number += 1
+        written.append(path)
         number += 1
     return written

@@ -107,6 +107,31 @@ def run_cli(capsys):
     return run
 
 
+@pytest.fixture
+def marker(tmp_path) -> Path:
+    """Where the pickle payloads write when they run; it must never appear."""
+    return tmp_path / "PWNED"
+
+
+@pytest.fixture
+def evil(marker, tmp_path):
+    """evil(name) -> a file of that name that runs code when unpickled (torch.save's zip or a raw pickle)."""
+    import pickle
+
+    from helpers import Payload
+
+    def make(name: str, zip_format: bool = False) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if zip_format:
+            torch.save({"state_dict": Payload(marker)}, path)
+        else:
+            path.write_bytes(pickle.dumps({"state_dict": Payload(marker)}))
+        return path
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def lora_file(tmp_path_factory, tiny_sd) -> Path:
     """A small random LoRA on the tiny UNet's attention, saved the way diffusers saves LoRAs."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
+from pathlib import Path
+
 import numpy as np
 
 
@@ -16,3 +19,22 @@ def one_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
     return lines[0]
+
+
+class Payload:
+    """Unpickling this runs code: it writes the marker file (see the `evil` fixture)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return builtins.exec, (f"open({str(self.marker)!r}, 'w').write('x')",)
+
+
+BROKEN = {  # kind -> (content, words of the refusal): files that are not what their .safetensors name says
+    "lfs": (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 4265380512\n",
+            "git lfs"),
+    "html": (b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Log in</body></html>\n",
+             "not a valid safetensors"),
+    "tiny": (b"abc", "only 3 bytes"),
+}

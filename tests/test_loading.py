@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import json
 import pickle
 import shutil
@@ -10,41 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import one_line
+from helpers import BROKEN, one_line
 from t2i import loading
 from t2i.errors import ModelLoadError, UnsafeFileError, UsageError
-
-
-class _Payload:
-    """Unpickling this runs code: it writes the marker file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return builtins.exec, (f"open({str(self.marker)!r}, 'w').write('x')",)
-
-
-@pytest.fixture
-def marker(tmp_path) -> Path:
-    return tmp_path / "PWNED"
-
-
-@pytest.fixture
-def evil(marker, tmp_path):
-    """evil(name) -> a file of that name that runs code when unpickled (torch.save's zip or a raw pickle)."""
-    import torch
-
-    def make(name: str, zip_format: bool = False) -> Path:
-        path = tmp_path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if zip_format:
-            torch.save({"state_dict": _Payload(marker)}, path)
-        else:
-            path.write_bytes(pickle.dumps({"state_dict": _Payload(marker)}))
-        return path
-
-    return make
 
 
 def test_the_payload_really_runs_code(evil, marker, tmp_path):
@@ -102,15 +69,6 @@ def _truncated(tiny_sd, tmp_path) -> Path:
     path = tmp_path / "truncated.safetensors"
     path.write_bytes(data[: len(data) // 2])
     return path
-
-
-BROKEN = {
-    "lfs": (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 4265380512\n",
-            "git lfs"),
-    "html": (b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Log in</body></html>\n",
-             "not a valid safetensors"),
-    "tiny": (b"abc", "only 3 bytes"),
-}
 
 
 @pytest.mark.parametrize("kind", [*BROKEN, "truncated"])

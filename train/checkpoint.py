@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -88,6 +90,7 @@ class Checkpoints:
         final = self.root / f"step-{step:08d}"
         if (final / STATE_FILE).is_file():
             return final  # this step is already saved, completely
+        previous = self.latest()
         tmp = self.root / f".tmp-step-{step:08d}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -104,8 +107,8 @@ class Checkpoints:
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, (OSError, SafetensorError)):  # disk full, quota, permissions: say so, keep the rest
-                before = self.latest()
-                kept = f"the previous checkpoint ({before.name}) is intact" if before else "no earlier checkpoint exists"
+                kept = (f"the previous checkpoint ({previous.name}) is intact; once that is fixed, --resume latest "
+                        "continues from it") if previous else "no earlier checkpoint exists"
                 raise StorageError(f"could not write checkpoint step {step} in {self.root}: "
                                    f"{getattr(e, 'strerror', None) or e}; {kept}") from None
             raise
@@ -114,7 +117,11 @@ class Checkpoints:
 
     def _prune(self) -> None:
         for _, path in self.all()[: -self.keep]:
+            (path / STATE_FILE).unlink(missing_ok=True)  # first: a kill mid-delete leaves a folder no one picks
             shutil.rmtree(path, ignore_errors=True)
+        for p in self.root.iterdir():  # such leftovers (complete folders only ever appear by a rename)
+            if _STEP_DIR.match(p.name) and not (p / STATE_FILE).is_file():
+                shutil.rmtree(p, ignore_errors=True)
         for p in self.root.glob(".tmp-step-*"):
             pid = p.name.rsplit("-", 1)[-1]
             if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
@@ -173,6 +180,95 @@ def save_training_state(
     return {"rng": {"python": rng["python"], "numpy": rng["numpy"]}}
 
 
+@dataclass
+class SavedState:
+    """A checkpoint read from disk and vetted, not yet applied to a model (see read_training_state)."""
+
+    folder: Path
+    state: dict[str, Any]  # state.json
+    modules: dict[str, dict[str, torch.Tensor]]
+    optimizer: dict[str, Any] | None
+    lr_scheduler: dict[str, Any] | None
+    tensors: dict[str, torch.Tensor]  # the extra tensors given to save_training_state
+    torch_rng: torch.Tensor
+
+    def restore(self, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer | None = None,
+                lr_scheduler: Any = None) -> None:
+        """Load the weights, optimizer and schedule state, and the RNG states; a mismatch is one StorageError."""
+        current = STATE_FILE
+        try:
+            for name, module in modules.items():
+                current = f"{name}.safetensors"
+                module.load_state_dict(self.modules[name])
+            for obj, sd, file in ((optimizer, self.optimizer, "optimizer.pt"),
+                                  (lr_scheduler, self.lr_scheduler, "lr_scheduler.pt")):
+                if obj is not None:
+                    current = file
+                    obj.load_state_dict(sd)
+            current = STATE_FILE
+            set_rng_state({**self.state["rng"], "torch": self.torch_rng})
+        except Exception as e:  # noqa: BLE001 - a checkpoint that does not fit this run, whatever the reason
+            raise StorageError(f"checkpoint {self.folder} cannot be resumed: {current} does not fit this run "
+                               f"({type(e).__name__}: {_first_line(e)}); resume from another with --resume PATH"
+                               ) from None
+
+
+def read_training_state(folder: Path, modules: Sequence[str] = (), optimizer: bool = True,
+                        lr_scheduler: bool = True) -> SavedState:
+    """Read and vet every file of a checkpoint without touching a model (cheap: run it before a model loads).
+
+    Weights are safetensors (headers vetted first); optimizer and scheduler state are read
+    with `torch.load(weights_only=True)`, which refuses code. A damaged or hostile file is
+    a one-line StorageError naming it, never a traceback.
+    """
+    from t2i.loading import check_weight_file
+
+    folder = Path(folder)
+    current = folder / STATE_FILE
+    try:
+        state = json.loads(current.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "rng" not in state:
+            raise ValueError("no step or RNG state")
+        weights = {}
+        for name in modules:
+            current = folder / f"{name}.safetensors"
+            check_weight_file(current, allow_pickle=False)
+            weights[name] = load_file(str(current))
+        pickled = {}
+        for wanted, file in ((optimizer, "optimizer.pt"), (lr_scheduler, "lr_scheduler.pt")):
+            if wanted:
+                current = folder / file
+                pickled[file] = _load_weights_only(current)
+        current = folder / "rng_and_tensors.safetensors"
+        check_weight_file(current, allow_pickle=False)
+        tensors = load_file(str(current))
+        torch_rng = tensors.pop("torch_rng")
+    except T2IError as e:
+        raise StorageError(f"checkpoint {folder} cannot be resumed: {e}") from None
+    except FileNotFoundError:
+        raise StorageError(f"checkpoint {folder} cannot be resumed: {current.name} is missing; "
+                           "resume from another with --resume PATH") from None
+    except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint file means the same to the user
+        raise StorageError(f"checkpoint {folder} cannot be resumed: {current.name} is damaged "
+                           f"({type(e).__name__}: {_first_line(e)[:200]}); resume from another with --resume PATH"
+                           ) from None
+    return SavedState(folder, state, weights, pickled.get("optimizer.pt"), pickled.get("lr_scheduler.pt"), tensors,
+                      torch_rng)
+
+
+def _load_weights_only(path: Path) -> Any:
+    """torch.load(weights_only=True); a file holding anything but tensors and plain data is refused (no code runs)."""
+    with warnings.catch_warnings():  # torch's note on an unusual pickle protocol: the error says it
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(path, weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "weights only" not in str(e).lower():
+                raise
+    raise StorageError(f"{path.name} holds objects other than tensors, so it is hostile or not a t2i checkpoint "
+                       "(read with weights_only=True: no code ran)")
+
+
 def load_training_state(
     folder: Path,
     modules: dict[str, torch.nn.Module],
@@ -181,33 +277,14 @@ def load_training_state(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Restore what save_training_state wrote; return (state.json, extra tensors).
 
-    Weights are safetensors (headers vetted first); optimizer and scheduler state are read
-    with `torch.load(weights_only=True)`, which refuses code. A damaged or hostile file is
-    a one-line StorageError naming it, never a traceback.
+    read_training_state, then SavedState.restore: a damaged, hostile or mismatched
+    checkpoint is a one-line StorageError.
     """
-    from t2i.loading import check_weight_file
+    saved = read_training_state(folder, list(modules), optimizer is not None, lr_scheduler is not None)
+    saved.restore(modules, optimizer, lr_scheduler)
+    return saved.state, saved.tensors
 
-    current = folder / STATE_FILE
-    try:
-        state = json.loads(current.read_text())
-        for name, module in modules.items():
-            current = folder / f"{name}.safetensors"
-            check_weight_file(current, allow_pickle=False)
-            module.load_state_dict(load_file(str(current)))
-        for obj, file in ((optimizer, "optimizer.pt"), (lr_scheduler, "lr_scheduler.pt")):
-            if obj is not None:
-                current = folder / file
-                with warnings.catch_warnings():  # torch's note on an unusual pickle protocol: the error says it
-                    warnings.simplefilter("ignore")
-                    obj.load_state_dict(torch.load(current, weights_only=True))
-        current = folder / "rng_and_tensors.safetensors"
-        check_weight_file(current, allow_pickle=False)
-        tensors = load_file(str(current))
-        set_rng_state({**state["rng"], "torch": tensors.pop("torch_rng")})
-    except T2IError as e:
-        raise StorageError(f"checkpoint {folder} cannot be resumed: {e}") from None
-    except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint file means the same to the user
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StorageError(f"checkpoint {folder} cannot be resumed: {current.name} is damaged "
-                           f"({type(e).__name__}: {detail[:200]}); resume from another with --resume PATH") from None
-    return state, tensors
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

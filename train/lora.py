@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from t2i.errors import StorageError, T2IError, UsageError
-from .checkpoint import Checkpoints, load_training_state, save_training_state
+from .checkpoint import Checkpoints, read_training_state, save_training_state
 from .config import load_config
 from .data import BatchPlan, Dataset, bucket_sizes, fit, merge, scan, to_tensor, with_trigger
 
@@ -308,8 +308,11 @@ def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
     from t2i.pipelines import Text2Image
     from t2i import lora_format
 
-    # 1. Check inputs
+    # 1. Check inputs, and read the checkpoint to resume (a damaged or hostile one is refused before a model loads)
     dataset, out = check(cfg, resume)
+    ckpts = Checkpoints(out / "checkpoints", keep=cfg.keep_checkpoints)
+    path = ckpts.resolve(resume)
+    saved = read_training_state(path) if path is not None else None
     acc = _accelerator(cfg)
     _say(acc, f"data: {dataset.report()}")
 
@@ -356,27 +359,27 @@ def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
                        "lr": cfg.text_encoder_lr or cfg.lr})
     opt = torch.optim.AdamW(groups, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) if cfg.warmup else 1.0)
-    ckpts = Checkpoints(out / "checkpoints", keep=cfg.keep_checkpoints)
     identity = {"base_model_hash": pipe.model.hash, "rank": cfg.rank, "alpha": alpha,
                 "train_text_encoder": cfg.train_text_encoder, "images": len(dataset.items),
                 "reg_images": sum(it.reg for it in dataset.items)}
     start = 0
-    if (path := ckpts.resolve(resume)) is not None:
-        state, tensors = load_training_state(path, {}, opt, sched)  # a damaged file: one-line StorageError
+    if saved is not None:
+        state, tensors = saved.state, saved.tensors
         was = state.get("identity", {})
         differs = {k: (was.get(k), v) for k, v in identity.items() if was.get(k) != v}
         if differs:
             k, (before, now) = next(iter(differs.items()))
-            raise UsageError(f"checkpoint {path} was trained with {k}={before}, this run has {k}={now}; "
+            raise UsageError(f"checkpoint {saved.folder} was trained with {k}={before}, this run has {k}={now}; "
                              f"use the same settings or a new --output")
+        saved.restore({}, opt, sched)
         if set(params) - set(tensors):
-            raise StorageError(f"checkpoint {path} lacks the LoRA weights {sorted(set(params) - set(tensors))[0]}; "
-                               "resume from another with --resume PATH")
+            raise StorageError(f"checkpoint {saved.folder} lacks the LoRA weights "
+                               f"{sorted(set(params) - set(tensors))[0]}; resume from another with --resume PATH")
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(tensors[k])
         start = state["step"]
-        _say(acc, f"resumed from {path} at step {start}")
+        _say(acc, f"resumed from {saved.folder} at step {start}")
     elif resume == "latest":
         _say(acc, f"no checkpoint in {out / 'checkpoints'} yet: starting at step 0")
 
@@ -473,6 +476,11 @@ def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
             save(done)
         _say(acc, f"interrupted at step {done}: checkpoint saved in {out / 'checkpoints'}; continue with --resume latest")
         raise
+    except OSError as e:  # the disk filled up (or went away) while writing the log or a grid
+        newest = ckpts.latest()
+        kept = (f"the newest checkpoint ({newest.name}) is intact; once that is fixed, --resume latest continues "
+                "from it") if newest else "no checkpoint was written yet"
+        raise StorageError(f"could not write {e.filename or out}: {e.strerror or e}; {kept}") from None
 
     # 6. Write the LoRA and the final grid
     unwrapped_te = acc.unwrap_model(te_model) if cfg.train_text_encoder else text_encoder
