@@ -86,6 +86,7 @@ class BasePipeline:
         # Image i of a batch equals the single run with seed + i, bit for bit (see per_image_unet).
         # False batches the UNet across images: faster, equal only to within float rounding.
         self.exact_batch = True
+        self.speed: list[str] = []  # names of the t2i.speed options on now (set by speed.apply), recorded
         self.on_step: Callable[[int], None] | None = None  # called after every denoising step (benchmarks, UIs)
         pipe.set_progress_bar_config(disable=True)  # t2i draws one bar across a whole job
 
@@ -197,9 +198,14 @@ class BasePipeline:
             prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, guidance=guidance,
             seed=seed, width=width, height=height, model=self.model.source.asked, model_name=self.model.source.name,
             model_hash=self.model.hash, model_config=self.model.model_config, arch=self.model.arch, loras=specs, device=str(self.device),
-            dtype=dtype_name(self.dtype), pipeline=self.task, versions=versions(), **extra,
+            dtype=dtype_name(self.dtype), pipeline=self.task, speed=self.speed_names(), versions=versions(), **extra,
         )
         return [replace(base, seed=seed + i, batch_index=i, batch_size=batch) for i in range(batch)]
+
+    def speed_names(self) -> list[str]:
+        """The speed options this pipeline runs with now, as `t2i.speed.SpeedOptions.parse` reads them back."""
+        names = [n for n in self.speed if n != "sdpa"]  # SDPA is how diffusers loads attention anyway
+        return names if self.exact_batch or "batched" in names else ["batched", *names]
 
     def memory_estimate(self, batch: int, width: int, height: int) -> int:
         """Bytes one call needs beyond the loaded weights, from the sizes alone; it errs low (attention maps

@@ -1,38 +1,81 @@
 """`t2i bench`: one generation through stock diffusers and through t2i, alternating, in one process.
 
-Stock is the plain diffusers pipeline call over the same modules (same model,
-sampler, steps, guidance, seed, size). The t2i variants are its pipeline with
-speed switches. After an uncounted warm-up round, each repeat runs every variant
-once, in turn, so a busy machine
-slows them alike; the table gives medians: time per UNet step (between step
-callbacks), time per call (prompt to PIL images), the ratio to stock, peak memory
-during the call above what the process held before it (CPU: resident set size,
-sampled; CUDA: allocator peak), and the largest pixel difference from stock.
+Stock is diffusers' plain pipeline call (StableDiffusionPipeline or the XL one) over
+the same modules: the same model, scheduler config and sampler, steps, guidance,
+size and seed (`generator=torch.Generator("cpu").manual_seed(seed)`). The t2i
+variants are its pipeline object: plain (no speed option), each option alone, and
+the options together. After an uncounted warm-up round each repeat runs every
+variant once, in turn, so a busy machine slows them alike. The table gives medians:
+mean time per denoising step (between the first and last step callbacks) and time
+per call (prompt to PIL images), the speed-up over stock and over plain t2i, peak memory during the call
+above what the process held before it (CPU: resident set size sampled every 2 ms;
+CUDA: allocator peak), and the largest pixel difference (0-255) of the first image
+from stock's and from plain t2i's. Optional: ShapeEval of each variant (bundled
+demo model), and achieved GFLOP/s of a UNet step against a measured matmul peak.
+
+`--arch sd15|sdxl` benches a randomly initialised model of that architecture's real
+size (built in memory, nothing downloaded): speed does not depend on trained weights.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import statistics
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-import numpy as np
-import torch
-
-from .samplers import make_scheduler
+from .errors import UsageError
 
 PROMPT = "a red circle to the left of a blue square"
+STOCK, PLAIN = "stock diffusers", "t2i"
+
+# Random models of the real architectures' sizes (diffusers' / transformers' configs of SD 1.5 and SDXL 1.0).
+_SD_VAE = dict(block_out_channels=[128, 256, 512, 512], in_channels=3, out_channels=3, latent_channels=4,
+               layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
+               down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+_CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+               num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
+ARCHS = {
+    "sd15": {
+        "unet": dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                     block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768, attention_head_dim=8,
+                     down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                     up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3),
+        "text_encoder": _CLIP_L,
+        "vae": _SD_VAE,
+    },
+    "sdxl": {
+        "unet": dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                     block_out_channels=[320, 640, 1280], cross_attention_dim=2048, attention_head_dim=[5, 10, 20],
+                     transformer_layers_per_block=[1, 2, 10], use_linear_projection=True,
+                     addition_embed_type="text_time", addition_time_embed_dim=256,
+                     projection_class_embeddings_input_dim=2816,
+                     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
+        "text_encoder": _CLIP_L,
+        "text_encoder_2": dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                               num_attention_heads=20, max_position_embeddings=77, projection_dim=1280,
+                               hidden_act="gelu"),
+        "vae": {**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025},
+    },
+}
+_SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                     steps_offset=1, prediction_type="epsilon")
 
 
 @dataclass
 class Row:
     name: str
+    options: list[str] | None = None  # speed option names; None for stock diffusers
     step_s: list[float] = field(default_factory=list)
     call_s: list[float] = field(default_factory=list)
     peak_bytes: list[int] = field(default_factory=list)
-    max_diff: int = 0
+    max_diff: int = 0  # largest pixel difference of the first image from stock's (0-255)
+    diff_plain: int = 0  # ... and from plain t2i's
     shapeeval: float | None = None
 
     @property
@@ -48,10 +91,32 @@ class Row:
         return max(self.peak_bytes)
 
 
+@dataclass
+class Report:
+    rows: list[Row]
+    info: dict  # model, device, threads, sizes; unet_gflop and matmul_gflops when measured
+
+    def row(self, name: str) -> Row:
+        return next(r for r in self.rows if r.name == name)
+
+    def to_json(self) -> dict:
+        rows = [asdict(r) | {"step": r.step, "call": r.call, "peak": r.peak,
+                             "speedup": self.row(STOCK).call / r.call,
+                             "speedup_vs_t2i": self.row(PLAIN).call / r.call,
+                             "step_gflops": self._gflops(r)} for r in self.rows]
+        return {"info": self.info, "rows": rows}
+
+    def _gflops(self, r: Row) -> float | None:
+        flop = self.info.get("unet_gflop")
+        if flop is None or any(o.startswith("cache") for o in r.options or []):
+            return None  # a cached step skips most of the UNet: its FLOPs are not the full UNet's
+        return flop / r.step
+
+
 class _PeakMemory:
     """Peak memory of the block above the level at its start (CPU: RSS sampled every 2 ms)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device):
         self.device, self.peak = device, 0
 
     def _rss(self) -> int:
@@ -59,6 +124,8 @@ class _PeakMemory:
             return int(f.read().split()[1]) * 4096
 
     def __enter__(self):
+        import torch
+
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -76,6 +143,8 @@ class _PeakMemory:
         return self
 
     def __exit__(self, *exc):
+        import torch
+
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
@@ -85,36 +154,23 @@ class _PeakMemory:
         self.peak = max(self.peak_abs, self._rss()) - self.base
 
 
-def _step_clock(times: list[float]):
-    def on_step_end(pipe, i, t, kwargs):
-        times.append(time.perf_counter())
-        return kwargs
+def variants(names: list[str]) -> dict[str, list[str]]:
+    """The t2i variants to bench: plain t2i, each named option alone, and all of them together (one cache
+    interval: the last named). Unknown names raise UsageError before anything loads."""
+    from . import speed
 
-    return on_step_end
-
-
-def variants(names: list[str]) -> dict[str, list]:
-    """The t2i variants to bench: 'plain' (t2i's defaults) and each named switch alone, plus all together."""
-    from .speed import batched, channels_last, feature_cache
-
-    switches = {"batched": batched, "channels_last": channels_last,
-                "cache2": lambda pipe: feature_cache(pipe, 2), "cache3": lambda pipe: feature_cache(pipe, 3)}
-    unknown = [n for n in names if n not in switches]
-    if unknown:
-        from .errors import UsageError
-
-        raise UsageError(f"unknown speed option {unknown[0]!r}; choose from: {', '.join(switches)}")
-    out = {"t2i": []}
-    out |= {f"t2i + {n}": [switches[n]] for n in names}
+    for n in names:
+        speed.option_fields(n)
+    out = {PLAIN: []} | {f"{PLAIN} + {n}": [n] for n in names}
     caches = [n for n in names if n.startswith("cache")]
-    together = [n for n in names if not n.startswith("cache")] + caches[-1:]  # one cache interval at a time
+    together = [n for n in names if not n.startswith("cache")] + caches[-1:]
     if len(together) > 1:
-        out[f"t2i + {' + '.join(together)}"] = [switches[n] for n in together]
+        out[f"{PLAIN} + {' + '.join(together)}"] = together
     return out
 
 
-def _stock(pipe):
-    """The plain diffusers pipeline over the same modules (no t2i code in its call)."""
+def stock_pipeline(pipe):
+    """Diffusers' plain pipeline over the same modules (no t2i code runs in its call)."""
     import diffusers
 
     cls = getattr(diffusers, "StableDiffusionXLPipeline" if pipe.model.arch == "sdxl" else "StableDiffusionPipeline")
@@ -128,23 +184,35 @@ def run(pipe, steps: int | None = None, size: int | None = None, batch: int = 1,
         options: list[str] = ("batched",), prompt: str = PROMPT, seed: int = 0, shapeeval: bool = False
         ) -> list[Row]:
     """Bench stock diffusers against t2i's variants on `pipe` (a Text2Image); rows in the table's order."""
+    return bench(pipe, steps, size, batch, repeats, options, prompt, seed, shapeeval).rows
+
+
+def bench(pipe, steps: int | None = None, size: int | None = None, batch: int = 1, repeats: int = 3,
+          options: list[str] = ("batched",), prompt: str = PROMPT, seed: int = 0, shapeeval: bool = False,
+          flops: bool = False) -> Report:
+    """`run` with the report's context: sizes, threads, and (flops=True) GFLOP/s against the matmul peak."""
+    import numpy as np
+    import torch
+
+    from . import speed
+    from .samplers import make_scheduler
+
     d = pipe.defaults
     steps, guidance, sampler = steps or d.steps, d.guidance, d.sampler
     width = height = size or d.width
-    stock = _stock(pipe)
-    rows = {"stock diffusers": Row("stock diffusers")}
+    stock = stock_pipeline(pipe)
     plans = variants(list(options))
-    rows |= {name: Row(name) for name in plans}
-    reference = None
+    rows = [Row(STOCK)] + [Row(name, names) for name, names in plans.items()]
+    pixels: dict[str, list[np.ndarray]] = {row.name: [] for row in rows}
     for round_ in range(repeats + 1):  # round 0 warms up (allocator, kernels, caches) and is not counted
-        for name, row in rows.items():
+        for row in rows:
             times: list[float] = []
             with contextlib.ExitStack() as stack:
-                for switch in plans.get(name, []):
-                    stack.enter_context(switch(pipe))
+                if row.options is not None:
+                    stack.enter_context(speed.apply(pipe, speed.SpeedOptions.parse(",".join(row.options))))
                 with _PeakMemory(pipe.device) as mem:
                     start = time.perf_counter()
-                    if name == "stock diffusers":
+                    if row.options is None:
                         stock.scheduler = make_scheduler(sampler, pipe._scheduler_config, seed=seed)
                         images = stock(prompt, num_inference_steps=steps, guidance_scale=guidance, height=height,
                                        width=width, num_images_per_prompt=batch,
@@ -161,29 +229,57 @@ def run(pipe, steps: int | None = None, size: int | None = None, batch: int = 1,
             if round_ == 0:
                 continue
             row.call_s.append(end - start)
-            row.step_s.append(statistics.median(np.diff([start, *times])) if times else end - start)
+            row.step_s.append(_step_time(start, end, times))
             row.peak_bytes.append(mem.peak)
-            pixels = np.asarray(images[0].convert("RGB"), dtype=np.int16)
-            reference = pixels if reference is None else reference
-            row.max_diff = max(row.max_diff, int(np.abs(pixels - reference).max()))
+            pixels[row.name].append(np.asarray(images[0].convert("RGB"), dtype=np.int16))  # (H, W, 3)
+    for row in rows:  # each round's first image against stock's and plain t2i's of the same round
+        row.max_diff = max(int(np.abs(a - b).max()) for a, b in zip(pixels[row.name], pixels[STOCK]))
+        row.diff_plain = max(int(np.abs(a - b).max()) for a, b in zip(pixels[row.name], pixels[PLAIN]))
     if shapeeval:
-        _shapeeval(pipe, stock, rows, plans, steps, guidance, sampler)
-    return list(rows.values())
+        _shapeeval(pipe, stock, rows, steps, guidance, sampler)
+    info = {"model": pipe.model.source.name, "arch": pipe.model.arch, "device": pipe.device.type,
+            "dtype": str(pipe.dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "steps": steps,
+            "sampler": sampler, "guidance": guidance, "size": width, "batch": batch, "repeats": repeats,
+            "prompt": prompt, "seed": seed}
+    if flops:
+        info["unet_gflop"] = unet_flops(pipe, width, height, rows=batch * (2 if guidance > 1 else 1)) / 1e9
+        info["matmul_gflops"] = matmul_peak(pipe.device)
+    return Report(rows, info)
 
 
-def _shapeeval(pipe, stock, rows, plans, steps, guidance, sampler, seeds=(0, 1)) -> None:
-    """ShapeEval accuracy of each variant on a fixed subset (13 prompts x 2 seeds)."""
-    from . import shapeeval
+def _step_time(start: float, end: float, times: list[float]) -> float:
+    """Mean time of a denoising step: between the first and the last step callback (the time before the first
+    callback also encodes the prompt). A cached run's mean counts its full and its shallow steps alike."""
+    if len(times) >= 2:
+        return (times[-1] - times[0]) / (len(times) - 1)
+    return (times[0] if times else end) - start
+
+
+def _step_clock(times: list[float]):
+    def on_step_end(pipe, i, t, kwargs):
+        times.append(time.perf_counter())
+        return kwargs
+
+    return on_step_end
+
+
+def _shapeeval(pipe, stock, rows, steps, guidance, sampler, seeds=(0, 1)) -> None:
+    """ShapeEval accuracy of each variant on a fixed subset (every 12th prompt: 13 prompts x 2 seeds)."""
+    import numpy as np
+    import torch
+
+    from . import shapeeval, speed
+    from .samplers import make_scheduler
 
     prompts = shapeeval.build_prompts()[::12]
-    for name, row in rows.items():
+    for row in rows:
         images = []
         with contextlib.ExitStack() as stack:
-            for switch in plans.get(name, []):
-                stack.enter_context(switch(pipe))
+            if row.options is not None:
+                stack.enter_context(speed.apply(pipe, speed.SpeedOptions.parse(",".join(row.options))))
             for p in prompts:
                 for s in seeds:
-                    if name == "stock diffusers":
+                    if row.options is None:
                         stock.scheduler = make_scheduler(sampler, pipe._scheduler_config, seed=s)
                         images += stock(p.prompt, num_inference_steps=steps, guidance_scale=guidance,
                                         height=pipe.defaults.height, width=pipe.defaults.width,
@@ -195,17 +291,202 @@ def _shapeeval(pipe, stock, rows, plans, steps, guidance, sampler, seeds=(0, 1))
         row.shapeeval = float(np.mean(checks))
 
 
-def table(rows: list[Row]) -> str:
-    stock = rows[0]
-    lines = [f"{'':34s} {'step ms':>8s} {'call s':>8s} {'speed-up':>8s} {'peak MiB':>9s} {'max |diff|':>10s}"
-             + (f" {'ShapeEval':>9s}" if rows[0].shapeeval is not None else "")]
+# ---------------------------------------------------------------------------------------------- FLOPs and peak
+
+
+def unet_flops(pipe, width: int, height: int, rows: int) -> int:
+    """FLOPs of one UNet call on `rows` latents (classic attention, so its matmuls are counted too)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from . import speed
+
+    unet, f = pipe.pipe.unet, pipe.vae_scale_factor
+    sample = torch.zeros(rows, unet.config.in_channels, height // f, width // f, device=pipe.device,
+                         dtype=pipe.dtype)  # (rows, C, h, w)
+    context = torch.zeros(rows, 77, unet.config.cross_attention_dim, device=pipe.device, dtype=pipe.dtype)
+    added = None
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and 6 size/crop ids
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        added = {"text_embeds": torch.zeros(rows, pooled, device=pipe.device, dtype=pipe.dtype),
+                 "time_ids": torch.zeros(rows, 6, device=pipe.device, dtype=pipe.dtype)}
+    with speed.attention(pipe, sdpa=False), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(sample, 500, context, added_cond_kwargs=added)
+    return counter.get_total_flops()
+
+
+def matmul_peak(device, n: int = 2048, repeats: int = 5) -> float:
+    """The machine's fp32 matmul rate in GFLOP/s: the best of a few n x n products, as a practical peak."""
+    import torch
+
+    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first warms up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+# ---------------------------------------------------------------------------------------------- random models
+
+
+def random_pipeline(arch: str, device: str = "auto", dtype: str = "auto", seed: int = 0):
+    """A Text2Image over a randomly initialised model of `arch`'s real size (ARCHS), built in memory."""
+    import diffusers
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from . import loading
+    from .devices import resolve_device, resolve_dtype
+    from .pipelines import Text2Image
+    from .pipelines.base import LoadedModel
+
+    if arch not in ARCHS:
+        raise UsageError(f"unknown --arch {arch!r}; choose from: {', '.join(ARCHS)}")
+    config = ARCHS[arch]
+    bundled = loading.resolve(None)  # the demo model's tokenizer: ids stay below CLIP's vocabulary size
+    tokenizer = CLIPTokenizer.from_pretrained(str(Path(bundled.location) / "tokenizer"))
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    parts = {
+        "unet": diffusers.UNet2DConditionModel(**config["unet"]),
+        "vae": diffusers.AutoencoderKL(**config["vae"]),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**config["text_encoder"], **ids)),
+        "tokenizer": tokenizer,
+        "scheduler": diffusers.EulerDiscreteScheduler(**_SD_SCHEDULER),
+    }
+    if arch == "sdxl":
+        parts |= {"text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"], **ids)),
+                  "tokenizer_2": tokenizer}
+        pipe = diffusers.StableDiffusionXLPipeline(**parts)
+    else:
+        pipe = diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False)
+    dev = resolve_device(device)
+    pipe.to(dev, resolve_dtype(dtype, dev))
+    name = f"random-{arch}"
+    source = loading.ModelSource("random", name, name, name)
+    return Text2Image(pipe, LoadedModel(source, "sdxl" if arch == "sdxl" else "sd1", Path(f"<{name}>"), "0" * 10))
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def table(rows: list[Row], info: dict | None = None) -> str:
+    """The rows as a text table: speed against stock and plain t2i, memory, pixel differences (and GFLOP/s)."""
+    report = Report(rows, info or {})
+    stock, plain = report.row(STOCK), report.row(PLAIN)
+    gflops = "unet_gflop" in report.info
+    se = rows[0].shapeeval is not None
+    w = max(len(r.name) for r in rows)
+    head = (f"{'variant':{w}s} {'step ms':>8s} {'call s':>8s} {'speed-up':>8s} {'vs t2i':>7s} {'peak MiB':>9s} "
+            f"{'diff':>5s} {'diff t2i':>8s}" + (f" {'GFLOP/s':>8s}" if gflops else "") + (" ShapeEval" if se else ""))
+    lines = [head]
     for r in rows:
-        line = (f"{r.name:34s} {r.step * 1000:8.1f} {r.call:8.3f} {stock.call / r.call:7.2f}x "
-                f"{r.peak / 2**20:9.1f} {r.max_diff:10d}")
-        if r.shapeeval is not None:
+        line = (f"{r.name:{w}s} {r.step * 1000:8.1f} {r.call:8.3f} {stock.call / r.call:7.2f}x "
+                f"{plain.call / r.call:6.2f}x {r.peak / 2**20:9.1f} {r.max_diff:5d} {r.diff_plain:8d}")
+        if gflops:
+            g = report._gflops(r)
+            line += f" {g:8.1f}" if g is not None else f" {'-':>8s}"
+        if se:
             line += f" {r.shapeeval:9.3f}"
         lines.append(line)
-    lines.append("medians over the repeats; speed-up = stock call time / this call time; "
-                 "max |diff| = largest pixel difference from stock's image (0-255)")
+    lines.append("medians over the repeats; step = mean time of a denoising step; speed-up = stock's call time / "
+                 "this call time, vs t2i = plain t2i's / this;\ndiff = largest pixel difference of the first image "
+                 "from stock's, diff t2i = from plain t2i's (0-255); peak = memory above the level before the call")
+    if gflops:
+        i = report.info
+        lines.append(f"UNet: {i['unet_gflop']:.1f} GFLOP per step ({i['batch']} image(s) x cond/uncond rows); "
+                     f"fp32 matmul peak of this machine: {i['matmul_gflops']:.1f} GFLOP/s "
+                     f"(GFLOP/s = UNet FLOPs / step time; '-' for cached steps)")
     return "\n".join(lines)
 
+
+def header(info: dict) -> str:
+    return (f"{info['model']} ({info['arch']}), {info['device']} {info['dtype']}, {info['threads']} threads, "
+            f"{info['size']}x{info['size']}, {info['steps']} steps {info['sampler']}, guidance {info['guidance']}, "
+            f"batch {info['batch']}, {info['repeats']} repeats")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def add_bench_parser(sub) -> argparse.ArgumentParser:
+    """`t2i bench` on the CLI's subparsers (`sub.add_parser`); sets `func=cmd_bench`."""
+    from .cli import _positive_int
+    from .speed import SpeedOptions
+
+    defaults = ",".join(n for n in SpeedOptions().names() if n != "sdpa") or "batched"
+    b = sub.add_parser("bench", help="time t2i against stock diffusers on the same generation",
+                       description="Run one generation through stock diffusers' pipeline call and through t2i "
+                                   "(plain, each speed option alone, and all together), alternating, and print "
+                                   "medians of step and call times, peak memory and pixel differences.")
+    which = b.add_mutually_exclusive_group()
+    which.add_argument("--model", "-m", metavar="PATH|ID", help="default: the bundled t2i-shapes")
+    which.add_argument("--arch", choices=list(ARCHS),
+                       help="a randomly initialised model of this architecture's real size (nothing downloaded)")
+    b.add_argument("--steps", type=_positive_int, help="default: the model's")
+    b.add_argument("--size", type=_positive_int, help="image side in pixels (default: the model's)")
+    b.add_argument("--batch", type=_positive_int, default=1, help="images per call (default 1)")
+    b.add_argument("--repeats", type=_positive_int, default=3, help="counted rounds of all variants (default 3)")
+    b.add_argument("--options", default=defaults,
+                   help=f"speed options, each benched alone and all together (default: {defaults}); names: "
+                        "batched, channels_last, sdpa, no_sdpa, bf16, compile[=BACKEND], cacheN, attention_slicing, "
+                        "vae_tiling, cpu_offload")
+    b.add_argument("--prompt", "-p", default=PROMPT, help=f"default: {PROMPT!r}")
+    b.add_argument("--seed", type=_positive_int, default=0, help="default 0")
+    b.add_argument("--shapeeval", action="store_true",
+                   help="also ShapeEval of each variant (13 prompts x 2 seeds; meaningful for the demo model)")
+    b.add_argument("--flops", action="store_true", help="also GFLOP/s of a UNet step and the matmul peak "
+                                                        "(on with --arch)")
+    b.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
+    b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    b.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    b.add_argument("--allow-pickle", action="store_true", help=argparse.SUPPRESS)
+    b.add_argument("--model-config", metavar="DIR", help=argparse.SUPPRESS)
+    b.set_defaults(func=cmd_bench)
+    return b
+
+
+def cmd_bench(args) -> int:
+    """`t2i bench`: arguments checked before loading, then the bench, the table, and --json."""
+    from . import guards, loading
+
+    if args.steps is not None:
+        guards.check_steps(args.steps)
+    guards.check_batch(args.batch)
+    guards.check_seed(args.seed)
+    if args.size is not None:
+        guards.check_size(args.size, args.size)
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be at least 1, got {args.repeats}")
+    options = [o.strip() for o in args.options.split(",") if o.strip()]
+    variants(options)  # unknown names fail here, before loading
+    if args.json and Path(args.json).is_dir():
+        raise UsageError(f"--json {args.json} is a folder; give a file name")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.arch:
+        pipe = random_pipeline(args.arch, args.device, args.dtype)
+    else:
+        loading.resolve(args.model)
+        from .pipelines import Text2Image
+
+        pipe = Text2Image.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                          allow_pickle=args.allow_pickle, model_config=args.model_config)
+    report = bench(pipe, args.steps, args.size, args.batch, args.repeats, options, args.prompt, args.seed,
+                   shapeeval=args.shapeeval, flops=args.flops or bool(args.arch))
+    print(header(report.info))
+    print(table(report.rows, report.info))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=1) + "\n")
+    return 0

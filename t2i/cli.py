@@ -8,6 +8,7 @@ paths on stdout and progress on stderr, and turns a `T2IError` into one line
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import sys
 from pathlib import Path
@@ -73,6 +74,12 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA (diffusers or kohya/A1111 layout); repeatable")
     g.add_argument("--lora-dir", metavar="DIR", help="where <lora:NAME:SCALE> in a prompt looks for NAME.safetensors")
+    g.add_argument("--speed", metavar="OPTS", default="",
+                   help="speed options, comma-separated (see t2i bench): batched (a batch in one UNet call: image i "
+                        "equals the single run with seed+i to within rounding, not bit for bit), cacheN (feature "
+                        "reuse every N steps: ~2x faster at N=3, changes the images), channels_last, bf16, compile, "
+                        "attention_slicing, vae_tiling, cpu_offload. Default: none (exact). Recorded in the PNG; "
+                        "t2i reproduce replays them")
 
 
 def _prompt_args(p: argparse.ArgumentParser) -> None:
@@ -162,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sampler", "-s", help="default: the model's")
     e.add_argument("--guidance", "--cfg", type=_number, help="default: the model's")
     e.add_argument("--seeds", type=_positive_int, default=4, help="images per prompt (seeds 0..N-1; default 4)")
+    e.add_argument("--speed", metavar="OPTS", default="",
+                   help="measure with these speed options, e.g. cache3 (see t2i generate --help); default: batched")
     e.add_argument("--out", "-o", metavar="DIR", help="write shapeeval-grid.png and shapeeval.json here")
     e.add_argument("--ground-truth", action="store_true",
                    help="score the checker itself on ground-truth renders instead of a model")
@@ -178,22 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "strengths, e.g. 0.3,0.5,0.7 (style metric, and ShapeEval of the content)")
     e.set_defaults(func=cmd_eval)
 
-    b = sub.add_parser("bench", help="time t2i against stock diffusers on the same generation",
-                       description="Run one generation through stock diffusers' pipeline call and through t2i "
-                                   "(plain, and with each speed option), alternating, and print medians.")
-    b.add_argument("--model", "-m", metavar="PATH|ID", help="default: the bundled t2i-shapes")
-    b.add_argument("--steps", type=_positive_int, help="default: the model's")
-    b.add_argument("--size", type=_positive_int, help="image side in pixels (default: the model's)")
-    b.add_argument("--batch", type=_positive_int, default=1, help="images per call (default 1)")
-    b.add_argument("--repeats", type=_positive_int, default=3, help="rounds of all variants (default 3)")
-    b.add_argument("--options", default="batched,channels_last",
-                   help="t2i speed options to bench, each alone and together (default: batched,channels_last)")
-    b.add_argument("--shapeeval", action="store_true", help="also ShapeEval of each variant (13 prompts x 2 seeds)")
-    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    b.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    b.add_argument("--allow-pickle", action="store_true", help=argparse.SUPPRESS)
-    b.add_argument("--model-config", metavar="DIR", help=argparse.SUPPRESS)
-    b.set_defaults(func=cmd_bench)
+    from .bench import add_bench_parser
+
+    add_bench_parser(sub)
 
     t = sub.add_parser("train", help="training: the demo model from scratch, or a LoRA")
     tsub = t.add_subparsers(dest="what", metavar="WHAT", parser_class=_Parser)
@@ -337,6 +333,7 @@ def cmd_generate(args) -> int:
 
     vetting = LoraSet(None, args.lora_dir, args.allow_pickle)
     loras = [vetting.spec(l) for l in loras]
+    options = _speed_options(args)
     loading.resolve(args.model)
 
     # 2. Under `accelerate launch`/torchrun: this process's share of the prompts, named as one process would
@@ -351,24 +348,41 @@ def cmd_generate(args) -> int:
     pipe = _load(args, args.task)
     pipe.loras.lora_dir, pipe.loras.allow_pickle = vetting.lora_dir, args.allow_pickle
     bar = _bar(args, "generating")
+    from . import speed
+
     try:
-        for i, prompt in enumerate(prompts):
-            if share is not None and i not in mine:
-                continue
-            result = pipe(prompt, **task_inputs, negative_prompt=args.negative_prompt, steps=args.steps,
-                          guidance=args.guidance, sampler=args.sampler, seed=seed, width=args.width,
-                          height=args.height, batch=args.batch, loras=loras, progress=bar)
-            names = None
-            if share is not None:
-                names = [f"{first_number + i * args.batch + j:05d}-{s.seed}.png" for j, s in enumerate(result.settings)]
-            for path in save_images(result.images, result.settings, args.out, overwrite=args.overwrite, names=names):
-                print(path, flush=True)
+        with speed.apply(pipe, options) if options else contextlib.nullcontext():
+            for i, prompt in enumerate(prompts):
+                if share is not None and i not in mine:
+                    continue
+                result = pipe(prompt, **task_inputs, negative_prompt=args.negative_prompt, steps=args.steps,
+                              guidance=args.guidance, sampler=args.sampler, seed=seed, width=args.width,
+                              height=args.height, batch=args.batch, loras=loras, progress=bar)
+                names = None
+                if share is not None:
+                    names = [f"{first_number + i * args.batch + j:05d}-{s.seed}.png"
+                             for j, s in enumerate(result.settings)]
+                for path in save_images(result.images, result.settings, args.out, overwrite=args.overwrite,
+                                        names=names):
+                    print(path, flush=True)
     finally:
         if bar:
             bar.close()
     if share is not None:
         share[0].wait_for_everyone()
     return 0
+
+
+def _speed_options(args):
+    """--speed as t2i.speed.SpeedOptions (None: the plain, exact path); refused before loading if it cannot run."""
+    if not getattr(args, "speed", ""):
+        return None
+    from .speed import SpeedOptions
+
+    options = SpeedOptions.parse(args.speed)
+    if options.cpu_offload and args.device in ("cpu", "mps"):
+        raise UsageError(f"--speed cpu_offload needs a CUDA device, not --device {args.device}; leave it off")
+    return options
 
 
 def _distributed_share(args, n_prompts: int):
@@ -492,13 +506,17 @@ def cmd_eval(args) -> int:
 
     if args.style:
         return _style_eval(args)
+    options = _speed_options(args)
     loading.resolve(args.model)
     pipe = _load(args)
     pipe.exact_batch = False  # seeds of a prompt batched: images equal single runs to within rounding
     bar = _bar(args, "shapeeval")
+    from . import speed
+
     try:
-        run = run_eval(pipe, args.steps, args.sampler, args.guidance, seeds=range(args.seeds), out=args.out,
-                       progress=bar)
+        with speed.apply(pipe, options) if options else contextlib.nullcontext():
+            run = run_eval(pipe, args.steps, args.sampler, args.guidance, seeds=range(args.seeds), out=args.out,
+                           progress=bar)
     finally:
         if bar:
             bar.close()
@@ -547,27 +565,6 @@ def _strengths(text: str) -> list[float]:
     for v in values:
         guards.check_strength(v)
     return values
-
-
-def cmd_bench(args) -> int:
-    from . import bench, guards, loading
-
-    if args.steps is not None:
-        guards.check_steps(args.steps)
-    guards.check_batch(args.batch)
-    if args.size is not None:
-        guards.check_size(args.size, args.size)
-    options = [o.strip() for o in args.options.split(",") if o.strip()]
-    bench.variants(options)  # unknown names fail here, before loading
-    loading.resolve(args.model)
-    pipe = _load(args)
-    rows = bench.run(pipe, args.steps, args.size, args.batch, args.repeats, options, shapeeval=args.shapeeval)
-    import torch
-
-    print(f"{pipe.model.source.name}, {pipe.device.type}, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"{args.repeats} repeats")
-    print(bench.table(rows))
-    return 0
 
 
 def cmd_train_demo(args) -> int:

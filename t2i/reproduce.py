@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import metadata
+from . import metadata, speed
 from .errors import UsageError
 
 
@@ -45,6 +47,16 @@ def _input_image(recorded: str | None, given: str | None, want_hash: str | None,
         raise UsageError(f"the {what} {source} is not the one the image was made from (its pixels differ); "
                          f"pass the original with {flag}")
     return source
+
+
+def _speed_options(settings, device):
+    """The recorded speed options (None: the plain path); offload, which does not change pixels, only on CUDA."""
+    if not settings.speed:
+        return None
+    options = speed.SpeedOptions.parse(",".join(settings.speed))
+    if options.cpu_offload and device.type != "cuda":
+        options = dataclasses.replace(options, cpu_offload=False, batched=True)
+    return options
 
 
 def reproduce(image: str | Path, model: str | None = None, device: str | None = None, dtype: str | None = None,
@@ -85,9 +97,17 @@ def reproduce(image: str | Path, model: str | None = None, device: str | None = 
                                       model_config=model_config or settings.model_config or None)
     if pipe.model.hash != settings.model_hash:
         print(f"note: model hash {pipe.model.hash} differs from the recorded {settings.model_hash}", file=sys.stderr)
-    result = pipe(settings.prompt, **inputs, negative_prompt=settings.negative_prompt, steps=settings.steps,
-                  guidance=settings.guidance, sampler=settings.sampler, seed=settings.seed, width=settings.width,
-                  height=settings.height, batch=1, loras=settings.loras, progress=progress)
+    options = _speed_options(settings, pipe.device)
+    # Batched speed options make image i of a call equal the single run with seed + i only to within rounding:
+    # replay the whole call then, and keep the image at its position.
+    whole_call = options is not None and not options.exact and settings.batch_size > 1
+    batch, index = (settings.batch_size, settings.batch_index) if whole_call else (1, 0)
+    with speed.apply(pipe, options) if options else contextlib.nullcontext():
+        result = pipe(settings.prompt, **inputs, negative_prompt=settings.negative_prompt, steps=settings.steps,
+                      guidance=settings.guidance, sampler=settings.sampler, seed=settings.seed - index,
+                      width=settings.width, height=settings.height, batch=batch, loras=settings.loras,
+                      progress=progress)
+    result.images[:], result.settings[:] = [result.images[index]], [result.settings[index]]
     new = np.asarray(result.images[0].convert("RGB"), dtype=np.int16)
     with Image.open(image) as im:
         old = np.asarray(im.convert("RGB"), dtype=np.int16)
