@@ -60,6 +60,9 @@ class SpeedOptions:
     compile            torch.compile of the UNet's forward (True: inductor, or a backend name)
     cache_interval     DeepCache-style feature reuse: every N-th UNet call runs whole, the ones between
                        only the outermost blocks (1 = off); changes the images, needs `batched`
+    cache_layers       how much of the last up block the calls between run: 0 = all of it and the first
+                       down block (`cacheN`), k = only its last k layers (`cacheN:k`; `cacheN:1` is
+                       DeepCache's shallowest branch: least work, most reuse)
     attention_slicing  attention in slices (less memory, slower)
     vae_tiling         decode large images in tiles (less memory)
     cpu_offload        keep each model on the CPU until it runs (CUDA only; batches the UNet)
@@ -71,6 +74,7 @@ class SpeedOptions:
     bf16: bool | None = None
     compile: bool | str = False
     cache_interval: int = 1
+    cache_layers: int = 0
     attention_slicing: bool = False
     vae_tiling: bool = False
     cpu_offload: bool = False
@@ -105,11 +109,12 @@ class SpeedOptions:
                if getattr(self, f)]
         out += [] if self.sdpa is None else ["sdpa" if self.sdpa else "no_sdpa"]
         out += [] if not self.compile else ["compile" if self.compile is True else f"compile={self.compile}"]
-        out += [f"cache{self.cache_interval}"] if self.cache_interval > 1 else []
+        if self.cache_interval > 1:
+            out += [f"cache{self.cache_interval}" + (f":{self.cache_layers}" if self.cache_layers else "")]
         return out
 
 
-OPTION_NAMES = ["batched", "channels_last", "sdpa", "no_sdpa", "bf16", "compile", "cacheN", "attention_slicing",
+OPTION_NAMES = ["batched", "channels_last", "sdpa", "no_sdpa", "bf16", "compile", "cacheN[:K]", "attention_slicing",
                 "vae_tiling", "cpu_offload"]
 
 
@@ -122,10 +127,10 @@ def option_fields(name: str) -> dict:
         return {"sdpa": key == "sdpa"}
     if key == "compile":
         return {"compile": value or True}
-    if key.startswith("cache"):
-        digits = key[len("cache"):] or value
-        if digits.isdigit() and int(digits) >= 1:
-            return {"cache_interval": int(digits)}
+    if key.startswith("cache") and not value:
+        digits, _, layers = key[len("cache"):].partition(":")
+        if digits.isdigit() and int(digits) >= 1 and (layers.isdigit() and int(layers) >= 1 or not _):
+            return {"cache_interval": int(digits), "cache_layers": int(layers or 0)}
     raise UsageError(f"unknown speed option {name!r}; choose from: {', '.join(OPTION_NAMES)} (e.g. cache3)")
 
 
@@ -157,7 +162,7 @@ def apply(pipe, options: SpeedOptions | None = None):
             stack.enter_context(compiled(pipe, backend="inductor" if o.compile is True else o.compile))
         if o.bf16:
             stack.enter_context(bf16_autocast(pipe))
-        cache = stack.enter_context(feature_cache(pipe, o.cache_interval)) if o.cache_interval > 1 else None
+        cache = stack.enter_context(feature_cache(pipe, o.cache_interval, o.cache_layers)) if o.cache_interval > 1 else None
         if o.cpu_offload:
             stack.enter_context(cpu_offload(pipe))
         yield cache
@@ -306,14 +311,24 @@ class FeatureCache:
     up block on the kept feature, and the output layers. Adjacent denoising steps
     change the deep features little, so most of the UNet's work is skipped.
 
+    With `layers` = k > 0 the cut is inside the last up block: the full call keeps the
+    input of its last k layers, and the shallow path runs only those layers and the
+    down layers whose skip connections they read (k = 1: conv_in, one up layer, the
+    output layers; DeepCache's default branch).
+
     The cache starts over (a full call) at the start of each pipeline call (a new
     scheduler, or its step index reset), when the timestep goes up, and when the
     batch's shape changes. Classifier-free guidance's uncond and cond rows are one
     batch and are kept together. Counters: `full_calls`, `shallow_calls`.
     """
 
-    def __init__(self, unet, interval: int, scheduler_of=lambda: None):
+    def __init__(self, unet, interval: int, scheduler_of=lambda: None, layers: int = 0):
+        last = unet.up_blocks[-1]
+        if not 0 <= layers <= len(last.resnets):
+            raise UsageError(f"cache layers {layers}: this UNet's last up block has {len(last.resnets)} layers; "
+                             f"use 1 to {len(last.resnets)} (or none for the whole block)")
         self.unet, self.interval, self.scheduler_of = unet, interval, scheduler_of
+        self.first_layer = len(last.resnets) - layers if layers else 0  # the first up layer the shallow path runs
         self.full_calls = self.shallow_calls = 0
         self.reset()
 
@@ -349,7 +364,16 @@ class FeatureCache:
         return cached_forward
 
     def keep(self, module, args, output) -> None:
-        self.kept = output  # (rows, C, h, w): the input of the last up block
+        """Forward hook on what feeds the first shallow layer: (rows, C, h, w), from a tensor or an attention's
+        (tensor,) / output object."""
+        self.kept = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+
+    def hook_target(self) -> torch.nn.Module:
+        """The module whose output is kept: `up_blocks[-2]`, or the last up block's layer before the cut."""
+        last, k = self.unet.up_blocks[-1], self.first_layer
+        if k == 0:
+            return self.unet.up_blocks[-2]
+        return last.attentions[k - 1] if getattr(last, "attentions", None) else last.resnets[k - 1]
 
     def shallow(self, sample, timestep, encoder_hidden_states, timestep_cond=None, attention_mask=None,
                 cross_attention_kwargs=None, added_cond_kwargs=None, encoder_attention_mask=None, class_labels=None,
@@ -369,18 +393,22 @@ class FeatureCache:
         h = unet.conv_in(sample)  # (rows, C0, h, w)
         first, last = unet.down_blocks[0], unet.up_blocks[-1]
         attn = dict(encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
-                    cross_attention_kwargs=cross_attention_kwargs, encoder_attention_mask=encoder_attention_mask)
-        if getattr(first, "has_cross_attention", False):
-            _, res = first(hidden_states=h, temb=emb, **attn)
-        else:
-            _, res = first(hidden_states=h, temb=emb)
-        skips = ((h,) + tuple(res))[: len(last.resnets)]  # the skips the last up block reads: conv_in's, then first's
-        if getattr(last, "has_cross_attention", False):
-            out = last(hidden_states=self.kept, temb=emb, res_hidden_states_tuple=skips, upsample_size=None,
-                       encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs,
-                       attention_mask=attention_mask, encoder_attention_mask=encoder_attention_mask)
-        else:
-            out = last(hidden_states=self.kept, temb=emb, res_hidden_states_tuple=skips, upsample_size=None)
+                    cross_attention_kwargs=cross_attention_kwargs, encoder_attention_mask=encoder_attention_mask,
+                    return_dict=False)
+        n = len(last.resnets)  # its skips: conv_in's output, then one per layer of the first down block
+        skips = [h]
+        for i in range(n - 1 - self.first_layer):  # only the down layers whose skips the shallow layers read
+            h = first.resnets[i](h, emb)
+            if getattr(first, "attentions", None):
+                h = first.attentions[i](h, **attn)[0]
+            skips.append(h)
+        out = self.kept
+        for j in range(self.first_layer, n):  # diffusers' up block loop, from the cut on; layer j reads skip n-1-j
+            out = last.resnets[j](torch.cat([out, skips[n - 1 - j]], dim=1), emb)
+            if getattr(last, "attentions", None):
+                out = last.attentions[j](out, **attn)[0]
+        for upsampler in last.upsamplers or []:
+            out = upsampler(out)
         if unet.conv_norm_out is not None:
             out = unet.conv_act(unet.conv_norm_out(out))
         out = unet.conv_out(out)  # (rows, C_out, h, w)
@@ -404,7 +432,7 @@ class FeatureCache:
 
 
 @contextlib.contextmanager
-def feature_cache(pipe, interval: int = 2):
+def feature_cache(pipe, interval: int = 2, layers: int = 0):
     """Feature caching (see FeatureCache) for the block; yields the cache. Batches the UNet (`exact_batch` off):
     the cache holds one whole UNet call's rows."""
     unet = pipe.pipe.unet
@@ -412,8 +440,8 @@ def feature_cache(pipe, interval: int = 2):
         raise UsageError(f"cache interval {interval} must be 1 (off) or more")
     if unet.config.get("addition_embed_type") == "image_hint":
         raise UsageError("feature caching does not support image-hint UNets (Kandinsky-style); leave it off")
-    cache = FeatureCache(unet, interval, scheduler_of=lambda: pipe.pipe.scheduler)
-    handle = unet.up_blocks[-2].register_forward_hook(cache.keep)
+    cache = FeatureCache(unet, interval, scheduler_of=lambda: pipe.pipe.scheduler, layers=layers)
+    handle = cache.hook_target().register_forward_hook(cache.keep)
     try:
         with _exact_batch(pipe, exact=False), wrapped_forward(unet, cache.wrap):
             yield cache

@@ -86,6 +86,46 @@ def test_feature_cache_runs_the_deep_blocks_every_nth_call_and_starts_over_each_
         hook.remove()
 
 
+@pytest.mark.parametrize("which", ["sd_pipe", "sdxl_pipe"])
+def test_a_shallow_call_right_after_a_full_one_rebuilds_the_full_output_at_every_cut(request, which):
+    """The shallow path's wiring (which skip each layer reads) checked exactly: with the deep feature just kept
+    from the same inputs, the shallow call must give the full call's output, at every cut of the last up block."""
+    pipe = request.getfixturevalue(which)
+    unet = pipe.pipe.unet
+    sample = torch.randn(2, unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    added = {}
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and 6 size/crop ids
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        added = {"added_cond_kwargs": {"text_embeds": torch.randn(2, pooled), "time_ids": torch.ones(2, 6) * 32}}
+    n = len(unet.up_blocks[-1].resnets)
+    for layers in range(n + 1):
+        cache = speed.FeatureCache(unet, 2, layers=layers)
+        handle = cache.hook_target().register_forward_hook(cache.keep)
+        try:
+            with torch.no_grad():
+                full = unet(sample, 500, context, **added).sample
+                shallow = cache.shallow(sample, torch.tensor(500), context, **added).sample
+        finally:
+            handle.remove()
+        assert torch.allclose(shallow, full, atol=1e-5), (which, layers, (shallow - full).abs().max())
+    with pytest.raises(UsageError, match="last up block has"):
+        speed.FeatureCache(unet, 2, layers=n + 1)
+
+
+def test_cache_layers_parse_and_run_fewer_layers(sd_pipe):
+    assert SpeedOptions.parse("cache3:1").names() == ["cache3:1"]
+    assert (SpeedOptions.parse("cache3:1").cache_interval, SpeedOptions.parse("cache3:1").cache_layers) == (3, 1)
+    for bad in ("cache3:", "cache3:0", "cache:1"):
+        with pytest.raises(UsageError, match="unknown speed option"):
+            SpeedOptions.parse(bad)
+    plain = generate(sd_pipe, steps=6)[0]
+    with speed.apply(sd_pipe, SpeedOptions.parse("cache3:1")) as cache:
+        fast = generate(sd_pipe, steps=6)[0]
+        assert (cache.full_calls, cache.shallow_calls) == (2, 4)
+    assert np.abs(pixels(fast) - pixels(plain)).max() <= CACHE_TOL
+
+
 def test_cache_of_one_and_the_plain_options_change_nothing(sd_pipe):
     plain = generate(sd_pipe)[0]
     with speed.apply(sd_pipe, SpeedOptions.off()) as cache:
