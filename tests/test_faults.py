@@ -220,6 +220,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(run_cli, tiny_sd,
 
 @pytest.fixture(scope="module")
 def finished(tiny_sd, data, tmp_path_factory) -> tuple[Path, dict]:
+    """A two-step LoRA run with one checkpoint (step 2), to be copied and damaged."""
     out = tmp_path_factory.mktemp("finished") / "out"
     cfg = _cfg(tiny_sd, data, out, steps=2, checkpoint_every=2)
     lora.run(None, cfg)

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from helpers import BROKEN, one_line
-from t2i.train import lora
 from t2i.train.checkpoint import Checkpoints
-from test_train_lora import REPO, _args, _cfg, data  # noqa: F401  (`data` is a fixture)
+from test_faults import finished  # noqa: F401  (a fixture: a two-step LoRA run to damage)
+from test_train_lora import REPO, _args, data  # noqa: F401  (`data` is a fixture)
 
 KINDS = {  # kind -> (file suffix, words in the refusal)
     "pickle .ckpt": (".ckpt", "pickle"),
@@ -73,15 +73,6 @@ def _write(kind: str, path: Path, evil, tiny_sd: Path) -> None:
         header = json.dumps({"w": {"dtype": "F32", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 4 << 40]}})
         content = struct.pack("<Q", len(header)) + header.encode() + b"\0" * 16
     path.write_bytes(content)
-
-
-@pytest.fixture(scope="module")
-def finished(tiny_sd, data, tmp_path_factory) -> tuple[Path, dict]:
-    """A two-step LoRA run with one checkpoint (step 2), to be copied and damaged."""
-    out = tmp_path_factory.mktemp("finished") / "out"
-    cfg = _cfg(tiny_sd, data, out, steps=2, checkpoint_every=2)
-    lora.run(None, cfg)
-    return out, cfg
 
 
 def _resume_args(finished, tmp_path) -> tuple[Path, list]:
