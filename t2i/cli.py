@@ -77,7 +77,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speed", metavar="OPTS", default="",
                    help="speed options, comma-separated (see t2i bench): batched (a batch in one UNet call: image i "
                         "equals the single run with seed+i to within rounding, not bit for bit), cacheN (feature "
-                        "reuse every N steps: ~2x faster at N=3, changes the images), channels_last, bf16, compile, "
+                        "reuse every N steps: ~2x faster at N=3, changes the images), cacheN:K (reuse deeper: only "
+                        "the last K layers run between; cache3:1 is DeepCache's default), channels_last, bf16, compile, "
                         "attention_slicing, vae_tiling, cpu_offload. Default: none (exact). Recorded in the PNG; "
                         "t2i reproduce replays them")
 
@@ -507,6 +508,10 @@ def cmd_eval(args) -> int:
     if args.style:
         return _style_eval(args)
     options = _speed_options(args)
+    if options is not None:  # eval batches the seeds of a prompt whatever else is on
+        import dataclasses
+
+        options = dataclasses.replace(options, batched=True)
     loading.resolve(args.model)
     pipe = _load(args)
     pipe.exact_batch = False  # seeds of a prompt batched: images equal single runs to within rounding
