@@ -14,7 +14,7 @@ from t2i import loading, shapeeval
 BUNDLED = loading.bundled_model_path()
 # What the bundled checkpoint scores on the 12-prompt subset below (2 seeds), less a
 # margin; raised each time a better model is committed (assets/t2i-shapes/README.md).
-MIN_OVERALL = 0.08  # measured 0.125 at UNet step 1200
+MIN_OVERALL = 0.25  # measured 0.417 at UNet step 3300 (0.125 at step 1200)
 
 
 def test_bundled_model_is_installed_and_within_budget():
