@@ -180,22 +180,13 @@ def stock_pipeline(pipe):
     return stock
 
 
-def run(pipe, steps: int | None = None, size: int | None = None, batch: int = 1, repeats: int = 3,
-        options: list[str] = ("batched",), prompt: str = PROMPT, seed: int = 0, shapeeval: bool = False
-        ) -> list[Row]:
-    """Bench stock diffusers against t2i's variants on `pipe` (a Text2Image); rows in the table's order."""
-    return bench(pipe, steps, size, batch, repeats, options, prompt, seed, shapeeval).rows
-
-
 def bench(pipe, steps: int | None = None, size: int | None = None, batch: int = 1, repeats: int = 3,
           options: list[str] = ("batched",), prompt: str = PROMPT, seed: int = 0, shapeeval: bool = False,
           flops: bool = False) -> Report:
-    """`run` with the report's context: sizes, threads, and (flops=True) GFLOP/s against the matmul peak."""
+    """Bench stock diffusers against t2i's variants on `pipe` (a Text2Image): rows in the table's order, and the
+    report's context (sizes, threads; with flops=True, GFLOP/s against the matmul peak)."""
     import numpy as np
     import torch
-
-    from . import speed
-    from .samplers import make_scheduler
 
     d = pipe.defaults
     steps, guidance, sampler = steps or d.steps, d.guidance, d.sampler
@@ -207,25 +198,11 @@ def bench(pipe, steps: int | None = None, size: int | None = None, batch: int = 
     for round_ in range(repeats + 1):  # round 0 warms up (allocator, kernels, caches) and is not counted
         for row in rows:
             times: list[float] = []
-            with contextlib.ExitStack() as stack:
-                if row.options is not None:
-                    stack.enter_context(speed.apply(pipe, speed.SpeedOptions.parse(",".join(row.options))))
-                with _PeakMemory(pipe.device) as mem:
-                    start = time.perf_counter()
-                    if row.options is None:
-                        stock.scheduler = make_scheduler(sampler, pipe._scheduler_config, seed=seed)
-                        images = stock(prompt, num_inference_steps=steps, guidance_scale=guidance, height=height,
-                                       width=width, num_images_per_prompt=batch,
-                                       generator=torch.Generator("cpu").manual_seed(seed),
-                                       callback_on_step_end=_step_clock(times)).images
-                    else:
-                        pipe.on_step = lambda i, t=times: t.append(time.perf_counter())
-                        try:
-                            images = pipe(prompt, steps=steps, guidance=guidance, sampler=sampler, seed=seed,
-                                          width=width, height=height, batch=batch, progress=False).images
-                        finally:
-                            pipe.on_step = None
-                    end = time.perf_counter()
+            with _options(pipe, row), _PeakMemory(pipe.device) as mem:
+                start = time.perf_counter()
+                images = _generate(pipe, stock, row, prompt, seed, steps, guidance, sampler, width, height, batch,
+                                   times)
+                end = time.perf_counter()
             if round_ == 0:
                 continue
             row.call_s.append(end - start)
@@ -255,38 +232,55 @@ def _step_time(start: float, end: float, times: list[float]) -> float:
     return (times[0] if times else end) - start
 
 
-def _step_clock(times: list[float]):
-    def on_step_end(pipe, i, t, kwargs):
-        times.append(time.perf_counter())
-        return kwargs
+def _options(pipe, row: Row):
+    """The row's speed options on `pipe` for the block (nothing for stock diffusers)."""
+    from . import speed
 
-    return on_step_end
+    if row.options is None:
+        return contextlib.nullcontext()
+    return speed.apply(pipe, speed.SpeedOptions.parse(",".join(row.options)))
+
+
+def _generate(pipe, stock, row: Row, prompt: str, seed: int, steps: int, guidance: float, sampler: str, width: int,
+              height: int, batch: int = 1, times: list[float] | None = None) -> list:
+    """One call of the row's variant (stock diffusers' plain call, or t2i's under `_options`): its PIL images.
+    `times` gets a perf_counter reading after each denoising step."""
+    import torch
+
+    from .samplers import make_scheduler
+
+    clock = (lambda: times.append(time.perf_counter())) if times is not None else (lambda: None)
+    if row.options is None:
+        def on_step_end(_pipe, i, t, kwargs):
+            clock()
+            return kwargs
+
+        stock.scheduler = make_scheduler(sampler, pipe._scheduler_config, seed=seed)
+        return stock(prompt, num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                     num_images_per_prompt=batch, generator=torch.Generator("cpu").manual_seed(seed),
+                     callback_on_step_end=on_step_end).images
+    pipe.on_step = lambda i: clock()
+    try:
+        return pipe(prompt, steps=steps, guidance=guidance, sampler=sampler, seed=seed, width=width, height=height,
+                    batch=batch, progress=False).images
+    finally:
+        pipe.on_step = None
 
 
 def _shapeeval(pipe, stock, rows, steps, guidance, sampler, seeds=(0, 1)) -> None:
     """ShapeEval accuracy of each variant on a fixed subset (every 12th prompt: 13 prompts x 2 seeds)."""
     import numpy as np
-    import torch
 
-    from . import shapeeval, speed
-    from .samplers import make_scheduler
+    from . import shapeeval
 
     prompts = shapeeval.build_prompts()[::12]
+    size = pipe.defaults.width, pipe.defaults.height
     for row in rows:
         images = []
-        with contextlib.ExitStack() as stack:
-            if row.options is not None:
-                stack.enter_context(speed.apply(pipe, speed.SpeedOptions.parse(",".join(row.options))))
+        with _options(pipe, row):
             for p in prompts:
                 for s in seeds:
-                    if row.options is None:
-                        stock.scheduler = make_scheduler(sampler, pipe._scheduler_config, seed=s)
-                        images += stock(p.prompt, num_inference_steps=steps, guidance_scale=guidance,
-                                        height=pipe.defaults.height, width=pipe.defaults.width,
-                                        generator=torch.Generator("cpu").manual_seed(s)).images
-                    else:
-                        images += pipe(p.prompt, steps=steps, guidance=guidance, sampler=sampler, seed=s,
-                                       progress=False).images
+                    images += _generate(pipe, stock, row, p.prompt, s, steps, guidance, sampler, *size)
         checks = [shapeeval.check(img, p) for img, p in zip(images, [p for p in prompts for _ in seeds])]
         row.shapeeval = float(np.mean(checks))
 
@@ -420,7 +414,7 @@ def header(info: dict) -> str:
 def add_bench_parser(sub) -> argparse.ArgumentParser:
     """`t2i bench` on the CLI's subparsers (`sub.add_parser`); sets `func=cmd_bench`."""
     from .cli import _positive_int
-    from .speed import SpeedOptions
+    from .speed import OPTION_NAMES, SpeedOptions
 
     defaults = ",".join(n for n in SpeedOptions().names() if n != "sdpa") or "batched"
     b = sub.add_parser("bench", help="time t2i against stock diffusers on the same generation",
@@ -437,8 +431,7 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=_positive_int, default=3, help="counted rounds of all variants (default 3)")
     b.add_argument("--options", default=defaults,
                    help=f"speed options, each benched alone and all together (default: {defaults}); names: "
-                        "batched, channels_last, sdpa, no_sdpa, bf16, compile[=BACKEND], cacheN, attention_slicing, "
-                        "vae_tiling, cpu_offload")
+                        f"{', '.join(OPTION_NAMES)}")
     b.add_argument("--prompt", "-p", default=PROMPT, help=f"default: {PROMPT!r}")
     b.add_argument("--seed", type=_positive_int, default=0, help="default 0")
     b.add_argument("--shapeeval", action="store_true",

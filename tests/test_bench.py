@@ -9,7 +9,7 @@ from t2i import bench, speed
 
 
 def test_bench_rows_and_outputs_against_stock(sd_pipe):
-    rows = bench.run(sd_pipe, steps=3, repeats=1, options=["batched", "channels_last"])
+    rows = bench.bench(sd_pipe, steps=3, repeats=1, options=["batched", "channels_last"]).rows
     assert [r.name for r in rows] == ["stock diffusers", "t2i", "t2i + batched", "t2i + channels_last",
                                       "t2i + batched + channels_last"]
     assert rows[1].max_diff == 0  # t2i's own path makes stock diffusers' image exactly (same noise, same steps)
