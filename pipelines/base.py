@@ -88,6 +88,7 @@ class BasePipeline:
         self.exact_batch = True
         self.speed: list[str] = []  # names of the t2i.speed options on now (set by speed.apply), recorded
         self.on_step: Callable[[int], None] | None = None  # called after every denoising step (benchmarks, UIs)
+        self.decoder = None  # a small VAE decoding in place of pipe.vae (speed option tiny_vae), or None
         pipe.set_progress_bar_config(disable=True)  # t2i draws one bar across a whole job
 
     # ------------------------------------------------------------------ construction
@@ -140,6 +141,8 @@ class BasePipeline:
         dev = resolve_device(str(device)) if device is not None else self.device
         dt = resolve_dtype(dtype, dev) if dtype is not None else self.dtype
         self.pipe.to(dev, dt)
+        if self.decoder is not None:
+            self.decoder.to(dev, dt)
         return self
 
     @property
@@ -301,7 +304,7 @@ class BasePipeline:
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """Latents -> PIL images through the NaN guard (fp32 retry on overflow)."""
-        vae = self.pipe.vae
+        vae = self.decoder if self.decoder is not None else self.pipe.vae
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         latents = latents / vae.config.scaling_factor + shift  # (B, C, h, w)
         notice = lambda m: print(m, file=sys.stderr)  # noqa: E731

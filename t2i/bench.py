@@ -329,8 +329,10 @@ def matmul_peak(device, n: int = 2048, repeats: int = 5) -> float:
 # ---------------------------------------------------------------------------------------------- random models
 
 
-def random_pipeline(arch: str, device: str = "auto", dtype: str = "auto", seed: int = 0):
-    """A Text2Image over a randomly initialised model of `arch`'s real size (ARCHS), built in memory."""
+def random_pipeline(arch: str, device: str = "auto", dtype: str = "auto", seed: int = 0, tiny_vae: bool = False):
+    """A Text2Image over a randomly initialised model of `arch`'s real size (ARCHS), built in memory. With
+    `tiny_vae` its folder (a temporary one, removed at exit) holds a random TAESD-sized vae_tiny/ for the
+    speed option of that name."""
     import diffusers
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -365,8 +367,18 @@ def random_pipeline(arch: str, device: str = "auto", dtype: str = "auto", seed: 
     dev = resolve_device(device)
     pipe.to(dev, resolve_dtype(dtype, dev))
     name = f"random-{arch}"
+    folder = Path(f"<{name}>")
+    if tiny_vae:
+        import atexit
+        import shutil
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix=f"t2i-{name}-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        tiny = diffusers.AutoencoderTiny(**config.get("tiny_vae", {}))  # default: TAESD's own layout
+        tiny.save_pretrained(str(folder / loading.TINY_VAE_FOLDER))
     source = loading.ModelSource("random", name, name, name)
-    return Text2Image(pipe, LoadedModel(source, "sdxl" if arch == "sdxl" else "sd1", Path(f"<{name}>"), "0" * 10))
+    return Text2Image(pipe, LoadedModel(source, "sdxl" if arch == "sdxl" else "sd1", folder, "0" * 10))
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -469,7 +481,7 @@ def cmd_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.arch:
-        pipe = random_pipeline(args.arch, args.device, args.dtype)
+        pipe = random_pipeline(args.arch, args.device, args.dtype, tiny_vae="tiny_vae" in options)
     else:
         loading.resolve(args.model)
         from .pipelines import Text2Image

@@ -79,7 +79,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                         "equals the single run with seed+i to within rounding, not bit for bit), cacheN (feature "
                         "reuse every N steps: ~2x faster at N=3, changes the images), cacheN:K (reuse deeper: only "
                         "the last K layers run between; cache3:1 is DeepCache's default), channels_last, bf16, compile, "
-                        "attention_slicing, vae_tiling, cpu_offload. Default: none (exact). Recorded in the PNG; "
+                        "attention_slicing, vae_tiling, cpu_offload, tiny_vae[=PATH] (decode with a small TAESD-style "
+                        "decoder: the model's own vae_tiny/, or PATH). Default: none (exact). Recorded in the PNG; "
                         "t2i reproduce replays them")
 
 
@@ -196,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = t.add_subparsers(dest="what", metavar="WHAT", parser_class=_Parser)
     d = tsub.add_parser("demo", help="train the bundled demo model t2i-shapes from scratch (resumable)")
     d.add_argument("--config", default=None, metavar="TOML", help="training config (default: train/configs/demo.toml)")
-    d.add_argument("--stage", default="all", choices=["tokenizer", "vae", "unet", "decoder", "export", "all"],
+    d.add_argument("--stage", default="all",
+                   choices=["tokenizer", "vae", "unet", "decoder", "tiny_vae", "export", "all"],
                    help="default: all (each stage resumes; export writes export_dir from the newest checkpoint)")
     d.add_argument("--resume", default="latest", metavar="latest|PATH|none", help="default: latest")
     d.add_argument("--output-dir", help="overrides output_dir")
@@ -335,7 +337,7 @@ def cmd_generate(args) -> int:
     vetting = LoraSet(None, args.lora_dir, args.allow_pickle)
     loras = [vetting.spec(l) for l in loras]
     options = _speed_options(args)
-    loading.resolve(args.model)
+    _check_tiny_vae(options, loading.resolve(args.model))
 
     # 2. Under `accelerate launch`/torchrun: this process's share of the prompts, named as one process would
     share = _distributed_share(args, len(prompts))
@@ -384,6 +386,14 @@ def _speed_options(args):
     if options.cpu_offload and args.device in ("cpu", "mps"):
         raise UsageError(f"--speed cpu_offload needs a CUDA device, not --device {args.device}; leave it off")
     return options
+
+
+def _check_tiny_vae(options, source) -> None:
+    """--speed tiny_vae[=PATH]: the small decoder exists, checked before the model loads."""
+    if options is not None and options.tiny_vae is not None:
+        from . import loading
+
+        loading.tiny_vae_folder(options.tiny_vae, Path(source.location) if source.kind != "hub" else None)
 
 
 def _distributed_share(args, n_prompts: int):
@@ -512,7 +522,7 @@ def cmd_eval(args) -> int:
         import dataclasses
 
         options = dataclasses.replace(options, batched=True)
-    loading.resolve(args.model)
+    _check_tiny_vae(options, loading.resolve(args.model))
     pipe = _load(args)
     pipe.exact_batch = False  # seeds of a prompt batched: images equal single runs to within rounding
     bar = _bar(args, "shapeeval")

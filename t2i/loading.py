@@ -338,6 +338,48 @@ def load(source: ModelSource, dtype, allow_pickle: bool = False, model_config: s
     return _load_hub(source.location, dtype, allow_pickle)
 
 
+TINY_VAE_FOLDER = "vae_tiny"  # a model folder's own small decoder (the bundled model ships one)
+
+
+def tiny_vae_folder(value: str, model_path: Path | None) -> Path:
+    """Where the small VAE decoder of `--speed tiny_vae[=VALUE]` (a diffusers AutoencoderTiny, TAESD-style) lives:
+    VALUE a local folder or a hub id; no VALUE: the model folder's own vae_tiny/."""
+    if not value:
+        own = model_path / TINY_VAE_FOLDER if model_path is not None and model_path.is_dir() else None
+        if own is None or not (own / "config.json").is_file():
+            raise UsageError(f"this model has no {TINY_VAE_FOLDER}/ folder; give a tiny VAE with --speed "
+                             "tiny_vae=PATH (an AutoencoderTiny folder, e.g. a local copy of madebyollin/taesd)")
+        return own
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or not _HUB_ID.match(value) or value.startswith((".", "/", "~")):
+        raise UsageError(f"tiny_vae {value}: not a folder; give an AutoencoderTiny folder (config.json and "
+                         ".safetensors weights) or a hub id such as madebyollin/taesd")
+    return hub_snapshot(value)
+
+
+def load_tiny_vae(folder: Path, dtype, device, latent_channels: int):
+    """An AutoencoderTiny from a vetted folder (safetensors only, no code), checked against the UNet's latents."""
+    from diffusers import AutoencoderTiny
+
+    _check_component(folder, allow_pickle=False)
+    kind = json.loads((folder / "config.json").read_text()).get("_class_name")
+    if kind != "AutoencoderTiny":
+        raise ModelLoadError(f"{folder} is not an AutoencoderTiny (its config says {kind or 'no _class_name'}); "
+                             "give a tiny VAE folder (TAESD-style)")
+    try:
+        with _quiet_loading():
+            vae = AutoencoderTiny.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True,
+                                                  local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
+        raise ModelLoadError(f"could not load the tiny VAE {folder}: {_first_line(e)}") from None
+    if vae.config.latent_channels != latent_channels:
+        raise UsageError(f"the tiny VAE {folder} decodes {vae.config.latent_channels}-channel latents, this model "
+                         f"makes {latent_channels}; give the tiny VAE made for this model family")
+    return vae.to(device).eval().requires_grad_(False)
+
+
 def load_pickled_weights(path: Path) -> dict:
     """A pickle-based weights file (only when pickles are allowed), read with torch.load(weights_only=True):
     tensors and plain containers only, never code. Anything else is a one-line ModelLoadError."""
@@ -407,12 +449,17 @@ def _check_model_config(model_config: str, arch: str, path: Path) -> Path:
 
 
 def _load_hub(repo_id: str, dtype, allow_pickle: bool):
-    from diffusers import DiffusionPipeline
+    folder = hub_snapshot(repo_id, allow_pickle)
+    source = ModelSource("folder", str(folder), repo_id.split("/")[-1], repo_id)
+    return load(source, dtype, allow_pickle)
 
+
+def hub_snapshot(repo_id: str, allow_pickle: bool = False) -> Path:
+    """A local copy of a hub repository's configs and weights (safetensors only, unless pickle is allowed)."""
     try:
         from huggingface_hub import snapshot_download
 
-        folder = Path(
+        return Path(
             snapshot_download(
                 repo_id,
                 allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors", *(["*.bin"] if allow_pickle else [])],
@@ -426,9 +473,6 @@ def _load_hub(repo_id: str, dtype, allow_pickle: bool):
                 "online, or pass a local folder with --model"
             ) from None
         raise ModelLoadError(f"could not fetch {repo_id} from the hub: {_first_line(e)}") from None
-    del DiffusionPipeline
-    source = ModelSource("folder", str(folder), repo_id.split("/")[-1], repo_id)
-    return load(source, dtype, allow_pickle)
 
 
 def _is_offline_error(e: BaseException) -> bool:

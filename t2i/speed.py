@@ -66,6 +66,8 @@ class SpeedOptions:
     attention_slicing  attention in slices (less memory, slower)
     vae_tiling         decode large images in tiles (less memory)
     cpu_offload        keep each model on the CPU until it runs (CUDA only; batches the UNet)
+    tiny_vae           decode with a small decoder (a diffusers AutoencoderTiny, TAESD-style): "" = the
+                       model folder's own vae_tiny/, else a folder or hub id; None = the model's VAE
     """
 
     batched: bool = True
@@ -78,6 +80,7 @@ class SpeedOptions:
     attention_slicing: bool = False
     vae_tiling: bool = False
     cpu_offload: bool = False
+    tiny_vae: str | None = None
 
     @classmethod
     def off(cls) -> "SpeedOptions":
@@ -111,11 +114,13 @@ class SpeedOptions:
         out += [] if not self.compile else ["compile" if self.compile is True else f"compile={self.compile}"]
         if self.cache_interval > 1:
             out += [f"cache{self.cache_interval}" + (f":{self.cache_layers}" if self.cache_layers else "")]
+        if self.tiny_vae is not None:
+            out += ["tiny_vae" + (f"={self.tiny_vae}" if self.tiny_vae else "")]
         return out
 
 
 OPTION_NAMES = ["batched", "channels_last", "sdpa", "no_sdpa", "bf16", "compile", "cacheN[:K]", "attention_slicing",
-                "vae_tiling", "cpu_offload"]
+                "vae_tiling", "cpu_offload", "tiny_vae[=PATH]"]
 
 
 def option_fields(name: str) -> dict:
@@ -127,6 +132,8 @@ def option_fields(name: str) -> dict:
         return {"sdpa": key == "sdpa"}
     if key == "compile":
         return {"compile": value or True}
+    if key == "tiny_vae":
+        return {"tiny_vae": value}
     if key.startswith("cache") and not value:
         digits, _, layers = key[len("cache"):].partition(":")
         if digits.isdigit() and int(digits) >= 1 and (layers.isdigit() and int(layers) >= 1 or not _):
@@ -163,6 +170,8 @@ def apply(pipe, options: SpeedOptions | None = None):
         if o.bf16:
             stack.enter_context(bf16_autocast(pipe))
         cache = stack.enter_context(feature_cache(pipe, o.cache_interval, o.cache_layers)) if o.cache_interval > 1 else None
+        if o.tiny_vae is not None:
+            stack.enter_context(tiny_vae(pipe, o.tiny_vae))
         if o.cpu_offload:
             stack.enter_context(cpu_offload(pipe))
         yield cache
@@ -227,6 +236,24 @@ def vae_tiling(pipe):
         yield
     finally:
         vae.use_tiling = before
+
+
+@contextlib.contextmanager
+def tiny_vae(pipe, source: str = ""):
+    """Decode with a small decoder (TAESD-style AutoencoderTiny) instead of the model's VAE; img2img and
+    inpainting still encode with the model's VAE, so their latents are unchanged.
+
+    `source`: a folder or hub id; "" = the model folder's own vae_tiny/ (the bundled model has one).
+    """
+    from . import loading
+
+    folder = loading.tiny_vae_folder(source, pipe.model.path)
+    decoder = loading.load_tiny_vae(folder, pipe.dtype, pipe.device, pipe.pipe.unet.config.out_channels)
+    before, pipe.decoder = pipe.decoder, decoder
+    try:
+        yield decoder
+    finally:
+        pipe.decoder = before
 
 
 @contextlib.contextmanager

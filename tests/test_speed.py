@@ -6,6 +6,7 @@ Tolerances, as the largest pixel difference (0-255) of an image from the plain p
     batched, channels_last, sdpa, no_sdpa, attention_slicing, compile (eager backend)   2
     bf16 (forced, CPU autocast)                                                         BF16_TOL
     vae_tiling (at the VAE's own tile size, where no tiling happens)                    0
+    tiny_vae (another decoder: checked as exactly its decode of the same latents)      -
     cache2 / cache3 (changes images by design; far more on a trained model)             CACHE_TOL
 
 No timing assertions: speed lives in `t2i bench`.
@@ -14,6 +15,7 @@ No timing assertions: speed lives in `t2i bench`.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,7 +43,7 @@ def generate(pipe, **kwargs):
 def state(pipe) -> tuple:
     """What the switches touch: batch mode, UNet class, attention processors, memory format, VAE tiling."""
     unet, vae = pipe.pipe.unet, pipe.pipe.vae
-    return (pipe.exact_batch, type(unet), "forward" in unet.__dict__,
+    return (pipe.exact_batch, pipe.decoder, type(unet), "forward" in unet.__dict__,
             {k: type(v) for k, v in unet.attn_processors.items()}, {k: type(v) for k, v in vae.attn_processors.items()},
             unet.conv_in.weight.is_contiguous(), vae.decoder.conv_in.weight.is_contiguous(), vae.use_tiling)
 
@@ -195,11 +197,15 @@ def test_bench_arch_builds_a_random_model_of_the_named_layout(run_cli, monkeypat
             "text_encoder": dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
                                  num_attention_heads=4, max_position_embeddings=77, projection_dim=32),
             "vae": dict(block_out_channels=[8, 16], norm_num_groups=8, sample_size=16,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)}
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2),
+            "tiny_vae": dict(encoder_block_out_channels=[8, 8], decoder_block_out_channels=[8, 8],
+                             num_encoder_blocks=[1, 1], num_decoder_blocks=[1, 1])}
     monkeypatch.setitem(bench.ARCHS, "sd15", tiny)  # the real size takes minutes on a CPU
-    code, stdout, stderr = run_cli("bench", "--arch", "sd15", "--steps", 1, "--repeats", 1, "--options", "batched")
+    code, stdout, stderr = run_cli("bench", "--arch", "sd15", "--steps", 1, "--repeats", 1, "--options",
+                                   "batched,tiny_vae")
     assert code == 0, stderr
     assert "random-sd15 (sd1)" in stdout and "GFLOP/s" in stdout and "t2i + batched" in stdout
+    assert "t2i + tiny_vae" in stdout  # a random small decoder of the arch's size, built beside the model
 
 
 def test_generate_speed_flag_is_recorded_and_reproduce_replays_the_whole_batched_call(run_cli, tiny_sd, tmp_path):
@@ -228,3 +234,103 @@ def test_generate_refuses_a_bad_speed_option_before_loading(run_cli, tiny_sd, no
     code, _, stderr = run_cli("generate", "a", "--model", tiny_sd, "--speed", "cpu_offload", "--device", "cpu",
                               "--out", tmp_path)
     assert code == 2 and "cpu_offload needs a CUDA device" in one_line(stderr)
+
+
+# ---------------------------------------------------------------------------------------------- tiny_vae
+
+
+def _tiny_vae(folder: Path, latent_channels: int = 4, seed: int = 0) -> Path:
+    """A random TAESD-style AutoencoderTiny with the tiny SD model's scale (2 levels: 2x)."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    AutoencoderTiny(encoder_block_out_channels=[8, 8], decoder_block_out_channels=[8, 8], num_encoder_blocks=[1, 1],
+                    num_decoder_blocks=[1, 1], latent_channels=latent_channels).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def taesd(tmp_path_factory) -> Path:
+    return _tiny_vae(tmp_path_factory.mktemp("taesd") / "taesd")
+
+
+def test_tiny_vae_decodes_the_same_latents_with_the_small_decoder_and_undoes_itself(sd_pipe, taesd):
+    from diffusers import AutoencoderTiny
+
+    kept = []
+    real_decode = type(sd_pipe)._decode
+    plain, before = generate(sd_pipe, batch=2), state(sd_pipe)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(sd_pipe), "_decode", lambda self, latents: kept.append(latents) or real_decode(self, latents))
+        with speed.apply(sd_pipe, SpeedOptions.parse(f"tiny_vae={taesd}")) as _:
+            assert isinstance(sd_pipe.decoder, AutoencoderTiny)
+            fast = generate(sd_pipe, batch=2)
+        generate(sd_pipe, batch=2)
+    assert torch.equal(kept[0], kept[1])  # same UNet latents: only the decoder changed
+    tiny = AutoencoderTiny.from_pretrained(str(taesd)).eval()
+    with torch.no_grad():  # it reads the UNet's latents as they are (scaling factor 1), one image at a time
+        want = torch.cat([tiny.decode(kept[0][i : i + 1]).sample for i in range(2)])
+    want = sd_pipe.pipe.image_processor.postprocess(want, output_type="pil")
+    assert [f.tobytes() for f in fast] == [w.tobytes() for w in want]
+    assert [f.tobytes() for f in fast] != [p.tobytes() for p in plain]
+    assert state(sd_pipe) == before
+    assert [a.tobytes() for a in generate(sd_pipe, batch=2)] == [p.tobytes() for p in plain]
+
+
+def test_tiny_vae_without_a_path_reads_the_model_folders_own(sd_copy, taesd):
+    import shutil
+
+    from t2i.pipelines import Text2Image
+
+    pipe = Text2Image.from_pretrained(str(sd_copy), device="cpu")
+    with pytest.raises(UsageError, match="this model has no vae_tiny/ folder; give a tiny VAE with --speed tiny_vae="):
+        with speed.apply(pipe, SpeedOptions.parse("tiny_vae")):
+            pass
+    assert pipe.decoder is None
+    shutil.copytree(taesd, sd_copy / "vae_tiny")
+    with speed.apply(pipe, SpeedOptions.parse("tiny_vae")) as _:
+        assert pipe.decoder is not None and generate(pipe)[0].size == (32, 32)
+    assert SpeedOptions.parse("batched,tiny_vae").names() == ["batched", "tiny_vae"]
+    assert SpeedOptions.parse(f"tiny_vae={taesd}").names() == [f"tiny_vae={taesd}"]
+
+
+def test_tiny_vae_refuses_what_is_not_a_safe_matching_tiny_vae(sd_pipe, tiny_sd, taesd, tmp_path):
+    import shutil
+
+    from t2i.errors import ModelLoadError, UnsafeFileError
+
+    cases = {"missing": (tmp_path / "nothing", UsageError, "not a folder"),
+             "kl": (Path(tiny_sd) / "vae", ModelLoadError, r"is not an AutoencoderTiny \(its config says AutoencoderKL\)"),
+             "channels": (_tiny_vae(tmp_path / "c8", latent_channels=8), UsageError, "decodes 8-channel latents")}
+    pickled = Path(shutil.copytree(taesd, tmp_path / "pickled"))
+    weights = pickled / "diffusion_pytorch_model.safetensors"
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(weights)), pickled / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    cases["pickle"] = (pickled, UnsafeFileError, "only pickle-based weights")
+    before = state(sd_pipe)
+    for name, (folder, error, message) in cases.items():
+        with pytest.raises(error, match=message):
+            with speed.apply(sd_pipe, SpeedOptions.parse(f"tiny_vae={folder}")):
+                pass
+        assert state(sd_pipe) == before, name
+
+
+def test_generate_with_tiny_vae_records_it_and_reproduce_replays_it(run_cli, tiny_sd, taesd, tmp_path):
+    from t2i import metadata
+
+    code, stdout, stderr = run_cli("generate", "a red circle", "--model", tiny_sd, "--steps", 2, "--seed", 3,
+                                   "--speed", f"tiny_vae={taesd}", "--out", tmp_path, "-q")
+    assert code == 0, stderr
+    assert metadata.read(stdout.strip())[1].speed == [f"tiny_vae={taesd}"]
+    code, out, stderr = run_cli("reproduce", stdout.strip(), "-q")
+    assert code == 0 and "bit for bit" in out, out + stderr
+
+
+def test_generate_refuses_a_missing_tiny_vae_before_loading(run_cli, tiny_sd, no_model_load, tmp_path):
+    code, _, stderr = run_cli("generate", "a", "--model", tiny_sd, "--speed", f"tiny_vae={tmp_path / 'no'}",
+                              "--out", tmp_path)
+    assert code == 2 and "not a folder; give an AutoencoderTiny folder" in one_line(stderr)
+    code, _, stderr = run_cli("generate", "a", "--model", tiny_sd, "--speed", "tiny_vae", "--out", tmp_path)
+    assert code == 2 and "this model has no vae_tiny/ folder" in one_line(stderr)

@@ -24,7 +24,7 @@ def _run(root: Path, stage: str, resume="latest", **overrides):
 def trained(tmp_path_factory):
     """All stages once, then the exported folder."""
     root = tmp_path_factory.mktemp("demo")
-    _run(root, "all", **{"vae.decoder_steps": 2})
+    _run(root, "all", **{"vae.decoder_steps": 2, "vae.tiny_steps": 2, "vae.tiny_channels": 8})
     return root
 
 
@@ -42,6 +42,63 @@ def test_all_stages_write_a_stock_diffusers_model(trained):
     assert list((trained / "samples").glob("unet-*.png")), "sample grids are written during training"
     logs = [json.loads(l) for l in (trained / "unet_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_the_small_decoder_ships_beside_the_model_and_decodes_its_latents(trained, run_cli, tmp_path):
+    from diffusers import AutoencoderTiny
+
+    tiny = AutoencoderTiny.from_pretrained(str(trained / "model" / "vae_tiny"))
+    assert tiny.config.latent_channels == 4 and tiny.config.scaling_factor == 1.0
+    logs = [json.loads(l) for l in (trained / "tiny_vae_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if "mse" in r] == [1, 2] and any("val_psnr" in r for r in logs)
+    code, stdout, stderr = run_cli("generate", "a red circle", "--model", trained / "model", "--steps", 2,
+                                   "--speed", "tiny_vae", "--out", tmp_path, "-q")
+    assert code == 0, stderr
+    from PIL import Image
+
+    assert Image.open(stdout.strip()).size == (64, 64)
+
+
+def test_model_card_reports_the_measured_numbers(trained, tmp_path):
+    import shutil
+
+    from t2i.train.model_card import write_card
+
+    folder = Path(shutil.copytree(trained / "model", tmp_path / "t2i-shapes"))
+    summary = {"single_object": 0.5, "overall": 0.91, "held_out": 0.85}
+    (tmp_path / "eval.json").write_text(json.dumps({"summary": summary}))
+    card = write_card(folder, tmp_path / "eval.json", psnr=28.5, seeds=2, tiny_psnr=31.25).read_text()
+    assert "| single object | 0.500 |" in card and "**28.50 dB**" in card and "2 seeds per prompt" in card
+    assert "vae_tiny/ (not a pipeline part)" in card and "**31.25 dB**" in card
+    assert "not all met yet: single_object, PSNR below target" in card
+
+
+def test_tiny_vae_resume_continues_from_the_checkpoint(trained, tmp_path):
+    import shutil
+
+    shutil.copytree(trained / "vae", tmp_path / "vae")
+    _run(tmp_path, "tiny_vae", **{"vae.tiny_steps": 2, "vae.tiny_channels": 8})
+    _run(tmp_path, "tiny_vae", **{"vae.tiny_steps": 3, "vae.tiny_channels": 8})
+    steps = [json.loads(l)["step"] for l in (tmp_path / "tiny_vae_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 2, 3, 3]  # losses 1, 2, checkpoint 2; resumed: loss 3, checkpoint 3
+
+
+def test_tiny_vae_learns_generated_latents_from_a_pool_made_once(trained, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(trained / "vae", tmp_path / "vae")
+    args = {"vae.tiny_steps": 1, "vae.tiny_channels": 8, "vae.tiny_distill_from": str(trained / "model"),
+            "vae.tiny_pool": 3}
+    _run(tmp_path, "tiny_vae", **args)
+    pool = load_file(str(tmp_path / "tiny_vae_pool.safetensors"))
+    assert pool["latents"].shape == (3, 4, 16, 16) and pool["images"].shape == (3, 3, 64, 64)
+    logs = [json.loads(l) for l in (tmp_path / "tiny_vae_log.jsonl").read_text().splitlines()]
+    assert "generated_psnr_vs_vae" in logs[-1]
+    (tmp_path / "tiny_vae_pool.safetensors").unlink()  # made again, the same (seeded)
+    _run(tmp_path, "tiny_vae", **{**args, "vae.tiny_steps": 2})
+    assert torch.equal(load_file(str(tmp_path / "tiny_vae_pool.safetensors"))["latents"], pool["latents"])
 
 
 def test_tokenizer_keeps_world_words_whole(trained):
