@@ -420,42 +420,42 @@ def export_vae(cfg: DemoConfig, vae) -> Path:
     return out
 
 
-def stage_decoder(cfg: DemoConfig, resume: str | None = "latest") -> None:
-    """Fine-tune only the VAE decoder on latents of the frozen encoder; rewrites <output_dir>/vae."""
+def _vae_stage_start(cfg: DemoConfig, stage: str, seed_offset: int):
+    """A stage on the vae stage's latent space: its accelerator, seeded, and the VAE from <output_dir>/vae."""
     from diffusers import AutoencoderKL
 
-    cv = cfg.vae
     root = Path(cfg.output_dir)
-    if cv.decoder_steps <= 0:
-        return
     if not (root / "vae" / "config.json").is_file():
-        raise UsageError(f"stage decoder needs the vae stage's output in {root}; run it first")
+        raise UsageError(f"stage {stage} needs the vae stage's output in {root}; run it first")
     acc = _accelerator(cfg)
-    torch.manual_seed(cfg.seed + 1)
-    vae = AutoencoderKL.from_pretrained(str(root / "vae"))
-    vae.encoder.requires_grad_(False)
-    vae.quant_conv.requires_grad_(False)
-    params = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cv.decoder_lr, weight_decay=0.0)
+    torch.manual_seed(cfg.seed + seed_offset)
+    return acc, AutoencoderKL.from_pretrained(str(root / "vae"))
+
+
+def _small_stage(cfg: DemoConfig, acc, name: str, model, params, lr: float, steps: int, data_offset: int, resume,
+                 loss_fn, val_fn):
+    """The loop the decoder and tiny_vae stages share: AdamW with warm-up, a fresh batch of renders per step
+    (`loss_fn(model, images, step)` -> (loss, values to log)), resumable checkpoints of `model` under
+    <output_dir>/<name>_checkpoints, a JSONL log, and `val_fn(model)` (PSNR, dB) at each checkpoint.
+    Returns the trained (unwrapped) model."""
+    cv, root = cfg.vae, Path(cfg.output_dir)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(cv.warmup))
-    ckpts = Checkpoints(root / "decoder_checkpoints", keep=cfg.keep_checkpoints)
+    ckpts = Checkpoints(root / f"{name}_checkpoints", keep=cfg.keep_checkpoints)
     start = 0
     if (path := ckpts.resolve(resume)) is not None:
-        state, _ = load_training_state(path, {"vae": vae}, opt, sched)
+        state, _ = load_training_state(path, {name: model}, opt, sched)
         start = state["step"]
-        acc.print(f"decoder: resumed from {path} at step {start}")
-    vae, opt = acc.prepare(vae, opt)
-    model = acc.unwrap_model(vae)
-    bar = tqdm(range(start, cv.decoder_steps), initial=start, total=cv.decoder_steps, desc="decoder",
-               disable=not acc.is_main_process)
+        acc.print(f"{name}: resumed from {path} at step {start}")
+    prepared, opt = acc.prepare(model, opt)
+    model = acc.unwrap_model(prepared)
+    log = root / f"{name}_log.jsonl"
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=name, disable=not acc.is_main_process)
     for step in bar:
-        model.decoder.train()
-        images, _ = scene_batch(batch_seed(cfg, 9 * 10**7, step, cv.batch, acc.process_index, acc.num_processes), cv.batch)
-        images = images.to(acc.device)
-        with torch.no_grad():
-            latents = model.encode(images).latent_dist.sample()  # (B, 4, 16, 16): the UNet's latent space
+        images, _ = scene_batch(batch_seed(cfg, data_offset, step, cv.batch, acc.process_index, acc.num_processes),
+                                cv.batch)
         with acc.autocast():
-            loss = F.mse_loss(model.decode(latents).sample.float(), images)
+            loss, values = loss_fn(model, images.to(acc.device), step)
         acc.backward(loss)
         acc.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -464,14 +464,36 @@ def stage_decoder(cfg: DemoConfig, resume: str | None = "latest") -> None:
         done = step + 1
         bar.set_postfix(loss=f"{loss.item():.5f}")
         if acc.is_main_process:
-            _log(root / "decoder_log.jsonl", {"step": done, "mse": loss.item(), "t": time.time()})
-        if done % cv.checkpoint_every == 0 or done == cv.decoder_steps:
+            _log(log, {"step": done, **values, "t": time.time()})
+        if done % cv.checkpoint_every == 0 or done == steps:
             acc.wait_for_everyone()
             if acc.is_main_process:
-                ckpts.save(done, lambda d: save_training_state(d, {"vae": model}, opt, sched))
-                p = vae_psnr(model)
-                _log(root / "decoder_log.jsonl", {"step": done, "val_psnr": p})
-                bar.write(f"decoder step {done}: held-out PSNR {p:.2f} dB")
+                ckpts.save(done, lambda d: save_training_state(d, {name: model}, opt, sched))
+                p = val_fn(model)
+                _log(log, {"step": done, "val_psnr": p})
+                bar.write(f"{name} step {done}: held-out PSNR {p:.2f} dB")
+    return model
+
+
+def stage_decoder(cfg: DemoConfig, resume: str | None = "latest") -> None:
+    """Fine-tune only the VAE decoder on latents of the frozen encoder; rewrites <output_dir>/vae."""
+    cv, root = cfg.vae, Path(cfg.output_dir)
+    if cv.decoder_steps <= 0:
+        return
+    acc, vae = _vae_stage_start(cfg, "decoder", seed_offset=1)
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+
+    def loss_fn(model, images, step):
+        model.decoder.train()
+        with torch.no_grad():
+            latents = model.encode(images).latent_dist.sample()  # (B, 4, 16, 16): the UNet's latent space
+        loss = F.mse_loss(model.decode(latents).sample.float(), images)
+        return loss, {"mse": loss.item()}
+
+    params = [p for p in vae.parameters() if p.requires_grad]
+    model = _small_stage(cfg, acc, "decoder", vae, params, cv.decoder_lr, cv.decoder_steps, 9 * 10**7, resume,
+                         loss_fn, vae_psnr)
     if acc.is_main_process:
         model.eval()
         model.save_pretrained(str(root / "vae"))  # same scaling factor: the latent space is unchanged
@@ -535,66 +557,31 @@ def tiny_vae_agreement(tiny, pool, batch: int = 64) -> float:
 
 def stage_tiny_vae(cfg: DemoConfig, resume: str | None = "latest") -> None:
     """Train the small decoder (and its encoder) in the frozen VAE's latent space; writes <output_dir>/vae_tiny."""
-    from diffusers import AutoencoderKL
-
-    cv = cfg.vae
-    root = Path(cfg.output_dir)
+    cv, root = cfg.vae, Path(cfg.output_dir)
     if cv.tiny_steps <= 0:
         return
-    if not (root / "vae" / "config.json").is_file():
-        raise UsageError(f"stage tiny_vae needs the vae stage's output in {root}; run it first")
-    acc = _accelerator(cfg)
-    torch.manual_seed(cfg.seed + 2)
-    vae = AutoencoderKL.from_pretrained(str(root / "vae")).eval().requires_grad_(False)
+    acc, vae = _vae_stage_start(cfg, "tiny_vae", seed_offset=2)
+    vae = vae.eval().requires_grad_(False).to(acc.device)
     scale = vae.config.scaling_factor
     tiny = build_tiny_vae(cfg)
-    opt = torch.optim.AdamW(tiny.parameters(), lr=cv.tiny_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(cv.warmup))
-    ckpts = Checkpoints(root / "tiny_vae_checkpoints", keep=cfg.keep_checkpoints)
-    start = 0
-    if (path := ckpts.resolve(resume)) is not None:
-        state, _ = load_training_state(path, {"tiny_vae": tiny}, opt, sched)
-        start = state["step"]
-        acc.print(f"tiny_vae: resumed from {path} at step {start}")
-    tiny, opt = acc.prepare(tiny, opt)
-    vae.to(acc.device)
-    model = acc.unwrap_model(tiny)
     pool = generated_pool(cfg, vae, acc.device) if cv.tiny_distill_from else None  # (latents, VAE images)
-    bar = tqdm(range(start, cv.tiny_steps), initial=start, total=cv.tiny_steps, desc="tiny_vae",
-               disable=not acc.is_main_process)
-    for step in bar:
+
+    def loss_fn(model, images, step):
         model.train()
-        images, _ = scene_batch(batch_seed(cfg, 8 * 10**7, step, cv.batch, acc.process_index, acc.num_processes),
-                                cv.batch)
-        images = images.to(acc.device)
         with torch.no_grad():
             posterior = vae.encode(images).latent_dist
             latents, means = posterior.sample() * scale, posterior.mode() * scale  # (B, 4, 16, 16), UNet space
-        with acc.autocast():
-            rec_loss = F.mse_loss(model.decode(latents).sample.float(), images)
-            enc_loss = F.mse_loss(model.encode(images).latents.float(), means)
-            loss = rec_loss + enc_loss
-            if pool is not None:  # as many generated latents, from the pool, against the VAE's decoding
-                pick = torch.randint(len(pool[0]), (cv.batch,), generator=torch.Generator().manual_seed(step))
-                gen_latents, gen_images = pool[0][pick].to(acc.device), pool[1][pick].to(acc.device)
-                loss = loss + F.mse_loss(model.decode(gen_latents).sample.float(), gen_images)
-        acc.backward(loss)
-        acc.clip_grad_norm_(tiny.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        done = step + 1
-        bar.set_postfix(loss=f"{rec_loss.item():.5f}")
-        if acc.is_main_process:
-            _log(root / "tiny_vae_log.jsonl", {"step": done, "mse": rec_loss.item(), "latent_mse": enc_loss.item(),
-                                                "t": time.time()})
-        if done % cv.checkpoint_every == 0 or done == cv.tiny_steps:
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                ckpts.save(done, lambda d: save_training_state(d, {"tiny_vae": model}, opt, sched))
-                p = tiny_vae_psnr(model, vae)
-                _log(root / "tiny_vae_log.jsonl", {"step": done, "val_psnr": p})
-                bar.write(f"tiny_vae step {done}: held-out PSNR {p:.2f} dB")
+        rec_loss = F.mse_loss(model.decode(latents).sample.float(), images)
+        enc_loss = F.mse_loss(model.encode(images).latents.float(), means)
+        loss = rec_loss + enc_loss
+        if pool is not None:  # as many generated latents, from the pool, against the VAE's decoding
+            pick = torch.randint(len(pool[0]), (cv.batch,), generator=torch.Generator().manual_seed(step))
+            gen_latents, gen_images = pool[0][pick].to(images.device), pool[1][pick].to(images.device)
+            loss = loss + F.mse_loss(model.decode(gen_latents).sample.float(), gen_images)
+        return loss, {"mse": rec_loss.item(), "latent_mse": enc_loss.item()}
+
+    model = _small_stage(cfg, acc, "tiny_vae", tiny, list(tiny.parameters()), cv.tiny_lr, cv.tiny_steps,
+                         8 * 10**7, resume, loss_fn, lambda m: tiny_vae_psnr(m, vae))
     if acc.is_main_process:
         model.eval()
         if pool is not None:
