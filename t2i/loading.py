@@ -136,7 +136,7 @@ def check_folder(path: Path, allow_pickle: bool = False) -> None:
         raise UnsafeFileError(f"model folder {path} contains code ({py.relative_to(path)}); t2i never runs model code")
 
 
-def _check_component(folder: Path, allow_pickle: bool) -> None:
+def _check_component(folder: Path, allow_pickle: bool) -> dict:
     config = folder / "config.json"
     if not config.is_file():
         raise ModelLoadError(f"{folder} has no config.json; the model folder is incomplete")
@@ -158,6 +158,7 @@ def _check_component(folder: Path, allow_pickle: bool) -> None:
         )
     for p in safe:
         check_safetensors(p)
+    return values
 
 
 # --------------------------------------------------------------------------- resolving
@@ -171,6 +172,14 @@ def bundled_model_path() -> Path | None:
         return None
     path = Path(str(root))
     return path if (path / "model_index.json").is_file() else None
+
+
+def _is_hub_id(text: str) -> bool:
+    """`org/name` that is not a path someone meant (./x, /x, ~/x, a weights file name)."""
+    path = Path(text).expanduser()
+    looks_like_path = text.startswith((".", "/", "~")) or os.sep in text.strip("/").split("/", 1)[-1] \
+        or path.suffix.lower() in WEIGHT_SUFFIXES or text.count("/") != 1
+    return not looks_like_path and bool(_HUB_ID.match(text))
 
 
 def resolve(model: str | None) -> ModelSource:
@@ -189,9 +198,7 @@ def resolve(model: str | None) -> ModelSource:
         return ModelSource("folder", str(path), path.resolve().name, model)
     if path.is_file():
         return ModelSource("single_file", str(path), path.stem, model)
-    looks_like_path = model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1] \
-        or path.suffix.lower() in WEIGHT_SUFFIXES or model.count("/") != 1
-    if looks_like_path or not _HUB_ID.match(model):
+    if not _is_hub_id(model):
         raise UsageError(f"model {model} does not exist; give a diffusers folder, a .safetensors file or a hub id (org/name)")
     return ModelSource("hub", model, model.split("/")[-1], model)
 
@@ -353,7 +360,7 @@ def tiny_vae_folder(value: str, model_path: Path | None) -> Path:
     path = Path(value).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or not _HUB_ID.match(value) or value.startswith((".", "/", "~")):
+    if path.exists() or not _is_hub_id(value):
         raise UsageError(f"tiny_vae {value}: not a folder; give an AutoencoderTiny folder (config.json and "
                          ".safetensors weights) or a hub id such as madebyollin/taesd")
     return hub_snapshot(value)
@@ -363,8 +370,7 @@ def load_tiny_vae(folder: Path, dtype, device, latent_channels: int):
     """An AutoencoderTiny from a vetted folder (safetensors only, no code), checked against the UNet's latents."""
     from diffusers import AutoencoderTiny
 
-    _check_component(folder, allow_pickle=False)
-    kind = json.loads((folder / "config.json").read_text()).get("_class_name")
+    kind = _check_component(folder, allow_pickle=False).get("_class_name")
     if kind != "AutoencoderTiny":
         raise ModelLoadError(f"{folder} is not an AutoencoderTiny (its config says {kind or 'no _class_name'}); "
                              "give a tiny VAE folder (TAESD-style)")

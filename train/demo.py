@@ -27,6 +27,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -334,16 +335,26 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
+@lru_cache(maxsize=4)
+def held_out_renders(n: int = 256) -> torch.Tensor:
+    """The first `n` held-out scenes (VAL_SEED on) as (n, 3, 64, 64) in [-1, 1]; rendered once per process
+    (shared: read it, never write to it)."""
+    return scene_batch(VAL_SEED, n)[0]
+
+
+@torch.no_grad()
+def batched_psnr(fn, inputs: torch.Tensor, targets: torch.Tensor, batch: int = 64) -> float:
+    """The mean over batches of PSNR(fn(inputs[batch]), targets[batch])."""
+    total = [psnr(fn(inputs[i : i + batch]), targets[i : i + batch]) for i in range(0, len(inputs), batch)]
+    return sum(total) / len(total)
+
+
 @torch.no_grad()
 def vae_psnr(vae, n: int = 256, batch: int = 64) -> float:
     """Reconstruction PSNR of the VAE on `n` held-out renders (latent mean, no sampling)."""
     vae.eval()
-    total = []
-    for i in range(0, n, batch):
-        images, _ = scene_batch(VAL_SEED + i, min(batch, n - i))
-        recon = vae.decode(vae.encode(images).latent_dist.mode()).sample
-        total.append(psnr(recon, images))
-    return sum(total) / len(total)
+    images = held_out_renders(n)
+    return batched_psnr(lambda x: vae.decode(vae.encode(x).latent_dist.mode()).sample, images, images, batch)
 
 
 @torch.no_grad()
@@ -501,15 +512,18 @@ def stage_decoder(cfg: DemoConfig, resume: str | None = "latest") -> None:
 
 
 @torch.no_grad()
+def held_out_latents(vae, n: int = 256, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's scaled latent means (the UNet's space) of `n` held-out renders, and the renders."""
+    vae.eval()
+    images = held_out_renders(n)
+    latents = [vae.encode(images[i : i + batch]).latent_dist.mode() for i in range(0, n, batch)]
+    return torch.cat(latents) * vae.config.scaling_factor, images
+
+
 def tiny_vae_psnr(tiny, vae, n: int = 256, batch: int = 64) -> float:
     """PSNR of the small decoder on the VAE's latents (mean) of `n` held-out renders: vae_psnr's measure."""
     tiny.eval()
-    total = []
-    for i in range(0, n, batch):
-        images, _ = scene_batch(VAL_SEED + i, min(batch, n - i))
-        latents = vae.encode(images).latent_dist.mode() * vae.config.scaling_factor
-        total.append(psnr(tiny.decode(latents).sample, images))
-    return sum(total) / len(total)
+    return batched_psnr(lambda z: tiny.decode(z).sample, *held_out_latents(vae, n, batch), batch)
 
 
 @torch.no_grad()
@@ -546,15 +560,6 @@ def generated_pool(cfg: DemoConfig, vae, device, batch: int = 32) -> tuple[torch
     return pool["latents"], pool["images"]
 
 
-@torch.no_grad()
-def tiny_vae_agreement(tiny, pool, batch: int = 64) -> float:
-    """PSNR of the small decoder's decoding of generated latents against the VAE's."""
-    tiny.eval()
-    total = [psnr(tiny.decode(pool[0][i : i + batch]).sample, pool[1][i : i + batch])
-             for i in range(0, len(pool[0]), batch)]
-    return sum(total) / len(total)
-
-
 def stage_tiny_vae(cfg: DemoConfig, resume: str | None = "latest") -> None:
     """Train the small decoder (and its encoder) in the frozen VAE's latent space; writes <output_dir>/vae_tiny."""
     cv, root = cfg.vae, Path(cfg.output_dir)
@@ -580,16 +585,22 @@ def stage_tiny_vae(cfg: DemoConfig, resume: str | None = "latest") -> None:
             loss = loss + F.mse_loss(model.decode(gen_latents).sample.float(), gen_images)
         return loss, {"mse": rec_loss.item(), "latent_mse": enc_loss.item()}
 
+    held_out = held_out_latents(vae)  # encoded once, decoded at every checkpoint
+
+    def val_fn(model):
+        model.eval()
+        return batched_psnr(lambda z: model.decode(z).sample, *held_out)
+
     model = _small_stage(cfg, acc, "tiny_vae", tiny, list(tiny.parameters()), cv.tiny_lr, cv.tiny_steps,
-                         8 * 10**7, resume, loss_fn, lambda m: tiny_vae_psnr(m, vae))
+                         8 * 10**7, resume, loss_fn, val_fn)
     if acc.is_main_process:
         model.eval()
         if pool is not None:
-            p = tiny_vae_agreement(model, pool)
+            p = batched_psnr(lambda z: model.decode(z).sample, *pool)
             _log(root / "tiny_vae_log.jsonl", {"step": cv.tiny_steps, "generated_psnr_vs_vae": p})
             print(f"tiny_vae: on generated latents it matches the VAE's decoding at {p:.2f} dB")
         model.save_pretrained(str(root / "vae_tiny"))
-        print(f"tiny_vae: held-out PSNR {tiny_vae_psnr(model, vae):.2f} dB (the VAE: {vae_psnr(vae):.2f} dB) "
+        print(f"tiny_vae: held-out PSNR {val_fn(model):.2f} dB (the VAE: {vae_psnr(vae):.2f} dB) "
               f"-> {root / 'vae_tiny'}")
 
 
