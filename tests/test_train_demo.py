@@ -24,7 +24,9 @@ def _run(root: Path, stage: str, resume="latest", **overrides):
 def trained(tmp_path_factory):
     """All stages once, then the exported folder."""
     root = tmp_path_factory.mktemp("demo")
-    _run(root, "all", **{"vae.decoder_steps": 2, "vae.tiny_steps": 2, "vae.tiny_channels": 8})
+    _run(root, "all", **{"vae.decoder_steps": 2, "vae.tiny_steps": 2, "vae.tiny_channels": 8,
+                         "unet.beta_schedule": "linear", "unet.beta_start": 1e-4, "unet.beta_end": 0.02,
+                         "unet.prediction_type": "v_prediction", "unet.snr_floor": 1.0})
     return root
 
 
@@ -42,6 +44,30 @@ def test_all_stages_write_a_stock_diffusers_model(trained):
     assert list((trained / "samples").glob("unet-*.png")), "sample grids are written during training"
     logs = [json.loads(l) for l in (trained / "unet_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_the_noise_schedule_is_the_configs_and_ships_with_the_model(trained):
+    from diffusers import DDPMScheduler
+
+    # Stable Diffusion's betas by default; the last step then keeps 6.8% of the image (the leak the
+    # linear betas remove: the seed, not the prompt, would choose the background).
+    assert demo.train_noise_scheduler().alphas_cumprod[-1].sqrt() == pytest.approx(0.0683, abs=1e-4)
+    cfg = json.loads((trained / "model" / "scheduler" / "scheduler_config.json").read_text())
+    assert (cfg["beta_schedule"], cfg["beta_start"], cfg["beta_end"]) == ("linear", 1e-4, 0.02)
+    assert cfg["prediction_type"] == "v_prediction"
+    assert DDPMScheduler.from_config(cfg).alphas_cumprod[-1].sqrt() < 0.007
+
+
+def test_an_unknown_prediction_type_is_refused_before_any_work(tmp_path):
+    with pytest.raises(UsageError, match="epsilon or v_prediction"):
+        _run(tmp_path, "unet", **{"unet.prediction_type": "sample"})
+    assert not (tmp_path / "unet_checkpoints").exists()
+
+
+def test_warmup_then_cosine_settles_at_the_floor():
+    f = demo._warmup_cosine(warmup=10, steps=110, floor=0.05)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.525) and f(110) == pytest.approx(0.05) and f(500) == pytest.approx(0.05)
 
 
 def test_the_small_decoder_ships_beside_the_model_and_decodes_its_latents(trained, run_cli, tmp_path):
@@ -71,6 +97,8 @@ def test_model_card_reports_the_measured_numbers(trained, tmp_path):
     assert "| single object | 0.500 |" in card and "**28.50 dB**" in card and "2 seeds per prompt" in card
     assert "vae_tiny/ (not a pipeline part)" in card and "**31.25 dB**" in card
     assert "not all met yet: single_object, PSNR below target" in card
+    assert "v-prediction objective" in card and "on linear betas (0.0001..0.02)" in card
+    assert "VAE decoder: 2 more steps" in card
 
 
 def test_tiny_vae_resume_continues_from_the_checkpoint(trained, tmp_path):

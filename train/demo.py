@@ -110,6 +110,17 @@ class UNetConfig:
     up_block_types: list[str] = field(
         default_factory=lambda: ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
     )
+    # The noise schedule (diffusers' DDPMScheduler names). Stable Diffusion's scaled-linear betas leave
+    # sqrt(alpha_bar_T) = 0.068 of the image in the last step's latent: at 16x16 its mean, the background and
+    # the coarse layout, can be read from the noise itself, and the model learns to take them from the seed
+    # instead of the prompt. DDPM's linear betas (1e-4..0.02) leave 0.0064.
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    # What the UNet predicts: "epsilon" (the noise) or "v_prediction" (sqrt(a) eps - sqrt(1-a) x0). Near
+    # SNR 0 an epsilon model must output its input almost exactly (an error e costs e / sqrt(a) in the image,
+    # x157 at t=999 with linear betas); v tends to -x0 there, so the noisiest steps learn the image itself.
+    prediction_type: str = "epsilon"
     # training
     steps: int = 4000
     batch: int = 64
@@ -117,6 +128,11 @@ class UNetConfig:
     warmup: int = 200
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
+    # Min-SNR-gamma weighs a step's image (x0) error by min(SNR, gamma): the noisiest steps (SNR ~1e-4 at
+    # t=999 with linear betas), where only the prompt can decide the background and layout, count for almost
+    # nothing. A floor keeps them in the loss: x0 weight max(min(SNR, gamma), snr_floor); 0 = plain min-SNR,
+    # 1 with v_prediction = Salimans & Ho's truncated-SNR weighting capped at gamma.
+    snr_floor: float = 0.0
     caption_dropout: float = 0.1
     checkpoint_every: int = 200
     sample_every: int = 500
@@ -295,15 +311,18 @@ def build_unet(cfg: DemoConfig, latent_size: int):
     )
 
 
-def train_noise_scheduler():
-    """Stable Diffusion's training schedule (scaled-linear betas, epsilon prediction)."""
+def train_noise_scheduler(cu: UNetConfig | None = None):
+    """The training schedule: `cu`'s betas and prediction type, by default Stable Diffusion's (scaled-linear
+    0.00085..0.012, epsilon)."""
     from diffusers import DDPMScheduler
 
+    cu = cu or UNetConfig()
     return DDPMScheduler(
         num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
+        beta_start=cu.beta_start,
+        beta_end=cu.beta_end,
+        beta_schedule=cu.beta_schedule,
+        prediction_type=cu.prediction_type,
         clip_sample=False,
         steps_offset=1,
     )
@@ -320,6 +339,17 @@ def _accelerator(cfg: DemoConfig):
 
 def _warmup(warmup: int):
     return lambda step: min(1.0, (step + 1) / max(1, warmup))
+
+
+def _warmup_cosine(warmup: int, steps: int, floor: float = 0.05):
+    """Warm-up, then a cosine from the full rate down to `floor` of it at `steps`: the last checkpoint settles
+    instead of wandering with a constant rate."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        t = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+    return factor
 
 
 def _log(path: Path, record: dict) -> None:
@@ -444,14 +474,15 @@ def _vae_stage_start(cfg: DemoConfig, stage: str, seed_offset: int):
 
 
 def _small_stage(cfg: DemoConfig, acc, name: str, model, params, lr: float, steps: int, data_offset: int, resume,
-                 loss_fn, val_fn):
-    """The loop the decoder and tiny_vae stages share: AdamW with warm-up, a fresh batch of renders per step
+                 loss_fn, val_fn, decay: bool = False):
+    """The loop the decoder and tiny_vae stages share: AdamW with warm-up (then a cosine decay with `decay`), a
+    fresh batch of renders per step
     (`loss_fn(model, images, step)` -> (loss, values to log)), resumable checkpoints of `model` under
     <output_dir>/<name>_checkpoints, a JSONL log, and `val_fn(model)` (PSNR, dB) at each checkpoint.
     Returns the trained (unwrapped) model."""
     cv, root = cfg.vae, Path(cfg.output_dir)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(cv.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cv.warmup, steps) if decay else _warmup(cv.warmup))
     ckpts = Checkpoints(root / f"{name}_checkpoints", keep=cfg.keep_checkpoints)
     start = 0
     if (path := ckpts.resolve(resume)) is not None:
@@ -504,7 +535,7 @@ def stage_decoder(cfg: DemoConfig, resume: str | None = "latest") -> None:
 
     params = [p for p in vae.parameters() if p.requires_grad]
     model = _small_stage(cfg, acc, "decoder", vae, params, cv.decoder_lr, cv.decoder_steps, 9 * 10**7, resume,
-                         loss_fn, vae_psnr)
+                         loss_fn, vae_psnr, decay=True)
     if acc.is_main_process:
         model.eval()
         model.save_pretrained(str(root / "vae"))  # same scaling factor: the latent space is unchanged
@@ -608,6 +639,8 @@ def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
     from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
 
+    if cfg.unet.prediction_type not in ("epsilon", "v_prediction"):
+        raise UsageError(f"unet.prediction_type must be epsilon or v_prediction, not {cfg.unet.prediction_type!r}")
     acc = _accelerator(cfg)
     torch.manual_seed(cfg.seed)
     root = Path(cfg.output_dir)
@@ -619,8 +652,8 @@ def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
     text_encoder = build_text_encoder(cfg, tokenizer)
     unet = build_unet(cfg, latent_size)
     ema_text, ema_unet = copy.deepcopy(text_encoder).requires_grad_(False), copy.deepcopy(unet).requires_grad_(False)
-    noise_scheduler = train_noise_scheduler()
     cu = cfg.unet
+    noise_scheduler = train_noise_scheduler(cu)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cu.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(cu.warmup))
@@ -639,6 +672,9 @@ def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
     vae.to(acc.device)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(acc.device)
     snr = alphas_cumprod / (1 - alphas_cumprod)  # (1000,)
+    # A target's squared error per unit of squared image (x0) error: SNR for epsilon, SNR + 1 for v.
+    v_pred = cu.prediction_type == "v_prediction"
+    target_per_x0 = snr + 1 if v_pred else snr
     empty_ids = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
 
     bar = tqdm(range(start, cu.steps), initial=start, total=cu.steps, desc="unet", disable=not acc.is_main_process)
@@ -656,11 +692,12 @@ def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
         noise = torch.randn(latents.shape, generator=gen).to(acc.device)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(acc.device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
+        target = noise_scheduler.get_velocity(latents, noise, t) if v_pred else noise
         with acc.autocast():
             cond = text_encoder(ids.to(acc.device))[0]  # (B, 77, D)
             pred = unet(noisy, t, cond).sample  # (B, 4, 16, 16)
-            per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))  # (B,)
-            weight = torch.clamp(snr[t], max=cu.min_snr_gamma) / snr[t]  # min-SNR-gamma for epsilon targets
+            per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
+            weight = torch.clamp(snr[t], min=cu.snr_floor, max=cu.min_snr_gamma) / target_per_x0[t]
             loss = (per_sample * weight).mean()
         acc.backward(loss)
         acc.clip_grad_norm_(params, 1.0)
@@ -723,7 +760,7 @@ def assemble(cfg: DemoConfig, tokenizer, text_encoder, vae, unet):
     """A stock StableDiffusionPipeline over the given parts (the default sampler's scheduler)."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    base = train_noise_scheduler().config
+    base = train_noise_scheduler(cfg.unet).config
     scheduler = DPMSolverMultistepScheduler.from_config(base, use_karras_sigmas=True)
     return StableDiffusionPipeline(
         vae=vae,

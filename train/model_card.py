@@ -46,10 +46,10 @@ Scheduler: DPM++ 2M Karras (`t2i.json` holds t2i's defaults: {steps} steps, guid
 ## Training
 
 `t2i train demo --config train/configs/demo.toml` (stages tokenizer, vae, unet,
-decoder, tiny_vae, export; each resumable). VAE: {vae_steps} steps of batch 32, MSE + 1e-6 KL.{tiny_training}
-UNet and text encoder together: {unet_steps} steps of batch 64, epsilon objective
-with min-SNR-5 weighting, 10% caption dropout (for classifier-free guidance), AdamW
-3e-4, EMA 0.999 (exported). Data: `t2i.shapes.sample_scene(seed)`, a fresh scene
+decoder, tiny_vae, export; each resumable). VAE: {vae_steps} steps of batch 32, MSE + 1e-6 KL.{decoder_training}{tiny_training}
+UNet and text encoder together: {unet_steps} steps of batch {unet_batch}, {objective} objective
+on {schedule} betas ({beta_start}..{beta_end}) with {weighting} weighting, {dropout}% caption dropout (for
+classifier-free guidance), AdamW {lr}, EMA {ema} (exported). Data: `t2i.shapes.sample_scene(seed)`, a fresh scene
 per sample; the compositions ShapeEval holds out never appear.
 
 ## Evaluation
@@ -100,11 +100,28 @@ def write_card(folder: Path, eval_json: Path, psnr: float, seeds: int = 4, tiny_
         text_params=f"{_params(folder, 'text_encoder') / 1e6:.2f} M", unet_channels=unet_cfg["block_out_channels"],
         unet_params=f"{_params(folder, 'unet') / 1e6:.2f} M", size_mb=size / 2**20, vae_steps=train["vae"]["steps"],
         unet_steps=defaults.get("trained_unet_steps", "?"), eval_rows=rows, psnr=psnr, verdict=verdict,
-        **_tiny_parts(folder, train, tiny_psnr),
+        **_unet_parts(train), **_tiny_parts(folder, train, tiny_psnr),
     )
     out = folder / "README.md"
     out.write_text(card)
     return out
+
+
+def _unet_parts(train: dict) -> dict:
+    """The card's training numbers for the UNet and the decoder fine-tuning, from training_config.json."""
+    u, v = train["unet"], train["vae"]
+    steps = v.get("decoder_steps", 0)
+    return {
+        "unet_batch": u["batch"], "schedule": u.get("beta_schedule", "scaled_linear").replace("_", "-"),
+        "beta_start": u.get("beta_start", 0.00085), "beta_end": u.get("beta_end", 0.012),
+        "objective": {"v_prediction": "v-prediction"}.get(u.get("prediction_type", "epsilon"), "epsilon"),
+        "weighting": (f"image-space SNR clamped to [{u['snr_floor']:g}, {u['min_snr_gamma']:g}]" if u.get("snr_floor")
+                      else f"min-SNR-{u['min_snr_gamma']:g}"),
+        "dropout": f"{100 * u['caption_dropout']:g}", "lr": f"{u['lr']:g}",
+        "ema": u["ema_decay"],
+        "decoder_training": f"\nVAE decoder: {steps} more steps of batch {v['batch']}, encoder frozen (the latent space "
+                            f"is unchanged), AdamW {v['decoder_lr']:g} with a cosine decay." if steps else "",
+    }
 
 
 def _tiny_parts(folder: Path, train: dict, tiny_psnr: float | None) -> dict:
