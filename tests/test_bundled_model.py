@@ -14,7 +14,7 @@ from t2i import loading, shapeeval
 BUNDLED = loading.bundled_model_path()
 # What the bundled checkpoint scores on the 12-prompt subset below (2 seeds), less a
 # margin; raised each time a better model is committed (assets/t2i-shapes/README.md).
-MIN_OVERALL = 0.25  # measured 0.417 at UNet step 3300 (0.125 at step 1200)
+MIN_OVERALL = 0.35  # measured 0.458 (0.500 with tiny_vae) at UNet step 4200 + fine-tuned decoder; 0.417 at 3300
 
 
 def test_bundled_model_is_installed_and_within_budget():
@@ -71,9 +71,9 @@ def test_shapeeval_on_a_handful_of_prompts(demo_pipe):
     assert report.overall >= MIN_OVERALL, report.table()
 
 
-def test_the_small_decoder_reconstructs_held_out_renders_as_well_as_the_vae():
-    """--speed tiny_vae on the bundled model: its decoder is 5x cheaper and reconstructs renders better than the
-    VAE (measured 30.47 against 28.74 dB on 256 held-out renders; 30.38 against 28.63 on these 64)."""
+def test_the_vae_and_the_small_decoder_reconstruct_held_out_renders():
+    """The VAE meets the 30 dB target (its decoder fine-tuned by the decoder stage: 33.49 dB on 256 held-out
+    renders, 33.30 on these 64; 28.74 before); vae_tiny, 5x cheaper, too (30.47 dB)."""
     from diffusers import AutoencoderKL, AutoencoderTiny
 
     from t2i.train import demo
@@ -81,7 +81,22 @@ def test_the_small_decoder_reconstructs_held_out_renders_as_well_as_the_vae():
     vae = AutoencoderKL.from_pretrained(str(BUNDLED / "vae")).eval()
     tiny = AutoencoderTiny.from_pretrained(str(BUNDLED / loading.TINY_VAE_FOLDER)).eval()
     full, small = demo.vae_psnr(vae, n=64), demo.tiny_vae_psnr(tiny, vae, n=64)
-    assert small >= 30.0 and small >= full - 0.5, (small, full)
+    assert full >= 30.0 and small >= 30.0, (full, small)
+
+
+@pytest.mark.xfail(strict=True, reason="the bundled UNet (scaled-linear betas) takes the background from the "
+                   "seed; a linear-beta v-prediction run fixes it but does not yet beat it on ShapeEval")
+def test_the_prompt_not_the_seed_chooses_the_background(demo_pipe):
+    """Same seeds, white and black backgrounds asked for: the corners follow the prompt. With Stable
+    Diffusion's noise schedule the seed decides (identical corners for both prompts), see UNetConfig."""
+    import numpy as np
+
+    def corners(prompt):
+        images = demo_pipe(prompt, seed=0, batch=4, progress=False).images  # seeds 0-3
+        return [np.concatenate([np.asarray(im)[:6, :6], np.asarray(im)[-6:, -6:]]).mean() / 255 for im in images]
+
+    white, black = corners("a circle on a white background"), corners("a circle on a black background")
+    assert sum(w > 0.8 for w in white) >= 3 and sum(b < 0.2 for b in black) >= 3, (white, black)
 
 
 def test_shapeeval_with_the_small_decoder(demo_pipe):

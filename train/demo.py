@@ -475,11 +475,10 @@ def _vae_stage_start(cfg: DemoConfig, stage: str, seed_offset: int):
 
 def _small_stage(cfg: DemoConfig, acc, name: str, model, params, lr: float, steps: int, data_offset: int, resume,
                  loss_fn, val_fn, decay: bool = False):
-    """The loop the decoder and tiny_vae stages share: AdamW with warm-up (then a cosine decay with `decay`), a
-    fresh batch of renders per step
-    (`loss_fn(model, images, step)` -> (loss, values to log)), resumable checkpoints of `model` under
-    <output_dir>/<name>_checkpoints, a JSONL log, and `val_fn(model)` (PSNR, dB) at each checkpoint.
-    Returns the trained (unwrapped) model."""
+    """The loop the decoder and tiny_vae stages share: AdamW with warm-up (then a cosine decay with `decay`),
+    a fresh batch of renders per step (`loss_fn(model, images, step)` -> (loss, values to log)), resumable
+    checkpoints of `model` under <output_dir>/<name>_checkpoints, a JSONL log, and `val_fn(model)` (PSNR, dB)
+    at each checkpoint. Returns the trained (unwrapped) model."""
     cv, root = cfg.vae, Path(cfg.output_dir)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cv.warmup, steps) if decay else _warmup(cv.warmup))
