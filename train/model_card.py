@@ -109,13 +109,16 @@ def write_card(folder: Path, eval_json: Path, psnr: float, seeds: int = 4, tiny_
 
 def _unet_parts(train: dict) -> dict:
     """The card's training numbers for the UNet and the decoder fine-tuning, from training_config.json."""
-    u, v = train["unet"], train["vae"]
+    from dataclasses import asdict
+
+    from t2i.train.demo import UNetConfig
+
+    u, v = {**asdict(UNetConfig()), **train["unet"]}, train["vae"]  # older configs lack the newer fields
     steps = v.get("decoder_steps", 0)
     return {
-        "unet_batch": u["batch"], "schedule": u.get("beta_schedule", "scaled_linear").replace("_", "-"),
-        "beta_start": u.get("beta_start", 0.00085), "beta_end": u.get("beta_end", 0.012),
-        "objective": {"v_prediction": "v-prediction"}.get(u.get("prediction_type", "epsilon"), "epsilon"),
-        "weighting": (f"image-space SNR clamped to [{u['snr_floor']:g}, {u['min_snr_gamma']:g}]" if u.get("snr_floor")
+        "unet_batch": u["batch"], "schedule": u["beta_schedule"].replace("_", "-"),
+        "beta_start": u["beta_start"], "beta_end": u["beta_end"], "objective": u["prediction_type"].replace("_", "-"),
+        "weighting": (f"image-space SNR clamped to [{u['snr_floor']:g}, {u['min_snr_gamma']:g}]" if u["snr_floor"]
                       else f"min-SNR-{u['min_snr_gamma']:g}"),
         "dropout": f"{100 * u['caption_dropout']:g}", "lr": f"{u['lr']:g}",
         "ema": u["ema_decay"],
