@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = tsub.add_parser("demo", help="train the bundled demo model t2i-shapes from scratch (resumable)")
     d.add_argument("--config", default=None, metavar="TOML", help="training config (default: train/configs/demo.toml)")
     d.add_argument("--stage", default="all",
-                   choices=["tokenizer", "vae", "unet", "decoder", "tiny_vae", "export", "all"],
+                   choices=["tokenizer", "vae", "text", "unet", "decoder", "tiny_vae", "export", "all"],
                    help="default: all (each stage resumes; export writes export_dir from the newest checkpoint)")
     d.add_argument("--resume", default="latest", metavar="latest|PATH|none", help="default: latest")
     d.add_argument("--output-dir", help="overrides output_dir")

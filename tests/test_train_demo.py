@@ -192,3 +192,57 @@ def test_unet_can_start_from_an_exported_model(trained, tmp_path):
     _run(tmp_path, "unet", **{"unet.init_from": str(trained / "model"), "unet.steps": 5})
     logs = [json.loads(l) for l in (tmp_path / "unet_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs if "loss" in r] == [5]  # continued at step 4, ran one step
+
+
+def test_the_layout_loss_trains_a_head_that_is_checkpointed_but_never_exported(tmp_path):
+    """unet.layout_weight: the text encoder also learns to draw a coarse picture of the caption's scene."""
+    _run(tmp_path, "tokenizer")
+    _run(tmp_path, "vae")
+    _run(tmp_path, "unet", **{"unet.layout_weight": 1.0, "text.layout_cells": 4, "unet.steps": 2})
+    _run(tmp_path, "unet", **{"unet.layout_weight": 1.0, "text.layout_cells": 4, "unet.steps": 3})  # resumes
+    logs = [json.loads(l) for l in (tmp_path / "unet_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3] and all(r["layout_loss"] > 0 for r in logs)
+    head = load_file(str(Checkpoints(tmp_path / "unet_checkpoints").latest() / "layout_head.safetensors"))
+    assert head["net.3.weight"].shape[0] == 4 * 16  # coverage + RGB of 4 x 4 cells
+    _run(tmp_path, "export")
+    assert not list(Path(tmp_path / "model").rglob("*layout*"))
+
+
+def test_a_negative_layout_weight_is_refused_before_any_work(tmp_path):
+    with pytest.raises(UsageError, match="layout_weight"):
+        _run(tmp_path, "unet", **{"unet.layout_weight": -1.0})
+
+
+def test_the_text_stage_teaches_position_words_and_the_unet_starts_from_it(tmp_path):
+    """text.layout_steps: after the stage, the encoder + head draw "on the left" left of "on the right"."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    _run(tmp_path, "tokenizer")
+    _run(tmp_path, "vae")
+    text = {"text.layout_steps": 200, "text.layout_batch": 128, "text.layout_cells": 4, "text.layout_lr": 3e-3,
+            "text.checkpoint_every": 100}
+    _run(tmp_path, "text", **text)
+    logs = [json.loads(l) for l in (tmp_path / "text_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == list(range(1, 201))
+    _run(tmp_path, "text", **text)  # done: a rerun (as `--stage all` does) changes nothing
+    assert len((tmp_path / "text_log.jsonl").read_text().splitlines()) == 200
+    tok = CLIPTokenizer.from_pretrained(str(tmp_path / "tokenizer"))
+    te = CLIPTextModel.from_pretrained(str(tmp_path / "text")).eval()
+    head = demo.LayoutHead(te.config.hidden_size, 4)
+    head.load_state_dict(load_file(str(tmp_path / "text" / "layout_head.safetensors")))
+
+    def centre_x(caption):
+        ids = tok([caption], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+        with torch.no_grad():
+            cover = head(te(ids).pooler_output)[0, 0].clamp(min=0)  # (4, 4) share of object pixels
+        return float((cover.sum(0) * torch.arange(4.0)).sum() / cover.sum())
+
+    assert centre_x("a red circle on the left") + 0.5 < centre_x("a red circle on the right")
+
+    _run(tmp_path, "unet", **text, **{"unet.steps": 1, "unet.layout_weight": 1.0, "unet.lr": 0.0})  # lr 0: no change
+    ck = Checkpoints(tmp_path / "unet_checkpoints").latest()
+    started = load_file(str(tmp_path / "text" / "model.safetensors"))
+    for name in ("text_encoder", "ema_text_encoder", "layout_head"):
+        saved = load_file(str(ck / f"{name}.safetensors"))
+        want = load_file(str(tmp_path / "text" / "layout_head.safetensors")) if name == "layout_head" else started
+        assert saved.keys() == want.keys() and all(torch.equal(saved[k], want[k]) for k in want), name

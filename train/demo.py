@@ -5,14 +5,17 @@ The stages, each resumable, each one command (`t2i train demo --stage S`):
 1. tokenizer: a CLIP BPE tokenizer over the shapes world's words
    (stock `CLIPTokenizer.from_pretrained` loads it).
 2. vae: an AutoencoderKL, 64x64x3 <-> 16x16x4, reconstruction (MSE) + a tiny KL.
-3. unet: a CLIPTextModel and a UNet2DConditionModel trained together with the
-   epsilon objective and min-SNR weighting, on VAE latents; an EMA copy of
-   both is what gets exported.
-4. decoder (optional, `vae.decoder_steps`): the VAE decoder fine-tuned on the
+3. text (optional, `text.layout_steps`): the CLIPTextModel alone learns to
+   draw a coarse picture of each caption's scene (an auxiliary head, never
+   exported), so the UNet starts from words that already say where things are.
+4. unet: the CLIPTextModel and a UNet2DConditionModel trained together
+   (epsilon or v objective, min-SNR weighting, optionally the layout task
+   kept on), on VAE latents; an EMA copy of both is what gets exported.
+5. decoder (optional, `vae.decoder_steps`): the VAE decoder fine-tuned on the
    frozen encoder's latents.
-5. tiny_vae (optional, `vae.tiny_steps`): a TAESD-style AutoencoderTiny in the
+6. tiny_vae (optional, `vae.tiny_steps`): a TAESD-style AutoencoderTiny in the
    same latent space, the small decoder of the speed option `tiny_vae`.
-6. export: the diffusers folder from the newest checkpoints.
+7. export: the diffusers folder from the newest checkpoints.
 
 `--stage all` runs them in order and writes a diffusers folder that stock
 `StableDiffusionPipeline.from_pretrained` loads. Everything runs through
@@ -35,7 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from t2i.errors import UsageError
-from t2i.shapes import IMAGE_SIZE, caption_words, render, sample_scene
+from t2i.shapes import BACKGROUNDS, IMAGE_SIZE, caption_words, render, sample_scene
 
 from .checkpoint import Checkpoints, load_training_state, save_training_state
 from .config import load_config, to_dict
@@ -95,6 +98,17 @@ class TextConfig:
     intermediate_size: int = 512
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
+    # Stage "text" (optional, layout_steps > 0): the text encoder alone learns to draw a coarse picture of the
+    # objects of each caption that fixes a position or relation (LayoutHead), at ~1/3 of a UNet step's time
+    # (batch 128); the UNet stage then starts from it and keeps the task on with unet.layout_weight. Starts from
+    # unet.init_from's text encoder when that is set; layout_anchor then keeps its tokens near where they were
+    # (MSE to the starting encoder's), so the UNet trained on them still reads them while new words take shape.
+    layout_cells: int = 16
+    layout_steps: int = 0
+    layout_batch: int = 64
+    layout_lr: float = 1e-3
+    layout_anchor: float = 0.0
+    checkpoint_every: int = 200
 
 
 @dataclass
@@ -133,6 +147,11 @@ class UNetConfig:
     # nothing. A floor keeps them in the loss: x0 weight max(min(SNR, gamma), snr_floor); 0 = plain min-SNR,
     # 1 with v_prediction = Salimans & Ho's truncated-SNR weighting capped at gamma.
     snr_floor: float = 0.0
+    # Weight of the text stage's layout task kept on during this stage (0 = off; its LayoutHead, trained along,
+    # is never exported). The diffusion loss alone teaches the text encoder only what the UNet already uses:
+    # after 5600 steps "on the left" and "on the right" differed by 0.6 per token (a colour word by 14), and
+    # the UNet put objects where the seed's noise put them.
+    layout_weight: float = 0.0
     caption_dropout: float = 0.1
     checkpoint_every: int = 200
     sample_every: int = 500
@@ -157,14 +176,26 @@ class DemoConfig:
 # --------------------------------------------------------------------------- data
 
 
-def scene_batch(first_seed: int, n: int) -> tuple[torch.Tensor, list[str]]:
-    """Scenes first_seed .. first_seed+n-1 as a (n, 3, 64, 64) tensor in [-1, 1] and their captions."""
+def scene_batch(first_seed: int, n: int, layout_cells: int = 0):
+    """Scenes first_seed .. first_seed+n-1 as a (n, 3, 64, 64) tensor in [-1, 1] and their captions; with
+    `layout_cells`, also their layout pictures (n, 4, cells, cells): per cell, the share of its pixels that
+    are objects and their mean colour times that share (0..1). Backgrounds are left out: one caption in four
+    names them, and they are most of the pixels (as a difference to the background, the objects' colours
+    would flip sign with it and average out over the captions that don't name it); and which captions fix
+    the layout, (n,) bool: a position or a relation. Only those are worth drawing: where a caption leaves the
+    places free, the picture is noise to the text."""
     import numpy as np
 
     scenes = [sample_scene(first_seed + i) for i in range(n)]
     arr = np.stack([np.asarray(render(s), dtype=np.float32) for s in scenes])  # (n, 64, 64, 3)
     images = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0  # (n, 3, 64, 64)
-    return images, [s.caption for s in scenes]
+    if not layout_cells:
+        return images, [s.caption for s in scenes]
+    bg = torch.tensor([BACKGROUNDS[s.background] for s in scenes], dtype=torch.float32) / 127.5 - 1.0  # (n, 3)
+    fg = ((images - bg[:, :, None, None]).abs().amax(dim=1, keepdim=True) > 0.1).float()  # (n, 1, 64, 64)
+    layout = F.adaptive_avg_pool2d(torch.cat([fg, fg * (images + 1) / 2], dim=1), layout_cells)
+    fixed = torch.tensor([s.position is not None or s.relation is not None for s in scenes])
+    return images, [s.caption for s in scenes], (layout, fixed)
 
 
 def batch_seed(cfg: DemoConfig, stage_offset: int, step: int, batch: int, rank: int, world: int) -> int:
@@ -291,6 +322,29 @@ def build_text_encoder(cfg: DemoConfig, tokenizer):
             pad_token_id=tokenizer.pad_token_id,
         )
     )
+
+
+class LayoutHead(torch.nn.Module):
+    """A caption's pooled feature (B, D) -> a coarse picture of its objects (B, 4, cells, cells): the text
+    encoder's auxiliary task. The pooled feature is CLIP's, the end-of-text token's state, which has read the
+    whole caption; an MLP, not attention, draws the picture, so each cell's colour is a direct function of
+    it and the gradient asks the encoder itself for what, where and which colour goes with which shape."""
+
+    def __init__(self, dim: int, cells: int, hidden: int = 512):
+        super().__init__()
+        self.cells = cells
+        self.net = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, hidden), torch.nn.GELU(),
+                                       torch.nn.Linear(hidden, 4 * cells * cells))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.net(pooled).view(-1, 4, self.cells, self.cells)
+
+
+def layout_error(drawn: torch.Tensor, picture: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the LayoutHead's pictures over the captions that fix their layout (0 if none)."""
+    err = F.mse_loss(drawn.float(), picture.to(drawn.device), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    w = fixed.to(drawn.device, err.dtype)
+    return (err * w).sum() / w.sum().clamp(min=1)
 
 
 def build_unet(cfg: DemoConfig, latent_size: int):
@@ -634,12 +688,89 @@ def stage_tiny_vae(cfg: DemoConfig, resume: str | None = "latest") -> None:
               f"-> {root / 'vae_tiny'}")
 
 
+def stage_text(cfg: DemoConfig, resume: str | None = "latest") -> None:
+    """Train the text encoder alone on the layout task (LayoutHead); write it to <output_dir>/text."""
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPTokenizer
+
+    ct, root = cfg.text, Path(cfg.output_dir)
+    if ct.layout_steps <= 0:
+        return
+    if ct.layout_cells < 1 or ct.layout_anchor < 0:
+        raise UsageError("text.layout_cells must be >= 1 and text.layout_anchor >= 0")
+    if not (root / "tokenizer").is_dir():
+        raise UsageError(f"stage text needs the tokenizer stage's output in {root}; run it first")
+    acc = _accelerator(cfg)
+    torch.manual_seed(cfg.seed + 3)
+    tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
+    text_encoder = build_text_encoder(cfg, tokenizer)
+    if cfg.unet.init_from:
+        start_from = load_file(str(Path(cfg.unet.init_from) / "text_encoder" / "model.safetensors"))
+        text_encoder.load_state_dict({k: v.float() for k, v in start_from.items()})
+    anchor = copy.deepcopy(text_encoder).requires_grad_(False).eval() if ct.layout_anchor > 0 else None
+    model = torch.nn.ModuleDict({"text_encoder": text_encoder,
+                                 "layout_head": LayoutHead(ct.hidden_size, ct.layout_cells)})
+    opt = torch.optim.AdamW(model.parameters(), lr=ct.layout_lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(min(100, ct.layout_steps // 10), ct.layout_steps))
+    ckpts = Checkpoints(root / "text_checkpoints", keep=cfg.keep_checkpoints)
+    start = 0
+    if (path := ckpts.resolve(resume)) is not None:
+        state, _ = load_training_state(path, {"text": model}, opt, sched)
+        start = state["step"]
+        acc.print(f"text: resumed from {path} at step {start}")
+    prepared, opt = acc.prepare(model, opt)
+    model = acc.unwrap_model(prepared)
+    if anchor is not None:
+        anchor.to(acc.device)
+    bar = tqdm(range(start, ct.layout_steps), initial=start, total=ct.layout_steps, desc="text",
+               disable=not acc.is_main_process)
+    for step in bar:
+        model.train()
+        first = batch_seed(cfg, 3 * 10**7, step, ct.layout_batch, acc.process_index, acc.num_processes)
+        _, captions, (picture, fixed) = scene_batch(first, ct.layout_batch, ct.layout_cells)
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(acc.device)
+        with acc.autocast():
+            encoded = model["text_encoder"](ids)
+            tokens = encoded.last_hidden_state  # (B, 77, D)
+            layout_loss = layout_error(model["layout_head"](encoded.pooler_output), picture, fixed)
+            loss = layout_loss
+            values = {"layout_loss": layout_loss.item()}
+            if anchor is not None:
+                with torch.no_grad():
+                    before = anchor(ids)[0]
+                drift = F.mse_loss(tokens.float(), before.float())
+                loss = loss + ct.layout_anchor * drift
+                values["drift"] = drift.item()
+        acc.backward(loss)
+        acc.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        bar.set_postfix(loss=f"{layout_loss.item():.4f}")
+        if acc.is_main_process:
+            _log(root / "text_log.jsonl", {"step": done, **values, "lr": sched.get_last_lr()[0], "t": time.time()})
+        if done % ct.checkpoint_every == 0 or done == ct.layout_steps:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                ckpts.save(done, lambda d: save_training_state(d, {"text": model}, opt, sched))
+    out = root / "text"
+    if acc.is_main_process and (start < ct.layout_steps or not (out / "model.safetensors").is_file()):
+        model["text_encoder"].save_pretrained(str(out), safe_serialization=True)
+        save_file(model["layout_head"].state_dict(), str(out / "layout_head.safetensors"))
+        acc.print(f"text: step {ct.layout_steps} -> {out}")
+
+
 def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
     from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
     from transformers import CLIPTokenizer
 
     if cfg.unet.prediction_type not in ("epsilon", "v_prediction"):
         raise UsageError(f"unet.prediction_type must be epsilon or v_prediction, not {cfg.unet.prediction_type!r}")
+    if cfg.unet.layout_weight < 0 or cfg.text.layout_cells < 1:
+        raise UsageError("unet.layout_weight must be >= 0 (0 turns the layout loss off) and text.layout_cells >= 1")
     acc = _accelerator(cfg)
     torch.manual_seed(cfg.seed)
     root = Path(cfg.output_dir)
@@ -653,11 +784,14 @@ def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
     ema_text, ema_unet = copy.deepcopy(text_encoder).requires_grad_(False), copy.deepcopy(unet).requires_grad_(False)
     cu = cfg.unet
     noise_scheduler = train_noise_scheduler(cu)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    layout = LayoutHead(cfg.text.hidden_size, cfg.text.layout_cells) if cu.layout_weight > 0 else None
+    params = list(unet.parameters()) + list(text_encoder.parameters()) + (list(layout.parameters()) if layout else [])
     opt = torch.optim.AdamW(params, lr=cu.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(cu.warmup))
     ckpts = Checkpoints(root / "unet_checkpoints", keep=cfg.keep_checkpoints)
     modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text_encoder": ema_text}
+    if layout is not None:
+        modules["layout_head"] = layout
     start = 0
     if (path := ckpts.resolve(resume)) is not None:
         state, _ = load_training_state(path, modules, opt, sched)
@@ -667,7 +801,20 @@ def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
         _init_from(cu.init_from, unet, text_encoder, ema_unet, ema_text)
         start = json.loads((Path(cu.init_from) / "t2i.json").read_text()).get("trained_unet_steps", 0)
         acc.print(f"unet: started from the weights in {cu.init_from} (step {start}; optimizer state is new)")
+    if path is None and (root / "text" / "config.json").is_file():  # the text stage's encoder (and head)
+        text_sd = load_file(str(root / "text" / "model.safetensors"))
+        text_encoder.load_state_dict(text_sd)
+        ema_text.load_state_dict(text_sd)
+        if layout is not None and (root / "text" / "layout_head.safetensors").is_file():
+            head_sd = load_file(str(root / "text" / "layout_head.safetensors"))
+            cells = math.isqrt(head_sd["net.3.bias"].numel() // 4)
+            if cells != cfg.text.layout_cells:
+                raise UsageError(f"the text stage drew {cells}x{cells} layouts; set text.layout_cells = {cells}")
+            layout.load_state_dict(head_sd)
+        acc.print(f"unet: the text encoder starts from the text stage's, {root / 'text'}")
     unet, text_encoder, opt = acc.prepare(unet, text_encoder, opt)
+    if layout is not None:
+        layout = acc.prepare(layout)
     vae.to(acc.device)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(acc.device)
     snr = alphas_cumprod / (1 - alphas_cumprod)  # (1000,)
@@ -680,7 +827,8 @@ def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
     for step in bar:
         unet.train()
         text_encoder.train()
-        images, captions = scene_batch(batch_seed(cfg, 5 * 10**7, step, cu.batch, acc.process_index, acc.num_processes), cu.batch)
+        first = batch_seed(cfg, 5 * 10**7, step, cu.batch, acc.process_index, acc.num_processes)
+        images, captions, *picture = scene_batch(first, cu.batch, cfg.text.layout_cells if layout is not None else 0)
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * acc.num_processes + acc.process_index)
         with torch.no_grad():
             posterior = vae.encode(images.to(acc.device)).latent_dist
@@ -693,11 +841,15 @@ def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
         noisy = noise_scheduler.add_noise(latents, noise, t)
         target = noise_scheduler.get_velocity(latents, noise, t) if v_pred else noise
         with acc.autocast():
-            cond = text_encoder(ids.to(acc.device))[0]  # (B, 77, D)
+            encoded = text_encoder(ids.to(acc.device))
+            cond = encoded.last_hidden_state  # (B, 77, D)
             pred = unet(noisy, t, cond).sample  # (B, 4, 16, 16)
             per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
             weight = torch.clamp(snr[t], min=cu.snr_floor, max=cu.min_snr_gamma) / target_per_x0[t]
             loss = (per_sample * weight).mean()
+            if layout is not None:
+                layout_loss = layout_error(layout(encoded.pooler_output), *picture[0])
+                loss = loss + cu.layout_weight * layout_loss
         acc.backward(loss)
         acc.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -709,11 +861,16 @@ def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
         ema_update(ema_text, acc.unwrap_model(text_encoder), decay)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if acc.is_main_process:
-            _log(root / "unet_log.jsonl", {"step": done, "loss": loss.item(), "lr": sched.get_last_lr()[0], "t": time.time()})
+            record = {"step": done, "loss": loss.item(), "lr": sched.get_last_lr()[0], "t": time.time()}
+            if layout is not None:
+                record["layout_loss"] = layout_loss.item()
+            _log(root / "unet_log.jsonl", record)
         if done % cu.checkpoint_every == 0 or done == cu.steps:
             acc.wait_for_everyone()
             if acc.is_main_process:
                 m = {**modules, "unet": acc.unwrap_model(unet), "text_encoder": acc.unwrap_model(text_encoder)}
+                if layout is not None:
+                    m["layout_head"] = acc.unwrap_model(layout)
                 ckpts.save(done, lambda d: save_training_state(d, m, opt, sched))
         if acc.is_main_process and (done % cu.sample_every == 0 or done == cu.steps):
             pipe = assemble(cfg, tokenizer, ema_text, vae, ema_unet)
@@ -814,7 +971,7 @@ def export(cfg: DemoConfig, pipe) -> Path:
     return out
 
 
-STAGES = {"tokenizer": stage_tokenizer, "vae": stage_vae, "unet": stage_unet, "decoder": stage_decoder,
+STAGES = {"tokenizer": stage_tokenizer, "vae": stage_vae, "text": stage_text, "unet": stage_unet, "decoder": stage_decoder,
           "tiny_vae": stage_tiny_vae, "export": stage_export}
 
 
