@@ -99,6 +99,13 @@ def test_model_card_reports_the_measured_numbers(trained, tmp_path):
     assert "not all met yet: single_object, PSNR below target" in card
     assert "v-prediction objective" in card and "on linear betas (0.0001..0.02)" in card
     assert "VAE decoder: 2 more steps" in card
+    assert "draw a" not in card  # trained without the layout task
+    config = json.loads((folder / "training_config.json").read_text())
+    config["text"].update(layout_steps=400, layout_batch=128, layout_cells=8)
+    config["unet"]["layout_weight"] = 5.0
+    (folder / "training_config.json").write_text(json.dumps(config))
+    card = write_card(folder, tmp_path / "eval.json", psnr=28.5, seeds=2, tiny_psnr=31.25).read_text()
+    assert "400 steps of batch 128, to draw a 8x8 picture" in card and "kept that task on at weight 5" in card
 
 
 def test_tiny_vae_resume_continues_from_the_checkpoint(trained, tmp_path):

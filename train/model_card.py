@@ -45,11 +45,11 @@ Scheduler: DPM++ 2M Karras (`t2i.json` holds t2i's defaults: {steps} steps, guid
 
 ## Training
 
-`t2i train demo --config train/configs/demo.toml` (stages tokenizer, vae, unet,
+`t2i train demo --config train/configs/demo.toml` (stages tokenizer, vae, text, unet,
 decoder, tiny_vae, export; each resumable). VAE: {vae_steps} steps of batch 32, MSE + 1e-6 KL.{decoder_training}{tiny_training}
 UNet and text encoder together: {unet_steps} steps of batch {unet_batch}, {objective} objective
 on {schedule} betas ({beta_start}..{beta_end}) with {weighting} weighting, {dropout}% caption dropout (for
-classifier-free guidance), AdamW {lr}, EMA {ema} (exported). Data: `t2i.shapes.sample_scene(seed)`, a fresh scene
+classifier-free guidance), AdamW {lr}, EMA {ema} (exported).{layout_training} Data: `t2i.shapes.sample_scene(seed)`, a fresh scene
 per sample; the compositions ShapeEval holds out never appear.
 
 ## Evaluation
@@ -122,9 +122,23 @@ def _unet_parts(train: dict) -> dict:
                       else f"min-SNR-{u['min_snr_gamma']:g}"),
         "dropout": f"{100 * u['caption_dropout']:g}", "lr": f"{u['lr']:g}",
         "ema": u["ema_decay"],
+        "layout_training": _layout_part(train),
         "decoder_training": f"\nVAE decoder: {steps} more steps of batch {v['batch']}, encoder frozen (the latent space "
                             f"is unchanged), AdamW {v['decoder_lr']:g} with a cosine decay." if steps else "",
     }
+
+
+def _layout_part(train: dict) -> str:
+    """The card's line on the text stage's layout task, empty when the model was trained without it."""
+    t, weight = train.get("text", {}), train["unet"].get("layout_weight", 0)
+    steps = t.get("layout_steps", 0)
+    if not steps and not weight:
+        return ""
+    cells = t.get("layout_cells", 16)
+    first = (f" The text encoder first learnt alone, {steps} steps of batch {t.get('layout_batch')}, to draw a {cells}x{cells}"
+             f" picture of the objects of captions that fix a position or relation (an MLP on its pooled feature, not"
+             f" exported).") if steps else ""
+    return first + (f" The UNet stage kept that task on at weight {weight:g}." if weight else "")
 
 
 def _tiny_parts(folder: Path, train: dict, tiny_psnr: float | None) -> dict:
