@@ -406,6 +406,24 @@ def _warmup_cosine(warmup: int, steps: int, floor: float = 0.05):
     return factor
 
 
+def _update(acc, loss: torch.Tensor, params, opt, sched) -> None:
+    """One optimizer step of every stage: backward, clip the gradient norm to 1, step the rate schedule."""
+    acc.backward(loss)
+    acc.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _resume(acc, ckpts: Checkpoints, resume, modules: dict, opt, sched, name: str) -> int:
+    """The step to start at: the checkpoint `resume` names (latest, a path) restored into modules, else 0."""
+    if (path := ckpts.resolve(resume)) is None:
+        return 0
+    state, _ = load_training_state(path, modules, opt, sched)
+    acc.print(f"{name}: resumed from {path} at step {state['step']}")
+    return state["step"]
+
+
 def _log(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -464,11 +482,7 @@ def stage_vae(cfg: DemoConfig, resume: str | None = "latest") -> None:
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(cfg.vae.warmup))
     ckpts = Checkpoints(root / "vae_checkpoints", keep=cfg.keep_checkpoints)
-    start = 0
-    if (path := ckpts.resolve(resume)) is not None:
-        state, _ = load_training_state(path, {"vae": vae}, opt, sched)
-        start = state["step"]
-        acc.print(f"vae: resumed from {path} at step {start}")
+    start = _resume(acc, ckpts, resume, {"vae": vae}, opt, sched, "vae")
     vae, opt = acc.prepare(vae, opt)
     cv = cfg.vae
     bar = tqdm(range(start, cv.steps), initial=start, total=cv.steps, desc="vae", disable=not acc.is_main_process)
@@ -481,11 +495,7 @@ def stage_vae(cfg: DemoConfig, resume: str | None = "latest") -> None:
             recon = acc.unwrap_model(vae).decode(posterior.sample()).sample  # (B, 3, 64, 64)
             rec_loss = F.mse_loss(recon.float(), images)
             loss = rec_loss + cv.kl_weight * posterior.kl().mean()
-        acc.backward(loss)
-        acc.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        _update(acc, loss, vae.parameters(), opt, sched)
         done = step + 1
         bar.set_postfix(loss=f"{rec_loss.item():.5f}")
         if acc.is_main_process:
@@ -537,11 +547,7 @@ def _small_stage(cfg: DemoConfig, acc, name: str, model, params, lr: float, step
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cv.warmup, steps) if decay else _warmup(cv.warmup))
     ckpts = Checkpoints(root / f"{name}_checkpoints", keep=cfg.keep_checkpoints)
-    start = 0
-    if (path := ckpts.resolve(resume)) is not None:
-        state, _ = load_training_state(path, {name: model}, opt, sched)
-        start = state["step"]
-        acc.print(f"{name}: resumed from {path} at step {start}")
+    start = _resume(acc, ckpts, resume, {name: model}, opt, sched, name)
     prepared, opt = acc.prepare(model, opt)
     model = acc.unwrap_model(prepared)
     log = root / f"{name}_log.jsonl"
@@ -551,11 +557,7 @@ def _small_stage(cfg: DemoConfig, acc, name: str, model, params, lr: float, step
                                 cv.batch)
         with acc.autocast():
             loss, values = loss_fn(model, images.to(acc.device), step)
-        acc.backward(loss)
-        acc.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        _update(acc, loss, params, opt, sched)
         done = step + 1
         bar.set_postfix(loss=f"{loss.item():.5f}")
         if acc.is_main_process:
@@ -713,11 +715,7 @@ def stage_text(cfg: DemoConfig, resume: str | None = "latest") -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=ct.layout_lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(min(100, ct.layout_steps // 10), ct.layout_steps))
     ckpts = Checkpoints(root / "text_checkpoints", keep=cfg.keep_checkpoints)
-    start = 0
-    if (path := ckpts.resolve(resume)) is not None:
-        state, _ = load_training_state(path, {"text": model}, opt, sched)
-        start = state["step"]
-        acc.print(f"text: resumed from {path} at step {start}")
+    start = _resume(acc, ckpts, resume, {"text": model}, opt, sched, "text")
     prepared, opt = acc.prepare(model, opt)
     model = acc.unwrap_model(prepared)
     if anchor is not None:
@@ -742,11 +740,7 @@ def stage_text(cfg: DemoConfig, resume: str | None = "latest") -> None:
                 drift = F.mse_loss(tokens.float(), before.float())
                 loss = loss + ct.layout_anchor * drift
                 values["drift"] = drift.item()
-        acc.backward(loss)
-        acc.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        _update(acc, loss, model.parameters(), opt, sched)
         done = step + 1
         bar.set_postfix(loss=f"{layout_loss.item():.4f}")
         if acc.is_main_process:
@@ -850,11 +844,7 @@ def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
             if layout is not None:
                 layout_loss = layout_error(layout(encoded.pooler_output), *picture[0])
                 loss = loss + cu.layout_weight * layout_loss
-        acc.backward(loss)
-        acc.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        _update(acc, loss, params, opt, sched)
         done = step + 1
         decay = min(cu.ema_decay, (1 + done) / (10 + done))
         ema_update(ema_unet, acc.unwrap_model(unet), decay)
