@@ -103,9 +103,9 @@ class TextConfig:
     # (batch 128); the UNet stage then starts from it and keeps the task on with unet.layout_weight. Starts from
     # unet.init_from's text encoder when that is set; layout_anchor then keeps its tokens near where they were
     # (MSE to the starting encoder's), so the UNet trained on them still reads them while new words take shape.
-    layout_cells: int = 16
+    layout_cells: int = 8
     layout_steps: int = 0
-    layout_batch: int = 64
+    layout_batch: int = 128
     layout_lr: float = 1e-3
     layout_anchor: float = 0.0
     checkpoint_every: int = 200

@@ -130,12 +130,15 @@ def _unet_parts(train: dict) -> dict:
 
 def _layout_part(train: dict) -> str:
     """The card's line on the text stage's layout task, empty when the model was trained without it."""
-    t, weight = train.get("text", {}), train["unet"].get("layout_weight", 0)
-    steps = t.get("layout_steps", 0)
+    from dataclasses import asdict
+
+    from t2i.train.demo import TextConfig
+
+    t, weight = {**asdict(TextConfig()), **train.get("text", {})}, train["unet"].get("layout_weight", 0)
+    steps, cells = t["layout_steps"], t["layout_cells"]
     if not steps and not weight:
         return ""
-    cells = t.get("layout_cells", 16)
-    first = (f" The text encoder first learnt alone, {steps} steps of batch {t.get('layout_batch')}, to draw a {cells}x{cells}"
+    first = (f" The text encoder first learnt alone, {steps} steps of batch {t['layout_batch']}, to draw a {cells}x{cells}"
              f" picture of the objects of captions that fix a position or relation (an MLP on its pooled feature, not"
              f" exported).") if steps else ""
     return first + (f" The UNet stage kept that task on at weight {weight:g}." if weight else "")
