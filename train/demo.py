@@ -692,7 +692,7 @@ def stage_tiny_vae(cfg: DemoConfig, resume: str | None = "latest") -> None:
 
 def stage_text(cfg: DemoConfig, resume: str | None = "latest") -> None:
     """Train the text encoder alone on the layout task (LayoutHead); write it to <output_dir>/text."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from transformers import CLIPTokenizer
 
     ct, root = cfg.text, Path(cfg.output_dir)
@@ -707,8 +707,7 @@ def stage_text(cfg: DemoConfig, resume: str | None = "latest") -> None:
     tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
     text_encoder = build_text_encoder(cfg, tokenizer)
     if cfg.unet.init_from:
-        start_from = load_file(str(Path(cfg.unet.init_from) / "text_encoder" / "model.safetensors"))
-        text_encoder.load_state_dict({k: v.float() for k, v in start_from.items()})
+        text_encoder.load_state_dict(_fp32_weights(Path(cfg.unet.init_from) / "text_encoder" / "model.safetensors"))
     anchor = copy.deepcopy(text_encoder).requires_grad_(False).eval() if ct.layout_anchor > 0 else None
     model = torch.nn.ModuleDict({"text_encoder": text_encoder,
                                  "layout_head": LayoutHead(ct.hidden_size, ct.layout_cells)})
@@ -892,12 +891,17 @@ def stage_export(cfg: DemoConfig, resume: str | None = "latest") -> Path:
     return out
 
 
-def _init_from(folder: str, unet, text_encoder, ema_unet, ema_text) -> None:
+def _fp32_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors in fp32 (the bundled model ships fp16)."""
     from safetensors.torch import load_file
 
+    return {k: v.float() for k, v in load_file(str(path)).items()}
+
+
+def _init_from(folder: str, unet, text_encoder, ema_unet, ema_text) -> None:
     root = Path(folder)
-    u = {k: v.float() for k, v in load_file(str(root / "unet" / "diffusion_pytorch_model.safetensors")).items()}
-    t = {k: v.float() for k, v in load_file(str(root / "text_encoder" / "model.safetensors")).items()}
+    u = _fp32_weights(root / "unet" / "diffusion_pytorch_model.safetensors")
+    t = _fp32_weights(root / "text_encoder" / "model.safetensors")
     for module, sd in ((unet, u), (ema_unet, u), (text_encoder, t), (ema_text, t)):
         module.load_state_dict(sd)
 

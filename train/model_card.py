@@ -107,13 +107,18 @@ def write_card(folder: Path, eval_json: Path, psnr: float, seeds: int = 4, tiny_
     return out
 
 
-def _unet_parts(train: dict) -> dict:
-    """The card's training numbers for the UNet and the decoder fine-tuning, from training_config.json."""
+def _with_defaults(train: dict, section: str, config_class) -> dict:
+    """A training_config.json section with the fields older configs lack filled from the dataclass's defaults."""
     from dataclasses import asdict
 
+    return {**asdict(config_class()), **train.get(section, {})}
+
+
+def _unet_parts(train: dict) -> dict:
+    """The card's training numbers for the UNet and the decoder fine-tuning, from training_config.json."""
     from t2i.train.demo import UNetConfig
 
-    u, v = {**asdict(UNetConfig()), **train["unet"]}, train["vae"]  # older configs lack the newer fields
+    u, v = _with_defaults(train, "unet", UNetConfig), train["vae"]
     steps = v.get("decoder_steps", 0)
     return {
         "unet_batch": u["batch"], "schedule": u["beta_schedule"].replace("_", "-"),
@@ -130,11 +135,9 @@ def _unet_parts(train: dict) -> dict:
 
 def _layout_part(train: dict) -> str:
     """The card's line on the text stage's layout task, empty when the model was trained without it."""
-    from dataclasses import asdict
+    from t2i.train.demo import TextConfig, UNetConfig
 
-    from t2i.train.demo import TextConfig
-
-    t, weight = {**asdict(TextConfig()), **train.get("text", {})}, train["unet"].get("layout_weight", 0)
+    t, weight = _with_defaults(train, "text", TextConfig), _with_defaults(train, "unet", UNetConfig)["layout_weight"]
     steps, cells = t["layout_steps"], t["layout_cells"]
     if not steps and not weight:
         return ""
