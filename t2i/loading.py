@@ -290,9 +290,9 @@ def lora_hash(path: str | Path) -> str:
 
 
 def _pipeline_class(arch: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers  # one pipeline module only: each costs import time
 
-    return StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+    return diffusers.StableDiffusionXLPipeline if arch == "sdxl" else diffusers.StableDiffusionPipeline
 
 
 @contextlib.contextmanager

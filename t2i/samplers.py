@@ -1,7 +1,8 @@
 """Samplers by name: a plain registry of diffusers schedulers.
 
-Each entry is a scheduler class plus the config overrides that make it the
-sampler A1111 users know under its display name. Swapping a sampler is
+Each entry names a diffusers scheduler class (imported when first used) plus
+the config overrides that make it the sampler A1111 users know under its
+display name. Swapping a sampler is
 changing one name: `make_scheduler("dpm++2m-karras", base_config)`.
 """
 
@@ -12,21 +13,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    DPMSolverSDEScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    KDPM2AncestralDiscreteScheduler,
-    KDPM2DiscreteScheduler,
-    LCMScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
-
 from .errors import UsageError
+
 
 # torchsde complains about float rounding of the first Brownian-tree query on every
 # DPM++ SDE run; the result is correct and a user cannot act on it.
@@ -37,41 +25,47 @@ warnings.filterwarnings("ignore", message="Should have ta>=t0", category=UserWar
 class Sampler:
     name: str  # t2i's name, e.g. "dpm++2m-karras"
     a1111: str  # A1111's display name, e.g. "DPM++ 2M Karras"
-    scheduler: type
+    scheduler_class: str  # a diffusers scheduler, imported on first use
     options: dict[str, Any] = field(default_factory=dict)
     # Draws fresh noise each step from the per-image generators (k-diffusion "ancestral"/SDE).
     stochastic: bool = False
     # One noise source for the whole batch: a batch differs from single runs unless split.
     batch_coupled: bool = False
 
+    @property
+    def scheduler(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.scheduler_class)
+
 
 _KARRAS = {"use_karras_sigmas": True}
 SAMPLERS: dict[str, Sampler] = {
     s.name: s
     for s in [
-        Sampler("euler", "Euler", EulerDiscreteScheduler),
-        Sampler("euler-a", "Euler a", EulerAncestralDiscreteScheduler, stochastic=True),
-        Sampler("heun", "Heun", HeunDiscreteScheduler),
-        Sampler("dpm2", "DPM2", KDPM2DiscreteScheduler),
-        Sampler("dpm2-karras", "DPM2 Karras", KDPM2DiscreteScheduler, _KARRAS),
-        Sampler("dpm2-a", "DPM2 a", KDPM2AncestralDiscreteScheduler, stochastic=True),
-        Sampler("ddim", "DDIM", DDIMScheduler, {"set_alpha_to_one": False}),
-        Sampler("pndm", "PLMS", PNDMScheduler, {"skip_prk_steps": True}),
-        Sampler("dpm++2m", "DPM++ 2M", DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+        Sampler("euler", "Euler", "EulerDiscreteScheduler"),
+        Sampler("euler-a", "Euler a", "EulerAncestralDiscreteScheduler", stochastic=True),
+        Sampler("heun", "Heun", "HeunDiscreteScheduler"),
+        Sampler("dpm2", "DPM2", "KDPM2DiscreteScheduler"),
+        Sampler("dpm2-karras", "DPM2 Karras", "KDPM2DiscreteScheduler", _KARRAS),
+        Sampler("dpm2-a", "DPM2 a", "KDPM2AncestralDiscreteScheduler", stochastic=True),
+        Sampler("ddim", "DDIM", "DDIMScheduler", {"set_alpha_to_one": False}),
+        Sampler("pndm", "PLMS", "PNDMScheduler", {"skip_prk_steps": True}),
+        Sampler("dpm++2m", "DPM++ 2M", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
         Sampler(
-            "dpm++2m-karras", "DPM++ 2M Karras", DPMSolverMultistepScheduler,
+            "dpm++2m-karras", "DPM++ 2M Karras", "DPMSolverMultistepScheduler",
             {"algorithm_type": "dpmsolver++", **_KARRAS},
         ),
         Sampler(
-            "dpm++2m-sde-karras", "DPM++ 2M SDE Karras", DPMSolverMultistepScheduler,
+            "dpm++2m-sde-karras", "DPM++ 2M SDE Karras", "DPMSolverMultistepScheduler",
             {"algorithm_type": "sde-dpmsolver++", **_KARRAS}, stochastic=True,
         ),
         Sampler(
-            "dpm++sde-karras", "DPM++ SDE Karras", DPMSolverSDEScheduler, _KARRAS,
+            "dpm++sde-karras", "DPM++ SDE Karras", "DPMSolverSDEScheduler", _KARRAS,
             stochastic=True, batch_coupled=True,
         ),
-        Sampler("unipc", "UniPC", UniPCMultistepScheduler),
-        Sampler("lcm", "LCM", LCMScheduler),
+        Sampler("unipc", "UniPC", "UniPCMultistepScheduler"),
+        Sampler("lcm", "LCM", "LCMScheduler"),
     ]
 }
 DEFAULT_SAMPLER = "dpm++2m-karras"

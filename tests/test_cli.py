@@ -188,3 +188,28 @@ def test_a_prompts_file_split_across_two_processes_writes_what_one_process_write
     for a, b in zip(one, two):
         assert np.array_equal(pixels(Image.open(a)), pixels(Image.open(b))), a.name
         assert metadata.read(a)[1].prompt == metadata.read(b)[1].prompt
+
+
+def test_generate_puts_off_scipy_stats_and_it_still_works_when_used(tiny_sd, tmp_path):
+    """Every diffusers scheduler module imports scipy.stats (about 1 s of start-up) for beta sigmas only;
+    the `t2i` process defers it, and the first real use loads it."""
+    code = f"""
+import sys
+from t2i.cli import run
+sys.argv = ["t2i", "generate", "a red circle", "--model", {str(tiny_sd)!r}, "--steps", "2", "--seed", "1",
+            "--sampler", "DPM++ 2M Karras", "--out", {str(tmp_path / 'out')!r}, "-q"]
+try:
+    run()
+except SystemExit as e:
+    assert e.code == 0
+print("loaded" if "scipy.stats._stats_py" in sys.modules else "deferred")
+from diffusers import DPMSolverMultistepScheduler
+s = DPMSolverMultistepScheduler(use_beta_sigmas=True)
+s.set_timesteps(5)
+from scipy import stats
+print(len(s.sigmas), stats.beta.ppf(0.5, 2, 2))
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split()[1:] == ["deferred", "6", "0.5"]  # after the PNG path
