@@ -213,3 +213,21 @@ print(len(s.sigmas), stats.beta.ppf(0.5, 2, 2))
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split()[1:] == ["deferred", "6", "0.5"]  # after the PNG path
+
+
+def test_main_in_process_leaves_the_garbage_collector_as_it_found_it(run_cli):
+    """Start-up turns collections off while importing and loading; in-process callers get them back,
+    and nothing is frozen (only the `t2i` process's exit freezes)."""
+    import gc
+
+    frozen = gc.get_freeze_count()
+    code, stdout, _ = run_cli("samplers")
+    assert code == 0 and "DPM++ 2M Karras" in stdout
+    assert gc.isenabled()
+    assert gc.get_freeze_count() == frozen
+    gc.disable()
+    try:
+        run_cli("samplers")
+        assert not gc.isenabled()  # a caller's own choice is kept
+    finally:
+        gc.enable()
