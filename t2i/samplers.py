@@ -1,8 +1,8 @@
 """Samplers by name: a plain registry of diffusers schedulers.
 
-Each entry names a diffusers scheduler class (imported when first used) plus
-the config overrides that make it the sampler A1111 users know under its
-display name. Swapping a sampler is
+Each entry names a diffusers scheduler class (imported when first used, so that
+reading metadata never imports diffusers) plus the config overrides that make it
+the sampler A1111 users know under its display name. Swapping a sampler is
 changing one name: `make_scheduler("dpm++2m-karras", base_config)`.
 """
 
@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UsageError
-
 
 # torchsde complains about float rounding of the first Brownian-tree query on every
 # DPM++ SDE run; the result is correct and a user cannot act on it.
