@@ -165,3 +165,14 @@ def test_lora_tag_in_the_prompt_uses_lora_dir(run_cli, tiny_sd, lora_file, tmp_p
     assert np.array_equal(pixels(Image.open(tmp_path / "tag.png")), pixels(Image.open(tmp_path / "arg.png")))
     code, _, stderr = run_cli("generate", "a <lora:ink:0.5>", "--out", tmp_path / "x.png", *args)
     assert code == 2 and "--lora-dir" in stderr
+
+
+def test_reading_metadata_imports_neither_torch_nor_diffusers():
+    """`t2i info` and scripts that read PNG metadata start in a fraction of a second."""
+    import subprocess
+    import sys
+
+    code = "import sys, t2i.metadata, t2i.output; print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"
