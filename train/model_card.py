@@ -141,9 +141,9 @@ def _layout_part(train: dict) -> str:
     steps, cells = t["layout_steps"], t["layout_cells"]
     if not steps and not weight:
         return ""
-    first = (f" The text encoder first learnt alone, {steps} steps of batch {t['layout_batch']}, to draw the objects of"
-             f" captions that fix a position or relation on a grid of {cells}x{cells} cells (an MLP on its pooled feature, not"
-             f" exported).") if steps else ""
+    first = (f" The text encoder first learnt alone, {steps} steps of batch {t['layout_batch']}, to draw the"
+             f" objects of captions that fix a position or relation on a grid of {cells}x{cells} cells (an MLP on"
+             f" its pooled feature, not exported).") if steps else ""
     return first + (f" The UNet stage kept that task on at weight {weight:g}." if weight else "")
 
 
