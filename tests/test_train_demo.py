@@ -192,14 +192,33 @@ def test_unknown_config_key_is_refused(tmp_path):
 
 
 def test_unet_can_start_from_an_exported_model(trained, tmp_path):
-    """Without checkpoints, training continues from a bundled model's weights (a lost run's fallback)."""
-    import shutil
-
-    for part in ("tokenizer", "vae"):
-        shutil.copytree(trained / part, tmp_path / part)
+    """Without checkpoints, training continues from a bundled model's weights (a lost run's fallback): an
+    empty run takes the model's tokenizer, VAE and small decoder, and exports a model that still has them."""
     _run(tmp_path, "unet", **{"unet.init_from": str(trained / "model"), "unet.steps": 5})
     logs = [json.loads(l) for l in (tmp_path / "unet_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs if "loss" in r] == [5]  # continued at step 4, ran one step
+    for part, name in (("vae", "diffusion_pytorch_model.safetensors"), ("vae_tiny", "diffusion_pytorch_model.safetensors"),
+                       ("tokenizer", "vocab.json")):
+        assert (tmp_path / part / name).read_bytes() == (trained / "model" / part / name).read_bytes(), part
+    _run(tmp_path, "export")
+    assert (tmp_path / "model" / "vae_tiny" / "config.json").is_file()
+
+
+def test_starting_from_a_model_never_replaces_the_runs_own_parts(trained, tmp_path):
+    import shutil
+
+    weights = "diffusion_pytorch_model.safetensors"
+    own = (trained / "vae" / weights).read_bytes()  # the run's fp32 VAE, not the model's fp16 one
+    assert own != (trained / "model" / "vae" / weights).read_bytes()
+    shutil.copytree(trained / "vae", tmp_path / "vae")
+    _run(tmp_path, "unet", **{"unet.init_from": str(trained / "model"), "unet.steps": 5})
+    assert (tmp_path / "vae" / weights).read_bytes() == own
+
+
+def test_starting_from_a_folder_without_a_unet_is_a_clear_error(tmp_path):
+    with pytest.raises(UsageError, match="has no unet/diffusion_pytorch_model.safetensors"):
+        _run(tmp_path, "unet", **{"unet.init_from": str(tmp_path / "nowhere")})
+    assert not (tmp_path / "tokenizer").exists()
 
 
 def test_the_layout_loss_trains_a_head_that_is_checkpointed_but_never_exported(tmp_path):
@@ -254,3 +273,27 @@ def test_the_text_stage_teaches_position_words_and_the_unet_starts_from_it(tmp_p
         saved = load_file(str(ck / f"{name}.safetensors"))
         want = load_file(str(tmp_path / "text" / "layout_head.safetensors")) if name == "layout_head" else started
         assert saved.keys() == want.keys() and all(torch.equal(saved[k], want[k]) for k in want), name
+
+
+def test_the_continue_config_trains_the_bundled_model_further(tmp_path):
+    """train/configs/continue.toml on the real bundled model: `all` runs text, unet and export on the model's
+    own tokenizer and VAE (no tokenizer or VAE stage runs), one step past the model's, and exports it."""
+    from t2i.loading import bundled_model_path
+
+    bundled = bundled_model_path()
+    start = json.loads((bundled / "t2i.json").read_text())["trained_unet_steps"]
+    config = Path(demo.__file__).parent / "configs" / "continue.toml"
+    demo.run(str(config), "all", "latest", {"output_dir": str(tmp_path), "export_dir": str(tmp_path / "model"),
+                                            "text.layout_steps": 2, "text.layout_batch": 8, "unet.batch": 4,
+                                            "unet.steps": start + 1})
+    assert not (tmp_path / "vae_log.jsonl").exists() and not (tmp_path / "vae_checkpoints").exists()
+    logs = [json.loads(l) for l in (tmp_path / "unet_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [start + 1] and logs[0]["layout_loss"] > 0
+    assert json.loads((tmp_path / "model" / "t2i.json").read_text())["trained_unet_steps"] == start + 1
+    for part, name in (("vae", "diffusion_pytorch_model.safetensors"), ("tokenizer", "vocab.json"),
+                       ("vae_tiny", "diffusion_pytorch_model.safetensors")):
+        assert (tmp_path / "model" / part / name).read_bytes() == (bundled / part / name).read_bytes(), part
+    with pytest.raises(UsageError, match=f"already trained {start} steps; set unet.steps above"):
+        demo.run(str(config), "unet", "latest", {"output_dir": str(tmp_path / "b"), "unet.steps": start})
+    with pytest.raises(UsageError, match="stage vae would replace the tokenizer and VAE"):
+        demo.run(str(config), "vae", "latest", {"output_dir": str(tmp_path / "c")})

@@ -700,14 +700,16 @@ def stage_text(cfg: DemoConfig, resume: str | None = "latest") -> None:
         return
     if ct.layout_cells < 1 or ct.layout_anchor < 0:
         raise UsageError("text.layout_cells must be >= 1 and text.layout_anchor >= 0")
+    acc = _accelerator(cfg)
+    if cfg.unet.init_from:
+        _parts_from_init(acc, cfg)
     if not (root / "tokenizer").is_dir():
         raise UsageError(f"stage text needs the tokenizer stage's output in {root}; run it first")
-    acc = _accelerator(cfg)
     torch.manual_seed(cfg.seed + 3)
     tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
     text_encoder = build_text_encoder(cfg, tokenizer)
     if cfg.unet.init_from:
-        text_encoder.load_state_dict(_fp32_weights(Path(cfg.unet.init_from) / "text_encoder" / "model.safetensors"))
+        text_encoder.load_state_dict(_fp32_weights(_init_folder(cfg) / "text_encoder" / "model.safetensors"))
     anchor = copy.deepcopy(text_encoder).requires_grad_(False).eval() if ct.layout_anchor > 0 else None
     model = torch.nn.ModuleDict({"text_encoder": text_encoder,
                                  "layout_head": LayoutHead(ct.hidden_size, ct.layout_cells)})
@@ -765,6 +767,8 @@ def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
     if cfg.unet.layout_weight < 0 or cfg.text.layout_cells < 1:
         raise UsageError("unet.layout_weight must be >= 0 (0 turns the layout loss off) and text.layout_cells >= 1")
     acc = _accelerator(cfg)
+    if cfg.unet.init_from:
+        _parts_from_init(acc, cfg)
     torch.manual_seed(cfg.seed)
     root = Path(cfg.output_dir)
     if not (root / "vae" / "config.json").is_file() or not (root / "tokenizer").is_dir():
@@ -791,9 +795,13 @@ def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
         start = state["step"]
         acc.print(f"unet: resumed from {path} at step {start}")
     elif cu.init_from:
-        _init_from(cu.init_from, unet, text_encoder, ema_unet, ema_text)
-        start = json.loads((Path(cu.init_from) / "t2i.json").read_text()).get("trained_unet_steps", 0)
-        acc.print(f"unet: started from the weights in {cu.init_from} (step {start}; optimizer state is new)")
+        folder = _init_folder(cfg)
+        _init_from(folder, unet, text_encoder, ema_unet, ema_text)
+        start = json.loads((folder / "t2i.json").read_text()).get("trained_unet_steps", 0)
+        if start >= cu.steps:
+            raise UsageError(f"{folder} is already trained {start} steps; set unet.steps above that, e.g. "
+                             f"--set unet.steps={start + 1000}")
+        acc.print(f"unet: started from the weights in {folder} (step {start}; optimizer state is new)")
     if path is None and (root / "text" / "config.json").is_file():  # the text stage's encoder (and head)
         text_sd = load_file(str(root / "text" / "model.safetensors"))
         text_encoder.load_state_dict(text_sd)
@@ -898,10 +906,38 @@ def _fp32_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in load_file(str(path)).items()}
 
 
-def _init_from(folder: str, unet, text_encoder, ema_unet, ema_text) -> None:
-    root = Path(folder)
-    u = _fp32_weights(root / "unet" / "diffusion_pytorch_model.safetensors")
-    t = _fp32_weights(root / "text_encoder" / "model.safetensors")
+def _init_folder(cfg: DemoConfig) -> Path:
+    """unet.init_from as a folder: "t2i-shapes" names the bundled model (also in a non-editable install)."""
+    from t2i.loading import BUNDLED_NAME, bundled_model_path
+
+    if cfg.unet.init_from == BUNDLED_NAME and not Path(BUNDLED_NAME).exists():
+        if (bundled := bundled_model_path()) is None:
+            raise UsageError(f"the bundled model {BUNDLED_NAME} is not in this install; set unet.init_from to a folder")
+        return bundled
+    return Path(cfg.unet.init_from)
+
+
+def _parts_from_init(acc, cfg: DemoConfig) -> None:
+    """With unet.init_from set, a run that has no tokenizer, VAE or small decoder of its own takes the folder's
+    (its UNet and text encoder learnt that latent space and those token ids), so continuing a bundled model is
+    one command; a run's own parts are never replaced."""
+    import shutil
+
+    src, root = _init_folder(cfg), Path(cfg.output_dir)
+    if not (src / "unet" / "diffusion_pytorch_model.safetensors").is_file():
+        raise UsageError(f"unet.init_from {src} has no unet/diffusion_pytorch_model.safetensors; give a model "
+                         "folder t2i exported, such as assets/t2i-shapes")
+    for part in ("tokenizer", "vae", "vae_tiny"):
+        wanted = (src / part / ("vocab.json" if part == "tokenizer" else "config.json")).is_file()
+        if wanted and not (root / part).exists() and acc.is_main_process:
+            shutil.copytree(src / part, root / part)
+            acc.print(f"{part}: taken from {src / part}")
+    acc.wait_for_everyone()
+
+
+def _init_from(folder: Path, unet, text_encoder, ema_unet, ema_text) -> None:
+    u = _fp32_weights(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    t = _fp32_weights(folder / "text_encoder" / "model.safetensors")
     for module, sd in ((unet, u), (ema_unet, u), (text_encoder, t), (ema_text, t)):
         module.load_state_dict(sd)
 
@@ -974,7 +1010,14 @@ def run(config: str | None, stage: str = "all", resume: str | None = "latest", o
     cfg = load_config(DemoConfig, config, overrides)
     if stage not in (*STAGES, "all"):
         raise UsageError(f"unknown stage {stage!r}; use one of: {', '.join(STAGES)}, all")
-    for name in STAGES if stage == "all" else [stage]:
+    # A run that continues a model (unet.init_from) keeps that model's tokenizer and VAE: a new one would not be
+    # the token ids and latent space its UNet learnt. `all` then runs the stages that train on top of them.
+    continued = ("tokenizer", "vae")
+    if cfg.unet.init_from and stage in continued:
+        raise UsageError(f"stage {stage} would replace the tokenizer and VAE of unet.init_from's model, which its "
+                         "UNet learnt; run the text, unet, decoder, tiny_vae or export stage, or drop unet.init_from")
+    names = [n for n in STAGES if not (cfg.unet.init_from and n in continued)] if stage == "all" else [stage]
+    for name in names:
         if name == "tokenizer":
             if stage == "all" and (Path(cfg.output_dir) / "tokenizer" / "vocab.json").is_file():
                 continue
