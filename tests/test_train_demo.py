@@ -297,3 +297,14 @@ def test_the_continue_config_trains_the_bundled_model_further(tmp_path):
         demo.run(str(config), "unet", "latest", {"output_dir": str(tmp_path / "b"), "unet.steps": start})
     with pytest.raises(UsageError, match="stage vae would replace the tokenizer and VAE"):
         demo.run(str(config), "vae", "latest", {"output_dir": str(tmp_path / "c")})
+
+
+def test_a_resumed_optimizers_moments_follow_the_weights_to_their_device():
+    """Restored before accelerate moves the weights (to a GPU), Adam's moments must move with them."""
+    w = torch.nn.Parameter(torch.ones(3, device="meta"))  # where `prepare` put the weight (a stand-in device)
+    opt = torch.optim.AdamW([w])
+    opt.state[w] = {"step": torch.tensor(5.0), "exp_avg": torch.ones(3), "exp_avg_sq": torch.ones(3)}  # restored
+    demo._state_beside_weights(opt)
+    state = opt.state[w]
+    assert state["exp_avg"].device.type == "meta" and state["exp_avg_sq"].device.type == "meta"
+    assert state["step"].device.type == "cpu"  # Adam keeps its step count on the CPU

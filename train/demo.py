@@ -406,6 +406,17 @@ def _warmup_cosine(warmup: int, steps: int, floor: float = 0.05):
     return factor
 
 
+def _state_beside_weights(opt) -> None:
+    """A resumed optimizer's moments go where accelerate put the weights: restored before `prepare`, they stayed
+    on the CPU while the weights went to a GPU ("found at least two devices" at the first step)."""
+    inner = getattr(opt, "optimizer", opt)
+    for group in inner.param_groups:
+        for p in group["params"]:
+            for k, v in inner.state.get(p, {}).items():
+                if torch.is_tensor(v) and k != "step" and v.device != p.device:
+                    inner.state[p][k] = v.to(p.device)
+
+
 def _update(acc, loss: torch.Tensor, params, opt, sched) -> None:
     """One optimizer step of every stage: backward, clip the gradient norm to 1, step the rate schedule."""
     acc.backward(loss)
@@ -461,8 +472,8 @@ def vae_psnr(vae, n: int = 256, batch: int = 64) -> float:
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach().to(e.dtype), 1 - decay)
+    kept = list(ema.parameters())
+    torch._foreach_lerp_(kept, [p.detach().to(e.dtype) for e, p in zip(kept, model.parameters())], 1 - decay)
 
 
 # --------------------------------------------------------------------------- stages
@@ -484,6 +495,7 @@ def stage_vae(cfg: DemoConfig, resume: str | None = "latest") -> None:
     ckpts = Checkpoints(root / "vae_checkpoints", keep=cfg.keep_checkpoints)
     start = _resume(acc, ckpts, resume, {"vae": vae}, opt, sched, "vae")
     vae, opt = acc.prepare(vae, opt)
+    _state_beside_weights(opt)
     cv = cfg.vae
     bar = tqdm(range(start, cv.steps), initial=start, total=cv.steps, desc="vae", disable=not acc.is_main_process)
     for step in bar:
@@ -549,6 +561,7 @@ def _small_stage(cfg: DemoConfig, acc, name: str, model, params, lr: float, step
     ckpts = Checkpoints(root / f"{name}_checkpoints", keep=cfg.keep_checkpoints)
     start = _resume(acc, ckpts, resume, {name: model}, opt, sched, name)
     prepared, opt = acc.prepare(model, opt)
+    _state_beside_weights(opt)
     model = acc.unwrap_model(prepared)
     log = root / f"{name}_log.jsonl"
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=name, disable=not acc.is_main_process)
@@ -718,6 +731,7 @@ def stage_text(cfg: DemoConfig, resume: str | None = "latest") -> None:
     ckpts = Checkpoints(root / "text_checkpoints", keep=cfg.keep_checkpoints)
     start = _resume(acc, ckpts, resume, {"text": model}, opt, sched, "text")
     prepared, opt = acc.prepare(model, opt)
+    _state_beside_weights(opt)
     model = acc.unwrap_model(prepared)
     if anchor is not None:
         anchor.to(acc.device)
@@ -816,7 +830,10 @@ def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
     unet, text_encoder, opt = acc.prepare(unet, text_encoder, opt)
     if layout is not None:
         layout = acc.prepare(layout)
+    _state_beside_weights(opt)
     vae.to(acc.device)
+    ema_unet.to(acc.device)  # beside the weights they follow (a GPU's, when there is one)
+    ema_text.to(acc.device)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(acc.device)
     snr = alphas_cumprod / (1 - alphas_cumprod)  # (1000,)
     # A target's squared error per unit of squared image (x0) error: SNR for epsilon, SNR + 1 for v.
