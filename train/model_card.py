@@ -19,8 +19,8 @@ tags: [stable-diffusion, t2i, toy-model, shapes]
 
 # t2i-shapes
 
-A small text-to-image latent diffusion model, trained from scratch on a 2-core CPU
-by `t2i train demo` (the t2i toolkit) on a procedural world of 64x64 scenes: one to
+A small text-to-image latent diffusion model, trained from scratch by
+`t2i train demo` (the t2i toolkit) on a procedural world of 64x64 scenes: one to
 three shapes (circle, square, triangle, star, heart, cross) in eight colours, small
 or big, placed left/right/top/bottom/center or relative to each other, counted, on
 black, gray or white backgrounds. It is a standard diffusers Stable Diffusion folder:
@@ -47,9 +47,9 @@ Scheduler: DPM++ 2M Karras (`t2i.json` holds t2i's defaults: {steps} steps, guid
 
 `t2i train demo --config train/configs/demo.toml` (stages tokenizer, vae, text, unet,
 decoder, tiny_vae, export; each resumable). VAE: {vae_steps} steps of batch 32, MSE + 1e-6 KL.{decoder_training}{tiny_training}
-UNet and text encoder together: {unet_steps} steps of batch {unet_batch}, {objective} objective
-on {schedule} betas ({beta_start}..{beta_end}) with {weighting} weighting, {dropout}% caption dropout (for
-classifier-free guidance), AdamW {lr}, EMA {ema} (exported).{layout_training} Data: `t2i.shapes.sample_scene(seed)`, a fresh scene
+UNet and text encoder together: {unet_steps} steps; the last run's settings (training_config.json):
+batch {unet_batch}, {objective} objective on {schedule} betas ({beta_start}..{beta_end}) with {weighting}
+weighting, {dropout}% caption dropout (for classifier-free guidance), AdamW {lr}, EMA {ema} (exported).{layout_training} Data: `t2i.shapes.sample_scene(seed)`, a fresh scene
 per sample; the compositions ShapeEval holds out never appear.
 
 ## Evaluation
