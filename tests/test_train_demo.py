@@ -308,3 +308,45 @@ def test_a_resumed_optimizers_moments_follow_the_weights_to_their_device():
     state = opt.state[w]
     assert state["exp_avg"].device.type == "meta" and state["exp_avg_sq"].device.type == "meta"
     assert state["step"].device.type == "cpu"  # Adam keeps its step count on the CPU
+
+
+def test_scenes_rendered_ahead_by_workers_train_the_same_bits(tmp_path):
+    """data_workers renders the coming steps' scenes in other processes: same batches, same losses, same
+    weights as rendering them between steps; a resumed run's workers start at the resumed step."""
+    runs = {}
+    for workers in (0, 2):
+        root = tmp_path / f"w{workers}"
+        _run(root, "tokenizer")
+        _run(root, "vae", data_workers=workers)
+        layout = {"unet.layout_weight": 1.0, "text.layout_cells": 4, "data_workers": workers}
+        _run(root, "unet", **layout, **{"unet.steps": 2})
+        _run(root, "unet", **layout, **{"unet.steps": 3})  # resumed at step 2
+        runs[workers] = root
+    for log in ("vae_log.jsonl", "unet_log.jsonl"):
+        losses = [[(r["step"], r.get("loss", r.get("mse"))) for r in map(json.loads, (runs[w] / log).open())]
+                  for w in (0, 2)]
+        assert losses[0] == losses[1] and len(losses[0]) >= 3, log
+    a, b = (load_file(str(Checkpoints(runs[w] / "unet_checkpoints").latest() / "ema_unet.safetensors")) for w in (0, 2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_negative_number_of_data_workers_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="data_workers must be >= 0"):
+        _run(tmp_path, "tokenizer", data_workers=-1)
+
+
+def test_max_minutes_stops_at_a_checkpoint_exports_and_the_same_command_goes_on(tmp_path, capsys):
+    """For a lent machine: the time limit stops the running stage at its next checkpoint; a run of all stages
+    still exports the newest UNet checkpoint; the same command then resumes from there."""
+    _run(tmp_path, "all", max_minutes=1e-9)  # out of time at the VAE's first checkpoint: no UNet to export
+    assert "vae: max_minutes (1e-09) ran out at step 2" in capsys.readouterr().out
+    assert not (tmp_path / "vae" / "config.json").exists() and not (tmp_path / "model").exists()
+    _run(tmp_path, "vae")  # the VAE goes on from step 2
+    assert [r["step"] for r in map(json.loads, (tmp_path / "vae_log.jsonl").open()) if "mse" in r] == [1, 2, 3, 4]
+    _run(tmp_path, "all", max_minutes=1e-9)  # the VAE is done; the UNet stops at its first checkpoint, exported
+    assert "unet: max_minutes (1e-09) ran out at step 2" in capsys.readouterr().out
+    assert json.loads((tmp_path / "model" / "t2i.json").read_text())["trained_unet_steps"] == 2
+    _run(tmp_path, "unet")
+    assert [r["step"] for r in map(json.loads, (tmp_path / "unet_log.jsonl").open())] == [1, 2, 3, 4]
+    with pytest.raises(UsageError, match="max_minutes must be >= 0"):
+        _run(tmp_path, "unet", max_minutes=-1)

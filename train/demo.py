@@ -167,6 +167,13 @@ class DemoConfig:
     seed: int = 0
     mixed_precision: str = "no"
     keep_checkpoints: int = 2
+    # Processes that render the coming steps' scenes while the model trains (0: rendered in the training
+    # process, between steps). A step's scenes are a pure function of the step, so this changes no bits. On a
+    # GPU the renderer is the bottleneck: one H200 trained 9 steps of batch 256 a second with 14 rendering ahead.
+    data_workers: int = 0
+    # Stop after this many minutes (0 = no limit): the running stage stops at its next checkpoint, and a run of
+    # all stages still exports the newest UNet checkpoint; the same command resumes. For lent machines.
+    max_minutes: float = 0.0
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -198,9 +205,40 @@ def scene_batch(first_seed: int, n: int, layout_cells: int = 0):
     return images, [s.caption for s in scenes], (layout, fixed)
 
 
-def batch_seed(cfg: DemoConfig, stage_offset: int, step: int, batch: int, rank: int, world: int) -> int:
+def batch_seed(seed: int, stage_offset: int, step: int, batch: int, rank: int, world: int) -> int:
     """The first scene seed of a process's batch at `step`: the data position is a pure function of it."""
-    return cfg.seed * 10**8 + stage_offset + (step * world + rank) * batch
+    return seed * 10**8 + stage_offset + (step * world + rank) * batch
+
+
+class _StepScenes(torch.utils.data.Dataset):
+    """Item i: the scenes of step start + i for one process (scene_batch of its batch_seed)."""
+
+    def __init__(self, seed: int, stage_offset: int, start: int, stop: int, batch: int, rank: int, world: int,
+                 cells: int):
+        self.seed, self.offset, self.start, self.stop = seed, stage_offset, start, stop
+        self.batch, self.rank, self.world, self.cells = batch, rank, world, cells
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __getitem__(self, i: int):
+        first = batch_seed(self.seed, self.offset, self.start + i, self.batch, self.rank, self.world)
+        return scene_batch(first, self.batch, self.cells)
+
+
+def _as_is(item):
+    return item
+
+
+def step_scenes(cfg: DemoConfig, acc, stage_offset: int, start: int, stop: int, batch: int, cells: int = 0):
+    """The scenes of steps start..stop-1, in order (see scene_batch): rendered on demand, or ahead by
+    cfg.data_workers processes (a torch DataLoader; the same batches either way)."""
+    data = _StepScenes(cfg.seed, stage_offset, start, stop, batch, acc.process_index, acc.num_processes, cells)
+    if cfg.data_workers <= 0:
+        return (data[i] for i in range(len(data)))
+    # its own generator: the workers' seeds must not come from the global RNG, which the steps' noise draws on
+    return iter(torch.utils.data.DataLoader(data, batch_size=None, collate_fn=_as_is, num_workers=cfg.data_workers,
+                                            prefetch_factor=8, generator=torch.Generator().manual_seed(0)))
 
 
 # --------------------------------------------------------------------------- models
@@ -417,6 +455,21 @@ def _state_beside_weights(opt) -> None:
                     inner.state[p][k] = v.to(p.device)
 
 
+class _OutOfTime(Exception):
+    """A stage stopped at a checkpoint because the run's max_minutes ran out."""
+
+
+def _stop_if_out_of_time(acc, cfg: DemoConfig, name: str, step: int) -> None:
+    """After a checkpoint: raise _OutOfTime once max_minutes have passed since the run began (every process
+    agrees, so none waits for another that stopped)."""
+    deadline = getattr(cfg, "deadline", None)
+    if deadline is None:
+        return
+    late = torch.tensor(float(time.monotonic() > deadline), device=acc.device)
+    if float(acc.reduce(late, reduction="sum")) > 0:
+        raise _OutOfTime(f"{name}: max_minutes ({cfg.max_minutes:g}) ran out at step {step}, its checkpoint written")
+
+
 def _update(acc, loss: torch.Tensor, params, opt, sched) -> None:
     """One optimizer step of every stage: backward, clip the gradient norm to 1, step the rate schedule."""
     acc.backward(loss)
@@ -498,9 +551,10 @@ def stage_vae(cfg: DemoConfig, resume: str | None = "latest") -> None:
     _state_beside_weights(opt)
     cv = cfg.vae
     bar = tqdm(range(start, cv.steps), initial=start, total=cv.steps, desc="vae", disable=not acc.is_main_process)
+    scenes = step_scenes(cfg, acc, 0, start, cv.steps, cv.batch)
     for step in bar:
         vae.train()
-        images, _ = scene_batch(batch_seed(cfg, 0, step, cv.batch, acc.process_index, acc.num_processes), cv.batch)
+        images, _ = next(scenes)
         images = images.to(acc.device)
         with acc.autocast():
             posterior = acc.unwrap_model(vae).encode(images).latent_dist
@@ -520,6 +574,7 @@ def stage_vae(cfg: DemoConfig, resume: str | None = "latest") -> None:
                 p = vae_psnr(model)
                 _log(root / "vae_log.jsonl", {"step": done, "val_psnr": p})
                 bar.write(f"vae step {done}: held-out PSNR {p:.2f} dB")
+            _stop_if_out_of_time(acc, cfg, "vae", done)
     if acc.is_main_process:
         export_vae(cfg, acc.unwrap_model(vae))
 
@@ -565,9 +620,9 @@ def _small_stage(cfg: DemoConfig, acc, name: str, model, params, lr: float, step
     model = acc.unwrap_model(prepared)
     log = root / f"{name}_log.jsonl"
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=name, disable=not acc.is_main_process)
+    scenes = step_scenes(cfg, acc, data_offset, start, steps, cv.batch)
     for step in bar:
-        images, _ = scene_batch(batch_seed(cfg, data_offset, step, cv.batch, acc.process_index, acc.num_processes),
-                                cv.batch)
+        images, _ = next(scenes)
         with acc.autocast():
             loss, values = loss_fn(model, images.to(acc.device), step)
         _update(acc, loss, params, opt, sched)
@@ -582,6 +637,7 @@ def _small_stage(cfg: DemoConfig, acc, name: str, model, params, lr: float, step
                 p = val_fn(model)
                 _log(log, {"step": done, "val_psnr": p})
                 bar.write(f"{name} step {done}: held-out PSNR {p:.2f} dB")
+            _stop_if_out_of_time(acc, cfg, name, done)
     return model
 
 
@@ -737,10 +793,10 @@ def stage_text(cfg: DemoConfig, resume: str | None = "latest") -> None:
         anchor.to(acc.device)
     bar = tqdm(range(start, ct.layout_steps), initial=start, total=ct.layout_steps, desc="text",
                disable=not acc.is_main_process)
+    scenes = step_scenes(cfg, acc, 3 * 10**7, start, ct.layout_steps, ct.layout_batch, ct.layout_cells)
     for step in bar:
         model.train()
-        first = batch_seed(cfg, 3 * 10**7, step, ct.layout_batch, acc.process_index, acc.num_processes)
-        _, captions, (picture, fixed) = scene_batch(first, ct.layout_batch, ct.layout_cells)
+        _, captions, (picture, fixed) = next(scenes)
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(acc.device)
         with acc.autocast():
@@ -764,6 +820,7 @@ def stage_text(cfg: DemoConfig, resume: str | None = "latest") -> None:
             acc.wait_for_everyone()
             if acc.is_main_process:
                 ckpts.save(done, lambda d: save_training_state(d, {"text": model}, opt, sched))
+            _stop_if_out_of_time(acc, cfg, "text", done)
     out = root / "text"
     if acc.is_main_process and (start < ct.layout_steps or not (out / "model.safetensors").is_file()):
         model["text_encoder"].save_pretrained(str(out), safe_serialization=True)
@@ -842,11 +899,12 @@ def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
     empty_ids = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
 
     bar = tqdm(range(start, cu.steps), initial=start, total=cu.steps, desc="unet", disable=not acc.is_main_process)
+    scenes = step_scenes(cfg, acc, 5 * 10**7, start, cu.steps, cu.batch,
+                         cfg.text.layout_cells if layout is not None else 0)
     for step in bar:
         unet.train()
         text_encoder.train()
-        first = batch_seed(cfg, 5 * 10**7, step, cu.batch, acc.process_index, acc.num_processes)
-        images, captions, *picture = scene_batch(first, cu.batch, cfg.text.layout_cells if layout is not None else 0)
+        images, captions, *picture = next(scenes)
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * acc.num_processes + acc.process_index)
         with torch.no_grad():
             posterior = vae.encode(images.to(acc.device)).latent_dist
@@ -886,6 +944,7 @@ def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
                 if layout is not None:
                     m["layout_head"] = acc.unwrap_model(layout)
                 ckpts.save(done, lambda d: save_training_state(d, m, opt, sched))
+            _stop_if_out_of_time(acc, cfg, "unet", done)
         if acc.is_main_process and (done % cu.sample_every == 0 or done == cu.steps):
             pipe = assemble(cfg, tokenizer, ema_text, vae, ema_unet)
             out = root / "samples" / f"unet-{done:08d}.png"
@@ -1027,6 +1086,10 @@ def run(config: str | None, stage: str = "all", resume: str | None = "latest", o
     cfg = load_config(DemoConfig, config, overrides)
     if stage not in (*STAGES, "all"):
         raise UsageError(f"unknown stage {stage!r}; use one of: {', '.join(STAGES)}, all")
+    if cfg.data_workers < 0:
+        raise UsageError(f"data_workers must be >= 0 (0 renders scenes in the training process), not {cfg.data_workers}")
+    if cfg.max_minutes < 0:
+        raise UsageError(f"max_minutes must be >= 0 (0: no limit), not {cfg.max_minutes:g}")
     # A run that continues a model (unet.init_from) keeps that model's tokenizer and VAE: a new one would not be
     # the token ids and latent space its UNet learnt. `all` then runs the stages that train on top of them.
     continued = ("tokenizer", "vae")
@@ -1034,10 +1097,16 @@ def run(config: str | None, stage: str = "all", resume: str | None = "latest", o
         raise UsageError(f"stage {stage} would replace the tokenizer and VAE of unet.init_from's model, which its "
                          "UNet learnt; run the text, unet, decoder, tiny_vae or export stage, or drop unet.init_from")
     names = [n for n in STAGES if not (cfg.unet.init_from and n in continued)] if stage == "all" else [stage]
-    for name in names:
-        if name == "tokenizer":
-            if stage == "all" and (Path(cfg.output_dir) / "tokenizer" / "vocab.json").is_file():
-                continue
-            stage_tokenizer(cfg)
-        else:
-            STAGES[name](cfg, resume)
+    cfg.deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else None  # not a config field
+    try:
+        for name in names:
+            if name == "tokenizer":
+                if stage == "all" and (Path(cfg.output_dir) / "tokenizer" / "vocab.json").is_file():
+                    continue
+                stage_tokenizer(cfg)
+            else:
+                STAGES[name](cfg, resume)
+    except _OutOfTime as stop:
+        print(f"{stop}; the same command goes on from there", flush=True)
+        if "export" in names and Checkpoints(Path(cfg.output_dir) / "unet_checkpoints").latest() is not None:
+            stage_export(cfg, resume)
