@@ -371,7 +371,10 @@ def cmd_generate(args) -> int:
                              for j, s in enumerate(result.settings)]
                 for path in save_images(result.images, result.settings, args.out, overwrite=args.overwrite,
                                         names=names):
-                    print(path, flush=True)
+                    # one write per line: processes sharing a pipe (accelerate launch runs them unbuffered, where
+                    # print writes the text and its newline apart) would otherwise splice their lines
+                    sys.stdout.write(f"{path}\n")
+                    sys.stdout.flush()
     finally:
         if bar:
             bar.close()

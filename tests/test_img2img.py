@@ -298,17 +298,27 @@ def test_cli_refuses_bad_inputs_in_one_line_before_loading(run_cli, inputs, monk
 # --------------------------------------------------------------------------- tier 2: the bundled model
 
 
-def test_img2img_on_the_demo_model_keeps_the_content_at_low_strength():
-    """Ground-truth renders redrawn at strength 0.3 mostly still satisfy their prompts; at 1.0 (the model's own
-    drawing, which fails most prompts: issue 3) they mostly do not. Measured: 11/13 and 0/13."""
+def test_img2img_on_the_demo_model_keeps_the_init_at_low_strength_and_ignores_it_at_full():
+    """Ground-truth renders redrawn at strength 0.3 stay close to the render and still satisfy their prompts; at
+    1.0 the drawing no longer depends on the init (another render, same prompt and seed: the same drawing).
+    Measured on 13 prompts (mean absolute difference, 0-1): 0.3 stays 0.005-0.019 from its render and 12 of 13
+    pass; two renders give drawings 0.02-0.87 apart at 0.3 and at most 0.037 apart at 1.0 (median 0.001)."""
     from t2i import shapeeval
     from t2i.pipelines import Image2Image
     from t2i.shapes import render
 
     pipe = Image2Image.from_pretrained()
-    kept, redrawn = [], []
-    for p in shapeeval.build_prompts()[::12]:
+    pixels01 = lambda im: np.asarray(im, dtype=np.float32) / 255  # noqa: E731
+    kept, to_init, apart_low, apart_full = [], [], [], []
+    prompts = shapeeval.build_prompts()[::12]
+    for i, p in enumerate(prompts):
         init = render(shapeeval.ground_truth_scene(p, 0))
-        kept.append(shapeeval.check(pipe(p.prompt, init, strength=0.3, seed=0, progress=False).images[0], p))
-        redrawn.append(shapeeval.check(pipe(p.prompt, init, strength=1.0, seed=0, progress=False).images[0], p))
-    assert np.mean(kept) >= 0.6 and np.mean(kept) >= np.mean(redrawn) + 0.4, (kept, redrawn)
+        other = render(shapeeval.ground_truth_scene(prompts[(i + 1) % len(prompts)], 1))
+        low, low_other, full, full_other = (pipe(p.prompt, im, strength=s, seed=0, progress=False).images[0]
+                                            for s, im in ((0.3, init), (0.3, other), (1.0, init), (1.0, other)))
+        kept.append(shapeeval.check(low, p))
+        to_init.append(np.abs(pixels01(low) - pixels01(init)).mean())
+        apart_low.append(np.abs(pixels01(low) - pixels01(low_other)).mean())
+        apart_full.append(np.abs(pixels01(full) - pixels01(full_other)).mean())
+    assert np.mean(kept) >= 0.6 and max(to_init) < 0.05, (kept, to_init)
+    assert np.median(apart_full) < 0.01 and np.median(apart_low) > 0.04, (apart_low, apart_full)

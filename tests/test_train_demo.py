@@ -107,6 +107,10 @@ def test_model_card_reports_the_measured_numbers(trained, tmp_path):
     card = write_card(folder, tmp_path / "eval.json", psnr=28.5, seeds=2, tiny_psnr=31.25).read_text()
     assert "400 steps of batch 128, to draw the objects" in card and "grid of 8x8 cells" in card
     assert "kept that task on at weight 5" in card
+    assert "Scheduler: DPM++ 2M Karras" in card and "20 steps, DPM++ 2M Karras," in card
+    (folder / "t2i.json").write_text(json.dumps({"steps": 30, "guidance": 4.0, "sampler": "euler-a"}))
+    card = write_card(folder, tmp_path / "eval.json", psnr=28.5, seeds=2).read_text()
+    assert "Scheduler: Euler a" in card and "30 steps, Euler a," in card and "num_inference_steps=30" in card
 
 
 def test_tiny_vae_resume_continues_from_the_checkpoint(trained, tmp_path):

@@ -29,7 +29,7 @@ black, gray or white backgrounds. It is a standard diffusers Stable Diffusion fo
 from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained("{folder}")
 image = pipe("a red circle to the left of a blue square", height=64, width=64,
-             num_inference_steps=20, guidance_scale={guidance}).images[0]
+             num_inference_steps={steps}, guidance_scale={guidance}).images[0]
 ```
 
 ## Architecture
@@ -41,7 +41,7 @@ image = pipe("a red circle to the left of a blue square", height=64, width=64,
 | UNet | UNet2DConditionModel, channels {unet_channels}, cross-attention at 8x8 and 4x4 | {unet_params} |
 {tiny_row}
 Weights: UNet and VAE stored in fp16, the text encoder in fp32 ({size_mb:.1f} MB in all).
-Scheduler: DPM++ 2M Karras (`t2i.json` holds t2i's defaults: {steps} steps, guidance {guidance}).
+Scheduler: {sampler} (`t2i.json` holds t2i's defaults: {steps} steps, guidance {guidance}).
 
 ## Training
 
@@ -54,7 +54,7 @@ per sample; the compositions ShapeEval holds out never appear.
 
 ## Evaluation
 
-ShapeEval (`t2i eval`, {seeds} seeds per prompt, {steps} steps, DPM++ 2M Karras,
+ShapeEval (`t2i eval`, {seeds} seeds per prompt, {steps} steps, {sampler},
 guidance {guidance}); the checker scores 1.000 on ground-truth renders
 (`t2i eval --ground-truth`).
 
@@ -82,6 +82,8 @@ def _params(folder: Path, part: str) -> int:
 
 
 def write_card(folder: Path, eval_json: Path, psnr: float, seeds: int = 4, tiny_psnr: float | None = None) -> Path:
+    from t2i.samplers import DEFAULT_SAMPLER, get_sampler
+
     summary = json.loads(eval_json.read_text())["summary"]
     defaults = json.loads((folder / "t2i.json").read_text())
     train = json.loads((folder / "training_config.json").read_text())
@@ -95,6 +97,7 @@ def write_card(folder: Path, eval_json: Path, psnr: float, seeds: int = 4, tiny_
     rows = "\n".join(f"| {k.replace('_', ' ')} | {v:.3f} |" for k, v in summary.items())
     card = CARD.format(
         folder=folder.name, guidance=defaults["guidance"], steps=defaults["steps"], seeds=seeds,
+        sampler=get_sampler(defaults.get("sampler", DEFAULT_SAMPLER)).a1111,
         vae_channels=vae_cfg["block_out_channels"], vae_params=f"{_params(folder, 'vae') / 1e6:.2f} M",
         text_layers=train["text"]["num_hidden_layers"], text_width=train["text"]["hidden_size"],
         text_params=f"{_params(folder, 'text_encoder') / 1e6:.2f} M", unet_channels=unet_cfg["block_out_channels"],
