@@ -1107,6 +1107,11 @@ def run(config: str | None, stage: str = "all", resume: str | None = "latest", o
             else:
                 STAGES[name](cfg, resume)
     except _OutOfTime as stop:
-        print(f"{stop}; the same command goes on from there", flush=True)
+        from accelerate import PartialState
+
+        state = PartialState()
+        state.print(f"{stop}; the same command goes on from there")
         if "export" in names and Checkpoints(Path(cfg.output_dir) / "unet_checkpoints").latest() is not None:
-            stage_export(cfg, resume)
+            if state.is_main_process:
+                stage_export(cfg, "latest")  # the newest UNet checkpoint, the one just written
+            state.wait_for_everyone()
