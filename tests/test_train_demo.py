@@ -354,3 +354,9 @@ def test_max_minutes_stops_at_a_checkpoint_exports_and_the_same_command_goes_on(
     assert [r["step"] for r in map(json.loads, (tmp_path / "unet_log.jsonl").open())] == [1, 2, 3, 4]
     with pytest.raises(UsageError, match="max_minutes must be >= 0"):
         _run(tmp_path, "unet", max_minutes=-1)
+
+
+def test_continuing_a_model_without_the_text_stage_says_its_layout_head_is_new(trained, tmp_path, capsys):
+    _run(tmp_path, "unet", **{"unet.init_from": str(trained / "model"), "unet.steps": 5, "unet.layout_weight": 1.0,
+                              "text.layout_cells": 4})
+    assert "layout task's head starts untrained" in capsys.readouterr().out

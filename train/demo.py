@@ -884,6 +884,9 @@ def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
                 raise UsageError(f"the text stage drew {cells}x{cells} layouts; set text.layout_cells = {cells}")
             layout.load_state_dict(head_sd)
         acc.print(f"unet: the text encoder starts from the text stage's, {root / 'text'}")
+    elif path is None and layout is not None and cu.init_from:
+        acc.print("unet: the layout task's head starts untrained (a model ships without it), so its first steps "
+                  "push the text encoder at random; run --stage text first (`all` does)")
     unet, text_encoder, opt = acc.prepare(unet, text_encoder, opt)
     if layout is not None:
         layout = acc.prepare(layout)
