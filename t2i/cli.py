@@ -200,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="training: the demo model from scratch, or a LoRA")
     tsub = t.add_subparsers(dest="what", metavar="WHAT", parser_class=_Parser)
     d = tsub.add_parser("demo", help="train the bundled demo model t2i-shapes from scratch (resumable)")
-    d.add_argument("--config", default=None, metavar="TOML", help="training config (default: train/configs/demo.toml)")
+    d.add_argument("--config", default=None, metavar="TOML",
+                   help="training config: a TOML file, or a shipped one by name: demo (the default; from scratch) or "
+                        "continue (trains the bundled model further)")
     d.add_argument("--stage", default="all",
                    choices=["tokenizer", "vae", "text", "unet", "decoder", "tiny_vae", "export", "all"],
                    help="default: all (each stage resumes; export writes export_dir from the newest checkpoint)")
@@ -604,7 +606,10 @@ def cmd_train_demo(args) -> int:
             overrides[key.strip()] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             overrides[key.strip()] = value
-    config = args.config or str(Path(demo.__file__).parent / "configs" / "demo.toml")
+    shipped = Path(demo.__file__).parent / "configs"  # also in a non-editable install
+    config = args.config or str(shipped / "demo.toml")
+    if not Path(config).exists() and (shipped / f"{config}.toml").is_file():
+        config = str(shipped / f"{config}.toml")  # a shipped config by name: demo, continue
     demo.run(config, args.stage, None if args.resume == "none" else args.resume, overrides)
     return 0
 

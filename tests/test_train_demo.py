@@ -360,3 +360,12 @@ def test_continuing_a_model_without_the_text_stage_says_its_layout_head_is_new(t
     _run(tmp_path, "unet", **{"unet.init_from": str(trained / "model"), "unet.steps": 5, "unet.layout_weight": 1.0,
                               "text.layout_cells": 4})
     assert "layout task's head starts untrained" in capsys.readouterr().out
+
+
+def test_the_cli_finds_a_shipped_config_by_name(run_cli, tmp_path):
+    """`t2i train demo --config continue`: the shipped continue.toml (here its refusal of a VAE stage, which only
+    that config's unet.init_from causes), also where no checkout's train/configs is around."""
+    code, _, err = run_cli("train", "demo", "--config", "continue", "--stage", "vae", "--output-dir", tmp_path)
+    assert code == 2 and "stage vae would replace the tokenizer and VAE" in err
+    code, _, err = run_cli("train", "demo", "--config", "nonesuch", "--output-dir", tmp_path)
+    assert code == 2 and "nonesuch" in err and "does not exist" in err
