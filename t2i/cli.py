@@ -606,11 +606,7 @@ def cmd_train_demo(args) -> int:
             overrides[key.strip()] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             overrides[key.strip()] = value
-    shipped = Path(demo.__file__).parent / "configs"  # also in a non-editable install
-    config = args.config or str(shipped / "demo.toml")
-    if not Path(config).exists() and (shipped / f"{config}.toml").is_file():
-        config = str(shipped / f"{config}.toml")  # a shipped config by name: demo, continue
-    demo.run(config, args.stage, None if args.resume == "none" else args.resume, overrides)
+    demo.run(args.config or "demo", args.stage, None if args.resume == "none" else args.resume, overrides)
     return 0
 
 

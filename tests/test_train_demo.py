@@ -369,3 +369,5 @@ def test_the_cli_finds_a_shipped_config_by_name(run_cli, tmp_path):
     assert code == 2 and "stage vae would replace the tokenizer and VAE" in err
     code, _, err = run_cli("train", "demo", "--config", "nonesuch", "--output-dir", tmp_path)
     assert code == 2 and "nonesuch" in err and "does not exist" in err
+    with pytest.raises(UsageError, match="stage vae would replace"):  # the Python API takes the name too
+        demo.run("continue", "vae", "latest", {"output_dir": str(tmp_path)})

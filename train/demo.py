@@ -1080,13 +1080,24 @@ def export(cfg: DemoConfig, pipe) -> Path:
     return out
 
 
+CONFIGS = Path(__file__).parent / "configs"  # the shipped configs, also in a non-editable install
+
+
+def config_path(config: str | None) -> str | None:
+    """A config as given (a TOML path), or a shipped one by name: "demo" (from scratch), "continue"."""
+    if config and not Path(config).exists() and (CONFIGS / f"{config}.toml").is_file():
+        return str(CONFIGS / f"{config}.toml")
+    return config
+
+
 STAGES = {"tokenizer": stage_tokenizer, "vae": stage_vae, "text": stage_text, "unet": stage_unet, "decoder": stage_decoder,
           "tiny_vae": stage_tiny_vae, "export": stage_export}
 
 
 def run(config: str | None, stage: str = "all", resume: str | None = "latest", overrides: dict | None = None) -> None:
-    """Run one stage or all of them (`stage='all'`), resuming from the latest checkpoints."""
-    cfg = load_config(DemoConfig, config, overrides)
+    """Run one stage or all of them (`stage='all'`), resuming from the latest checkpoints. `config`: a TOML path,
+    a shipped config's name (see config_path), or None for the dataclasses' defaults."""
+    cfg = load_config(DemoConfig, config_path(config), overrides)
     if stage not in (*STAGES, "all"):
         raise UsageError(f"unknown stage {stage!r}; use one of: {', '.join(STAGES)}, all")
     if cfg.data_workers < 0:
