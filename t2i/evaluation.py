@@ -34,6 +34,11 @@ def pipeline_generator(pipe, steps=None, sampler=None, guidance=None, progress=F
     return generate
 
 
+def _seen(d) -> str:
+    """One detected object as the JSON's reader wants it: "red circle at (20, 31), 210 px"."""
+    return f"{d.color} {d.shape} at ({d.cx:.0f}, {d.cy:.0f}), {d.area} px"
+
+
 def run_eval(pipe, steps=None, sampler=None, guidance=None, seeds=(0, 1, 2, 3), out: str | Path | None = None,
              prompts=None, progress=False) -> EvalRun:
     """Generate every ShapeEval prompt with each seed, check them, write a grid and a JSON of results."""
@@ -47,6 +52,7 @@ def run_eval(pipe, steps=None, sampler=None, guidance=None, seeds=(0, 1, 2, 3), 
         report.grid(grid)
         results = folder / "shapeeval.json"
         per_prompt = [{"prompt": r.prompt.prompt, "category": r.prompt.category, "held_out": r.prompt.held_out,
-                       "seed": r.seed, "passed": r.passed} for r in report.results]
+                       "seed": r.seed, "passed": r.passed, "found": [_seen(d) for d in r.found]}
+                      for r in report.results]
         results.write_text(json.dumps({"summary": report.to_dict(), "results": per_prompt}, indent=1))
     return EvalRun(report, grid, results)

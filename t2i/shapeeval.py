@@ -388,6 +388,7 @@ class Result:
     prompt: EvalPrompt
     seed: int
     passed: bool
+    found: tuple[Detection, ...] = ()  # what the checker saw: why an image failed
 
 
 def _mean(flags: Iterable[bool]) -> float:
@@ -493,5 +494,6 @@ def evaluate(
         if len(out) != len(chunk):
             raise UsageError(f"generate returned {len(out)} images for {len(chunk)} prompts; return one per prompt")
         images += out
-    results = [Result(p, s, check(img, p)) for (p, s), img in zip(jobs, images)]
+    found = [tuple(detect(img)) for img in images]
+    results = [Result(p, s, satisfies(list(f), p), f) for (p, s), f in zip(jobs, found)]
     return EvalReport(results, images)

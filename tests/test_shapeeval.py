@@ -172,10 +172,13 @@ def test_evaluate_perfect_and_blank_generators():
     assert max(calls) <= 8 and sum(calls) == 2 * len(prompts)
     assert report.overall == 1.0 and report.held_out == 1.0
     assert report.per_prompt == {p.prompt: 1.0 for p in prompts}
+    for r in report.results:  # what the checker saw is kept: the prompt's objects, at least
+        assert len(r.found) >= sum(w.count or 1 for w in r.prompt.objects), (r.prompt.prompt, r.found)
 
     blank = evaluate(lambda texts, seeds: [Image.new("RGB", (64, 64), (15, 15, 15)) for _ in texts], prompts)
     assert blank.overall == 0.0 and blank.held_out == 0.0
     assert set(blank.per_category.values()) == {0.0}
+    assert all(r.found == () for r in blank.results)
 
 
 def test_evaluate_rejects_missing_images():
@@ -193,3 +196,14 @@ def test_table_and_grid(tmp_path):
     assert grid.size == (2 * 66 + 2, len(PROMPTS[::6]) * 66 + 2)  # two seeds a row, 2 px gaps
     save_grid(report.images[:3], tmp_path / "three.png", columns=2)
     assert Image.open(tmp_path / "three.png").size == (2 * 66 + 2, 2 * 66 + 2)
+
+
+def test_eval_writes_what_the_checker_saw_beside_each_verdict(tiny_sd, run_cli, tmp_path):
+    """`t2i eval --out`: shapeeval.json says per image what was found, so a failure can be read, not guessed."""
+    import json
+
+    code, _, err = run_cli("eval", "--model", tiny_sd, "--seeds", 1, "--steps", 1, "-q", "--out", tmp_path)
+    assert code == 0, err
+    results = json.loads((tmp_path / "shapeeval.json").read_text())["results"]
+    assert len(results) == len(PROMPTS) and all(isinstance(r["found"], list) for r in results)
+    assert all(f.count(" at (") == 1 and f.endswith(" px") for r in results for f in r["found"])
