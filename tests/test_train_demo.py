@@ -13,7 +13,7 @@ from t2i.errors import UsageError
 from t2i.train import demo
 from t2i.train.checkpoint import Checkpoints
 
-TINY = Path(demo.__file__).parent / "configs" / "tiny.toml"
+TINY = demo.CONFIGS / "tiny.toml"
 
 
 def _run(root: Path, stage: str, resume="latest", **overrides):
@@ -286,7 +286,7 @@ def test_the_continue_config_trains_the_bundled_model_further(tmp_path):
 
     bundled = bundled_model_path()
     start = json.loads((bundled / "t2i.json").read_text())["trained_unet_steps"]
-    config = Path(demo.__file__).parent / "configs" / "continue.toml"
+    config = demo.CONFIGS / "continue.toml"
     demo.run(str(config), "all", "latest", {"output_dir": str(tmp_path), "export_dir": str(tmp_path / "model"),
                                             "text.layout_steps": 2, "text.layout_batch": 8, "unet.batch": 4,
                                             "unet.steps": start + 1})
