@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["tokenizer", "vae", "text", "unet", "decoder", "tiny_vae", "export", "all"],
                    help="default: all (each stage resumes; export writes export_dir from the newest checkpoint)")
     d.add_argument("--resume", default="latest", metavar="latest|PATH|none", help="default: latest")
-    d.add_argument("--output-dir", help="overrides output_dir")
+    d.add_argument("--output-dir", help="overrides output_dir (an export_dir inside it moves along)")
     d.add_argument("--export-dir", help="overrides export_dir")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set unet.steps=6000 (TOML values)")

@@ -102,11 +102,11 @@ def test_model_card_reports_the_measured_numbers(trained, tmp_path):
     assert "draw a" not in card  # trained without the layout task
     config = json.loads((folder / "training_config.json").read_text())
     config["text"].update(layout_steps=400, layout_batch=128, layout_cells=8)
-    config["unet"]["layout_weight"] = 5.0
+    config["unet"].update(layout_weight=5.0, lr=1e-4, lr_schedule="cosine")
     (folder / "training_config.json").write_text(json.dumps(config))
     card = write_card(folder, tmp_path / "eval.json", psnr=28.5, seeds=2, tiny_psnr=31.25).read_text()
     assert "400 steps of batch 128, to draw the objects" in card and "grid of 8x8 cells" in card
-    assert "kept that task on at weight 5" in card
+    assert "kept that task on at weight 5" in card and "AdamW 0.0001 with a cosine decay to 5%" in card
     assert "Scheduler: DPM++ 2M Karras" in card and "20 steps, DPM++ 2M Karras," in card
     (folder / "t2i.json").write_text(json.dumps({"steps": 30, "guidance": 4.0, "sampler": "euler-a"}))
     card = write_card(folder, tmp_path / "eval.json", psnr=28.5, seeds=2).read_text()
@@ -190,6 +190,16 @@ def test_unet_stage_without_vae_is_a_clear_error(tmp_path):
         _run(tmp_path, "unet")
 
 
+def test_a_new_output_dir_takes_the_export_along_unless_one_is_given(tmp_path):
+    """Two runs of one config with their own --output-dir must not export into the same folder."""
+    own = demo.run_config("continue", {"output_dir": str(tmp_path / "a"), "export_dir": None})
+    assert Path(own.export_dir) == tmp_path / "a" / "t2i-shapes"
+    assert Path(demo.run_config(None, {"output_dir": str(tmp_path / "b")}).export_dir) == tmp_path / "b" / "t2i-shapes"
+    given = demo.run_config("continue", {"output_dir": str(tmp_path / "a"), "export_dir": str(tmp_path / "m")})
+    assert Path(given.export_dir) == tmp_path / "m"
+    assert demo.run_config("continue").export_dir == "runs/continue/t2i-shapes"
+
+
 def test_unknown_config_key_is_refused(tmp_path):
     with pytest.raises(UsageError, match="unknown config key unet.stepz"):
         _run(tmp_path, "tokenizer", **{"unet.stepz": 3})
@@ -206,6 +216,34 @@ def test_unet_can_start_from_an_exported_model(trained, tmp_path):
         assert (tmp_path / part / name).read_bytes() == (trained / "model" / part / name).read_bytes(), part
     _run(tmp_path, "export")
     assert (tmp_path / "model" / "vae_tiny" / "config.json").is_file()
+
+
+def test_a_cosine_rate_cools_down_over_the_runs_own_steps_also_after_a_resume(trained, tmp_path):
+    """A run continued from a model (at its step 4) decays from its own first step to 5% at unet.steps; a
+    resume from a checkpoint in the middle takes the same rates."""
+    import shutil
+
+    lr = 1e-3
+    opts = {"unet.init_from": str(trained / "model"), "unet.steps": 10, "unet.lr": lr, "unet.warmup": 1,
+            "unet.lr_schedule": "cosine", "keep_checkpoints": 10, "unet.sample_every": 100}
+    _run(tmp_path, "unet", **opts)
+    rates = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "unet_log.jsonl").read_text().splitlines())}
+    assert sorted(rates) == [5, 6, 7, 8, 9, 10]
+    assert rates[10] == pytest.approx(0.05 * lr) and rates[5] > 0.85 * lr  # the run's 6 steps, not 10
+    assert all(rates[s] > rates[s + 1] for s in range(5, 10))
+    for step, path in Checkpoints(tmp_path / "unet_checkpoints").all():
+        if step > 6:
+            shutil.rmtree(path)
+    _run(tmp_path, "unet", **opts)  # resumes at 6
+    again = [json.loads(l) for l in (tmp_path / "unet_log.jsonl").read_text().splitlines()][6:]
+    assert [r["step"] for r in again] == [7, 8, 9, 10]
+    assert [r["lr"] for r in again] == pytest.approx([rates[s] for s in (7, 8, 9, 10)])
+
+
+def test_an_unknown_rate_schedule_is_refused_before_any_work(tmp_path):
+    with pytest.raises(UsageError, match="constant or cosine"):
+        _run(tmp_path, "unet", **{"unet.lr_schedule": "linear"})
+    assert not (tmp_path / "unet_checkpoints").exists()
 
 
 def test_starting_from_a_model_never_replaces_the_runs_own_parts(trained, tmp_path):
@@ -287,6 +325,7 @@ def test_the_continue_config_trains_the_bundled_model_further(tmp_path):
     bundled = bundled_model_path()
     start = json.loads((bundled / "t2i.json").read_text())["trained_unet_steps"]
     config = demo.CONFIGS / "continue.toml"
+    assert demo.run_config("continue").unet.steps > start, "the shipped recipe must go on past the shipped model"
     demo.run(str(config), "all", "latest", {"output_dir": str(tmp_path), "export_dir": str(tmp_path / "model"),
                                             "text.layout_steps": 2, "text.layout_batch": 8, "unet.batch": 4,
                                             "unet.steps": start + 1})

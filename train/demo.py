@@ -140,6 +140,10 @@ class UNetConfig:
     batch: int = 64
     lr: float = 3e-4
     warmup: int = 200
+    # "constant" after the warm-up, or "cosine": down to 5% of lr at unet.steps, over this run's own steps (a
+    # run continued from init_from decays from where it starts). A constant rate keeps the weights wandering
+    # at the noise level the rate sets; the cosine lets the last steps settle (a cool-down).
+    lr_schedule: str = "constant"
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
     # Min-SNR-gamma weighs a step's image (x0) error by min(SNR, gamma): the noisiest steps (SNR ~1e-4 at
@@ -833,6 +837,8 @@ def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
     from safetensors.torch import load_file
     from transformers import CLIPTokenizer
 
+    if cfg.unet.lr_schedule not in ("constant", "cosine"):
+        raise UsageError(f"unet.lr_schedule must be constant or cosine, not {cfg.unet.lr_schedule!r}")
     if cfg.unet.prediction_type not in ("epsilon", "v_prediction"):
         raise UsageError(f"unet.prediction_type must be epsilon or v_prediction, not {cfg.unet.prediction_type!r}")
     if cfg.unet.layout_weight < 0 or cfg.text.layout_cells < 1:
@@ -855,7 +861,14 @@ def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
     layout = LayoutHead(cfg.text.hidden_size, cfg.text.layout_cells) if cu.layout_weight > 0 else None
     params = list(unet.parameters()) + list(text_encoder.parameters()) + (list(layout.parameters()) if layout else [])
     opt = torch.optim.AdamW(params, lr=cu.lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(cu.warmup))
+    run_steps = [cu.steps]  # this run's own steps: set below, once its first step is known
+
+    def rate(i: int) -> float:  # i counts this run's steps (the scheduler's own count, kept in checkpoints)
+        if cu.lr_schedule == "cosine":
+            return _warmup_cosine(cu.warmup, run_steps[0])(i)
+        return _warmup(cu.warmup)(i)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
     ckpts = Checkpoints(root / "unet_checkpoints", keep=cfg.keep_checkpoints)
     modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text_encoder": ema_text}
     if layout is not None:
@@ -873,6 +886,7 @@ def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
             raise UsageError(f"{folder} is already trained {start} steps; set unet.steps above that, e.g. "
                              f"--set unet.steps={start + 1000}")
         acc.print(f"unet: started from the weights in {folder} (step {start}; optimizer state is new)")
+    run_steps[0] = cu.steps - (start - sched.last_epoch)  # a resumed scheduler has counted its run's steps
     if path is None and (root / "text" / "config.json").is_file():  # the text stage's encoder (and head)
         text_sd = load_file(str(root / "text" / "model.safetensors"))
         text_encoder.load_state_dict(text_sd)
@@ -1090,6 +1104,19 @@ def config_path(config: str | None) -> str | None:
     return config
 
 
+def run_config(config: str | None, overrides: dict | None = None) -> DemoConfig:
+    """The config a run uses: the file (or shipped name) with `overrides` applied. A new output_dir alone moves
+    the export with it when the file's export_dir lies inside its output_dir: otherwise two runs with their
+    own output dirs would export into one folder, the second over the first."""
+    given = {key for key, value in (overrides or {}).items() if value is not None}
+    cfg = load_config(DemoConfig, config_path(config), overrides)
+    if "output_dir" in given and "export_dir" not in given:
+        in_file = load_config(DemoConfig, config_path(config))
+        if Path(in_file.export_dir).is_relative_to(in_file.output_dir):
+            cfg.export_dir = str(Path(cfg.output_dir) / Path(in_file.export_dir).relative_to(in_file.output_dir))
+    return cfg
+
+
 STAGES = {"tokenizer": stage_tokenizer, "vae": stage_vae, "text": stage_text, "unet": stage_unet, "decoder": stage_decoder,
           "tiny_vae": stage_tiny_vae, "export": stage_export}
 
@@ -1097,7 +1124,7 @@ STAGES = {"tokenizer": stage_tokenizer, "vae": stage_vae, "text": stage_text, "u
 def run(config: str | None, stage: str = "all", resume: str | None = "latest", overrides: dict | None = None) -> None:
     """Run one stage or all of them (`stage='all'`), resuming from the latest checkpoints. `config`: a TOML path,
     a shipped config's name (see config_path), or None for the dataclasses' defaults."""
-    cfg = load_config(DemoConfig, config_path(config), overrides)
+    cfg = run_config(config, overrides)
     if stage not in (*STAGES, "all"):
         raise UsageError(f"unknown stage {stage!r}; use one of: {', '.join(STAGES)}, all")
     if cfg.data_workers < 0:
