@@ -60,8 +60,8 @@ def test_the_noise_schedule_is_the_configs_and_ships_with_the_model(trained):
 
 def test_an_unknown_prediction_type_is_refused_before_any_work(tmp_path):
     with pytest.raises(UsageError, match="epsilon or v_prediction"):
-        _run(tmp_path, "unet", **{"unet.prediction_type": "sample"})
-    assert not (tmp_path / "unet_checkpoints").exists()
+        _run(tmp_path, "all", **{"unet.prediction_type": "sample"})
+    assert not list(tmp_path.iterdir())  # not even the tokenizer stage ran
 
 
 def test_warmup_then_cosine_settles_at_the_floor():
@@ -242,8 +242,8 @@ def test_a_cosine_rate_cools_down_over_the_runs_own_steps_also_after_a_resume(tr
 
 def test_an_unknown_rate_schedule_is_refused_before_any_work(tmp_path):
     with pytest.raises(UsageError, match="constant or cosine"):
-        _run(tmp_path, "unet", **{"unet.lr_schedule": "linear"})
-    assert not (tmp_path / "unet_checkpoints").exists()
+        _run(tmp_path, "all", **{"unet.lr_schedule": "linear"})
+    assert not list(tmp_path.iterdir())  # not even the tokenizer stage ran
 
 
 def test_starting_from_a_model_never_replaces_the_runs_own_parts(trained, tmp_path):

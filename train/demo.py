@@ -837,10 +837,6 @@ def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
     from safetensors.torch import load_file
     from transformers import CLIPTokenizer
 
-    if cfg.unet.lr_schedule not in ("constant", "cosine"):
-        raise UsageError(f"unet.lr_schedule must be constant or cosine, not {cfg.unet.lr_schedule!r}")
-    if cfg.unet.prediction_type not in ("epsilon", "v_prediction"):
-        raise UsageError(f"unet.prediction_type must be epsilon or v_prediction, not {cfg.unet.prediction_type!r}")
     if cfg.unet.layout_weight < 0 or cfg.text.layout_cells < 1:
         raise UsageError("unet.layout_weight must be >= 0 (0 turns the layout loss off) and text.layout_cells >= 1")
     acc = _accelerator(cfg)
@@ -1127,6 +1123,10 @@ def run(config: str | None, stage: str = "all", resume: str | None = "latest", o
     cfg = run_config(config, overrides)
     if stage not in (*STAGES, "all"):
         raise UsageError(f"unknown stage {stage!r}; use one of: {', '.join(STAGES)}, all")
+    if cfg.unet.prediction_type not in ("epsilon", "v_prediction"):  # before an `all` run's earlier stages
+        raise UsageError(f"unet.prediction_type must be epsilon or v_prediction, not {cfg.unet.prediction_type!r}")
+    if cfg.unet.lr_schedule not in ("constant", "cosine"):
+        raise UsageError(f"unet.lr_schedule must be constant or cosine, not {cfg.unet.lr_schedule!r}")
     if cfg.data_workers < 0:
         raise UsageError(f"data_workers must be >= 0 (0 renders scenes in the training process), not {cfg.data_workers}")
     if cfg.max_minutes < 0:
