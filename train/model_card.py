@@ -129,7 +129,7 @@ def _unet_parts(train: dict) -> dict:
         "weighting": (f"image-space SNR clamped to [{u['snr_floor']:g}, {u['min_snr_gamma']:g}]" if u["snr_floor"]
                       else f"min-SNR-{u['min_snr_gamma']:g}"),
         "dropout": f"{100 * u['caption_dropout']:g}",
-        "lr": f"{u['lr']:g}" + (" with a cosine decay to 5%" if u.get("lr_schedule") == "cosine" else ""),
+        "lr": f"{u['lr']:g}" + (" with a cosine decay to 5%" if u["lr_schedule"] == "cosine" else ""),
         "ema": u["ema_decay"],
         "layout_training": _layout_part(train),
         "decoder_training": f"\nVAE decoder: {steps} more steps of batch {v['batch']}, encoder frozen (the latent space "
