@@ -307,16 +307,47 @@ def _finish(rng, text, background):
     return text
 
 
-def sample_scene(seed: int, held_out_ok: bool = False) -> Scene:
-    """The training distribution: a random scene and caption, fixed by `seed`.
+@dataclass(frozen=True)
+class SceneMix:
+    """How often each kind of scene is drawn (relative weights), and the share of captions that name no colour.
+
+    The default is the distribution the bundled model was trained on; a training config can lean it (its
+    `[scenes]` table), e.g. towards counting. Seeds keep their meaning: each scene draws the same random numbers
+    in the same order, so a mix changes which kind a seed picks, never how a kind is drawn.
+    """
+
+    single: float = 30.0
+    count: float = 15.0
+    pair: float = 20.0
+    relation: float = 25.0
+    triple: float = 10.0
+    colorless: float = 0.15
+
+    def kinds(self) -> dict[str, float]:
+        return {"single": self.single, "count": self.count, "pair": self.pair, "relation": self.relation,
+                "triple": self.triple}
+
+    def problem(self) -> str | None:
+        """What is wrong with this mix, in words, or None."""
+        weights = self.kinds()
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            return f"scene weights must be >= 0 with a positive sum, not {weights}"
+        if not 0 <= self.colorless <= 1:
+            return f"scenes.colorless is a share of captions, between 0 and 1, not {self.colorless:g}"
+        return None
+
+
+def sample_scene(seed: int, held_out_ok: bool = False, mix: SceneMix = SceneMix()) -> Scene:
+    """The training distribution: a random scene and caption, fixed by `seed` (and `mix`).
 
     Held-out compositions (HELD_OUT_PAIRS, HELD_OUT_RELATIONS) never appear
     unless `held_out_ok` is set.
     """
     rng = random.Random(seed)
     bg = rng.choice(list(BACKGROUNDS))
-    kind = rng.choices(["single", "count", "pair", "relation", "triple"], weights=[30, 15, 20, 25, 10])[0]
-    colorless = rng.random() < 0.15
+    weights = mix.kinds()
+    kind = rng.choices(list(weights), weights=list(weights.values()))[0]
+    colorless = rng.random() < mix.colorless
 
     if kind == "single":
         shape, color = _allowed_pair(rng, held_out_ok=held_out_ok)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -102,9 +103,12 @@ def test_model_card_reports_the_measured_numbers(trained, tmp_path):
     assert "draw a" not in card  # trained without the layout task
     config = json.loads((folder / "training_config.json").read_text())
     config["text"].update(layout_steps=400, layout_batch=128, layout_cells=8)
+    assert "the last run's mix" not in card  # the default scenes
     config["unet"].update(layout_weight=5.0, lr=1e-4, lr_schedule="cosine")
+    config["scenes"].update(count=30.0, colorless=0.3)
     (folder / "training_config.json").write_text(json.dumps(config))
     card = write_card(folder, tmp_path / "eval.json", psnr=28.5, seeds=2, tiny_psnr=31.25).read_text()
+    assert "(the last run's mix: single 26%, count 26%, pair 17%, relation 22%, triple 9%; 30% of captions" in card
     assert "400 steps of batch 128, to draw the objects" in card and "grid of 8x8 cells" in card
     assert "kept that task on at weight 5" in card and "AdamW 0.0001 with a cosine decay to 5%" in card
     assert "Scheduler: DPM++ 2M Karras" in card and "20 steps, DPM++ 2M Karras," in card
@@ -244,6 +248,24 @@ def test_an_unknown_rate_schedule_is_refused_before_any_work(tmp_path):
     with pytest.raises(UsageError, match="constant or cosine"):
         _run(tmp_path, "all", **{"unet.lr_schedule": "linear"})
     assert not list(tmp_path.iterdir())  # not even the tokenizer stage ran
+
+
+def test_a_bad_scene_mix_is_refused_before_any_work(tmp_path):
+    with pytest.raises(UsageError, match="scene weights must be >= 0"):
+        _run(tmp_path, "all", **{"scenes.count": -1.0})
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_stages_train_on_the_configs_scene_mix(tmp_path):
+    from types import SimpleNamespace
+
+    one_process = SimpleNamespace(process_index=0, num_processes=1)
+    only_counts = {f"scenes.{k}": 0.0 for k in ("single", "pair", "relation", "triple")}
+    for overrides, counting in (({}, False), (only_counts, True)):
+        cfg = demo.run_config(str(TINY), {"output_dir": str(tmp_path), **overrides})
+        captions = [c for _, batch in demo.step_scenes(cfg, one_process, 5 * 10**7, 0, 3, 16) for c in batch]
+        numbered = [c for c in captions if re.search(r"\b(one|two|three|1|2|3) ", c)]
+        assert (len(numbered) == len(captions)) == counting, captions
 
 
 def test_starting_from_a_model_never_replaces_the_runs_own_parts(trained, tmp_path):

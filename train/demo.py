@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from t2i.errors import UsageError
-from t2i.shapes import BACKGROUNDS, IMAGE_SIZE, caption_words, render, sample_scene
+from t2i.shapes import BACKGROUNDS, IMAGE_SIZE, SceneMix, caption_words, render, sample_scene
 
 from .checkpoint import Checkpoints, load_training_state, save_training_state
 from .config import load_config, to_dict
@@ -178,6 +178,9 @@ class DemoConfig:
     # Stop after this many minutes (0 = no limit): the running stage stops at its next checkpoint, and a run of
     # all stages still exports the newest UNet checkpoint; the same command resumes. For lent machines.
     max_minutes: float = 0.0
+    # The training scenes' mix (every stage's data; validation scenes keep the default): relative weights of
+    # the kinds single, count, pair, relation, triple and the share of captions without colours (t2i.shapes).
+    scenes: SceneMix = field(default_factory=SceneMix)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -187,7 +190,7 @@ class DemoConfig:
 # --------------------------------------------------------------------------- data
 
 
-def scene_batch(first_seed: int, n: int, layout_cells: int = 0):
+def scene_batch(first_seed: int, n: int, layout_cells: int = 0, mix: SceneMix = SceneMix()):
     """Scenes first_seed .. first_seed+n-1 as a (n, 3, 64, 64) tensor in [-1, 1] and their captions; with
     `layout_cells`, also their layout pictures (n, 4, cells, cells): per cell, the share of its pixels that
     are objects and their mean colour times that share (0..1). Backgrounds are left out: one caption in four
@@ -197,7 +200,7 @@ def scene_batch(first_seed: int, n: int, layout_cells: int = 0):
     places free, the picture is noise to the text."""
     import numpy as np
 
-    scenes = [sample_scene(first_seed + i) for i in range(n)]
+    scenes = [sample_scene(first_seed + i, mix=mix) for i in range(n)]
     arr = np.stack([np.asarray(render(s), dtype=np.float32) for s in scenes])  # (n, 64, 64, 3)
     images = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0  # (n, 3, 64, 64)
     if not layout_cells:
@@ -218,16 +221,16 @@ class _StepScenes(torch.utils.data.Dataset):
     """Item i: the scenes of step start + i for one process (scene_batch of its batch_seed)."""
 
     def __init__(self, seed: int, stage_offset: int, start: int, stop: int, batch: int, rank: int, world: int,
-                 cells: int):
+                 cells: int, mix: SceneMix):
         self.seed, self.offset, self.start, self.stop = seed, stage_offset, start, stop
-        self.batch, self.rank, self.world, self.cells = batch, rank, world, cells
+        self.batch, self.rank, self.world, self.cells, self.mix = batch, rank, world, cells, mix
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
 
     def __getitem__(self, i: int):
         first = batch_seed(self.seed, self.offset, self.start + i, self.batch, self.rank, self.world)
-        return scene_batch(first, self.batch, self.cells)
+        return scene_batch(first, self.batch, self.cells, self.mix)
 
 
 def _as_is(item):
@@ -237,7 +240,8 @@ def _as_is(item):
 def step_scenes(cfg: DemoConfig, acc, stage_offset: int, start: int, stop: int, batch: int, cells: int = 0):
     """The scenes of steps start..stop-1, in order (see scene_batch): rendered on demand, or ahead by
     cfg.data_workers processes (a torch DataLoader; the same batches either way)."""
-    data = _StepScenes(cfg.seed, stage_offset, start, stop, batch, acc.process_index, acc.num_processes, cells)
+    data = _StepScenes(cfg.seed, stage_offset, start, stop, batch, acc.process_index, acc.num_processes, cells,
+                       cfg.scenes)
     if cfg.data_workers <= 0:
         return (data[i] for i in range(len(data)))
     # its own generator: the workers' seeds must not come from the global RNG, which the steps' noise draws on
@@ -1127,6 +1131,8 @@ def run(config: str | None, stage: str = "all", resume: str | None = "latest", o
         raise UsageError(f"unet.prediction_type must be epsilon or v_prediction, not {cfg.unet.prediction_type!r}")
     if cfg.unet.lr_schedule not in ("constant", "cosine"):
         raise UsageError(f"unet.lr_schedule must be constant or cosine, not {cfg.unet.lr_schedule!r}")
+    if cfg.scenes.problem():
+        raise UsageError(cfg.scenes.problem())
     if cfg.data_workers < 0:
         raise UsageError(f"data_workers must be >= 0 (0 renders scenes in the training process), not {cfg.data_workers}")
     if cfg.max_minutes < 0:

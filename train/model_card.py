@@ -50,7 +50,7 @@ decoder, tiny_vae, export; each resumable). VAE: {vae_steps} steps of batch 32, 
 UNet and text encoder together: {unet_steps} steps; the last run's settings (training_config.json):
 batch {unet_batch}, {objective} objective on {schedule} betas ({beta_start}..{beta_end}) with {weighting}
 weighting, {dropout}% caption dropout (for classifier-free guidance), AdamW {lr}, EMA {ema} (exported).{layout_training} Data: `t2i.shapes.sample_scene(seed)`, a fresh scene
-per sample; the compositions ShapeEval holds out never appear.
+per sample{scene_mix}; the compositions ShapeEval holds out never appear.
 
 ## Evaluation
 
@@ -132,9 +132,23 @@ def _unet_parts(train: dict) -> dict:
         "lr": f"{u['lr']:g}" + (" with a cosine decay to 5%" if u["lr_schedule"] == "cosine" else ""),
         "ema": u["ema_decay"],
         "layout_training": _layout_part(train),
+        "scene_mix": _mix_part(train),
         "decoder_training": f"\nVAE decoder: {steps} more steps of batch {v['batch']}, encoder frozen (the latent space "
                             f"is unchanged), AdamW {v['decoder_lr']:g} with a cosine decay." if steps else "",
     }
+
+
+def _mix_part(train: dict) -> str:
+    """The card's words on the last run's scene mix ([scenes] in training_config.json), empty for the default."""
+    from t2i.shapes import SceneMix
+
+    mix = _with_defaults(train, "scenes", SceneMix)
+    if SceneMix(**mix) == SceneMix():
+        return ""
+    kinds = SceneMix(**mix).kinds()
+    total = sum(kinds.values())
+    shares = ", ".join(f"{k} {100 * w / total:.0f}%" for k, w in kinds.items())
+    return f" (the last run's mix: {shares}; {100 * mix['colorless']:g}% of captions without colours)"
 
 
 def _layout_part(train: dict) -> str:
