@@ -311,8 +311,8 @@ def _finish(rng, text, background):
 class SceneMix:
     """How often each kind of scene is drawn (relative weights), and the share of captions that name no colour.
 
-    The default is the distribution the bundled model was trained on; a training config can lean it (its
-    `[scenes]` table), e.g. towards counting. Seeds keep their meaning: each scene draws the same random numbers
+    The default is demo.toml's (the bundled model's legs up to step 15800 trained on it); a training config
+    can lean it (its `[scenes]` table), e.g. towards counting. Seeds keep their meaning: each scene draws the same random numbers
     in the same order, so a mix changes which kind a seed picks, never how a kind is drawn.
     """
 

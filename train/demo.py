@@ -1131,8 +1131,8 @@ def run(config: str | None, stage: str = "all", resume: str | None = "latest", o
         raise UsageError(f"unet.prediction_type must be epsilon or v_prediction, not {cfg.unet.prediction_type!r}")
     if cfg.unet.lr_schedule not in ("constant", "cosine"):
         raise UsageError(f"unet.lr_schedule must be constant or cosine, not {cfg.unet.lr_schedule!r}")
-    if cfg.scenes.problem():
-        raise UsageError(cfg.scenes.problem())
+    if problem := cfg.scenes.problem():
+        raise UsageError(problem)
     if cfg.data_workers < 0:
         raise UsageError(f"data_workers must be >= 0 (0 renders scenes in the training process), not {cfg.data_workers}")
     if cfg.max_minutes < 0:
