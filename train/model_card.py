@@ -142,13 +142,13 @@ def _mix_part(train: dict) -> str:
     """The card's words on the last run's scene mix ([scenes] in training_config.json), empty for the default."""
     from t2i.shapes import SceneMix
 
-    mix = _with_defaults(train, "scenes", SceneMix)
-    if SceneMix(**mix) == SceneMix():
+    mix = SceneMix(**_with_defaults(train, "scenes", SceneMix))
+    if mix == SceneMix():
         return ""
-    kinds = SceneMix(**mix).kinds()
+    kinds = mix.kinds()
     total = sum(kinds.values())
     shares = ", ".join(f"{k} {100 * w / total:.0f}%" for k, w in kinds.items())
-    return f" (the last run's mix: {shares}; {100 * mix['colorless']:g}% of captions without colours)"
+    return f" (the last run's mix: {shares}; {100 * mix.colorless:g}% of captions without colours)"
 
 
 def _layout_part(train: dict) -> str:
