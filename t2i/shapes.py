@@ -59,7 +59,7 @@ RELATION_PHRASES = {
     "above": "above",
     "below": "below",
 }
-NUMBERS = {1: "one", 2: "two", 3: "three"}
+NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}  # four: only with SceneMix.four
 
 # Compositions never shown in training: ShapeEval's held-out prompts use them
 # to measure generalisation rather than recall.
@@ -309,11 +309,14 @@ def _finish(rng, text, background):
 
 @dataclass(frozen=True)
 class SceneMix:
-    """How often each kind of scene is drawn (relative weights), and the share of captions that name no colour.
+    """How often each kind of scene is drawn (relative weights), the share of captions that name no colour,
+    and the share of counting scenes drawn with four objects.
 
     The default is demo.toml's (the bundled model's legs up to step 15800 trained on it); a training config
     can lean it (its `[scenes]` table), e.g. towards counting. Seeds keep their meaning: each scene draws the same random numbers
-    in the same order, so a mix changes which kind a seed picks, never how a kind is drawn.
+    in the same order, so a mix changes which kind a seed picks, never how a kind is drawn (`four` > 0 alone
+    adds a draw to counting scenes). Four objects go beyond the world's 1 to 3 and ShapeEval never asks for
+    them: they are a contrast class, so that "three" is not simply the most objects a caption can ask for.
     """
 
     single: float = 30.0
@@ -322,6 +325,7 @@ class SceneMix:
     relation: float = 25.0
     triple: float = 10.0
     colorless: float = 0.15
+    four: float = 0.0
 
     def kinds(self) -> dict[str, float]:
         return {"single": self.single, "count": self.count, "pair": self.pair, "relation": self.relation,
@@ -334,6 +338,8 @@ class SceneMix:
             return f"scene weights must be >= 0 with a positive sum, not {weights}"
         if not 0 <= self.colorless <= 1:
             return f"scenes.colorless is a share of captions, between 0 and 1, not {self.colorless:g}"
+        if not 0 <= self.four <= 1:
+            return f"scenes.four is a share of counting scenes, between 0 and 1, not {self.four:g}"
         return None
 
 
@@ -361,6 +367,8 @@ def sample_scene(seed: int, held_out_ok: bool = False, mix: SceneMix = SceneMix(
 
     if kind == "count":
         n = rng.choice([1, 2, 2, 3, 3])
+        if mix.four and rng.random() < mix.four:
+            n = 4
         shape, color = _allowed_pair(rng, held_out_ok=held_out_ok)
         objs = _scatter(rng, [(shape, color, "small")] * n)
         num = NUMBERS[n] if rng.random() < 0.85 else str(n)
@@ -400,5 +408,5 @@ def caption_words() -> list[str]:
     words = set(SHAPES) | set(PLURALS.values()) | set(COLORS) | set(BACKGROUNDS) | set(SIZES)
     words |= {"box", "boxes", "plus", "pluses", "background", "and", "a", "an", "on", "the", "of", "to", "at", "in"}
     words |= {"picture", "image", "drawing", "render", "photo", "left", "right", "top", "bottom", "center", "above"}
-    words |= {"below", "one", "two", "three", "1", "2", "3", ","}
+    words |= {"below", "one", "two", "three", "four", "1", "2", "3", "4", ","}
     return sorted(words)

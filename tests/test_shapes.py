@@ -62,10 +62,24 @@ def test_a_mix_changes_which_kind_a_seed_picks_not_how_it_is_drawn():
     assert same > 200 and changed > 40
 
 
+def test_four_draws_counting_scenes_of_four_objects_and_leaves_the_rest_alone():
+    counts = SceneMix(single=0, count=1, pair=0, relation=0, triple=0, four=0.25)
+    scenes = [sample_scene(s, mix=counts) for s in range(400)]
+    fours = [s for s in scenes if len(s.objects) == 4]
+    assert 0.18 < len(fours) / len(scenes) < 0.32
+    assert all(re.search(r"\b(four|4) ", s.caption) for s in fours)
+    assert not [s for s in scenes if len(s.objects) != 4 and re.search(r"\b(four|4) ", s.caption)]
+    assert max(len(s.objects) for s in map(sample_scene, SEEDS)) == 3  # the default world: 1 to 3 objects
+    for seed in range(300):  # only counting scenes draw differently
+        base, leaned = sample_scene(seed), sample_scene(seed, mix=SceneMix(four=0.5))
+        assert base == leaned or base.kind == leaned.kind == "count", base.caption
+
+
 @pytest.mark.parametrize("change, words", [
     ({"count": -1.0}, "weights must be >= 0"),
     ({"single": 0, "count": 0, "pair": 0, "relation": 0, "triple": 0}, "positive sum"),
     ({"colorless": 1.5}, "between 0 and 1"),
+    ({"four": -0.1}, "share of counting scenes"),
 ])
 def test_a_bad_mix_names_its_problem(change, words):
     assert words in dataclasses.replace(SceneMix(), **change).problem()

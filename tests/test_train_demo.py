@@ -105,10 +105,11 @@ def test_model_card_reports_the_measured_numbers(trained, tmp_path):
     config["text"].update(layout_steps=400, layout_batch=128, layout_cells=8)
     assert "the last run's mix" not in card  # the default scenes
     config["unet"].update(layout_weight=5.0, lr=1e-4, lr_schedule="cosine")
-    config["scenes"].update(count=30.0, colorless=0.3)
+    config["scenes"].update(count=30.0, colorless=0.3, four=0.25)
     (folder / "training_config.json").write_text(json.dumps(config))
     card = write_card(folder, tmp_path / "eval.json", psnr=28.5, seeds=2, tiny_psnr=31.25).read_text()
-    assert "(the last run's mix: single 26%, count 26%, pair 17%, relation 22%, triple 9%; 30% of captions" in card
+    assert ("(the last run's mix: single 26%, count 26%, pair 17%, relation 22%, triple 9%; 30% of captions without"
+            " colours; 25% of counting scenes with four objects)") in card
     assert "400 steps of batch 128, to draw the objects" in card and "grid of 8x8 cells" in card
     assert "kept that task on at weight 5" in card and "AdamW 0.0001 with a cosine decay to 5%" in card
     assert "Scheduler: DPM++ 2M Karras" in card and "20 steps, DPM++ 2M Karras," in card

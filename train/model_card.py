@@ -148,7 +148,8 @@ def _mix_part(train: dict) -> str:
     kinds = mix.kinds()
     total = sum(kinds.values())
     shares = ", ".join(f"{k} {100 * w / total:.0f}%" for k, w in kinds.items())
-    return f" (the last run's mix: {shares}; {100 * mix.colorless:g}% of captions without colours)"
+    four = f"; {100 * mix.four:g}% of counting scenes with four objects" if mix.four else ""
+    return f" (the last run's mix: {shares}; {100 * mix.colorless:g}% of captions without colours{four})"
 
 
 def _layout_part(train: dict) -> str:
