@@ -239,8 +239,8 @@ def test_cli_img2img_writes_metadata_and_reproduces(run_cli, tiny_sd, inputs):
     text, s = metadata.read(paths[1])
     assert "Denoising strength: 0.5" in text and "Size: 36x32" in text
     assert (s.pipeline, s.init_image, s.seed, s.batch_index) == ("image2image", str(inputs / "init.png"), 10, 1)
-    code, stdout, _ = run_cli("reproduce", paths[1], "-q")
-    assert code == 0 and "reproduced bit for bit" in stdout
+    code, stdout, err = run_cli("reproduce", paths[1], "-q")
+    assert code == 0 and "reproduced bit for bit" in stdout, (stdout, err)
 
 
 def test_cli_inpaint_resizes_the_mask_and_reproduces(run_cli, tiny_sd, inputs):
