@@ -376,7 +376,10 @@ def per_image_unet(unet, n_images: int):
 
                 return UNet2DConditionOutput(sample=merged)
             return (merged,)
-        return forward(sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+        # index_select above gives each image's rows in the default memory format; a single run's latents may
+        # arrive channels-last (img2img's come from the VAE encoder), and conv kernels round differently for it
+        return forward(sample.contiguous(), timestep, encoder_hidden_states, *args,
+                       added_cond_kwargs=added_cond_kwargs, **kwargs)
 
     unet.forward = split_forward
     try:

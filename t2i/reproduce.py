@@ -98,10 +98,9 @@ def reproduce(image: str | Path, model: str | None = None, device: str | None = 
     if pipe.model.hash != settings.model_hash:
         print(f"note: model hash {pipe.model.hash} differs from the recorded {settings.model_hash}", file=sys.stderr)
     options = _speed_options(settings, pipe.device)
-    # Image i of a call equals the single run with seed + i only to within rounding under batched speed options,
-    # and even exact batching missed by one level in one pixel on one CPU (img2img on an AMD EPYC, one thread):
-    # replay the whole call, and keep the image at its position.
-    whole_call = settings.batch_size > 1
+    # Batched speed options make image i of a call equal the single run with seed + i only to within rounding:
+    # replay the whole call then, and keep the image at its position.
+    whole_call = options is not None and not options.exact and settings.batch_size > 1
     batch, index = (settings.batch_size, settings.batch_index) if whole_call else (1, 0)
     with speed.apply(pipe, options) if options else contextlib.nullcontext():
         result = pipe(settings.prompt, **inputs, negative_prompt=settings.negative_prompt, steps=settings.steps,
