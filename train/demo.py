@@ -179,7 +179,8 @@ class DemoConfig:
     # all stages still exports the newest UNet checkpoint; the same command resumes. For lent machines.
     max_minutes: float = 0.0
     # The training scenes' mix (every stage's data; validation scenes keep the default): relative weights of
-    # the kinds single, count, pair, relation, triple and the share of captions without colours (t2i.shapes).
+    # the kinds single, count, pair, relation, triple, the share of captions without colours and the share of
+    # counting scenes with four objects (t2i.shapes.SceneMix).
     scenes: SceneMix = field(default_factory=SceneMix)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
