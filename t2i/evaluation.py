@@ -34,6 +34,23 @@ def pipeline_generator(pipe, steps=None, sampler=None, guidance=None, progress=F
     return generate
 
 
+def vae_round_trip(pipe):
+    """Images -> the same images encoded (latent mean) and decoded by the pipeline's VAE (its small decoder when
+    `--speed tiny_vae` set one): what the decoder makes of the best latents a UNet could hand it."""
+    import torch
+
+    vae = pipe.pipe.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+
+    @torch.no_grad()
+    def through(images):
+        x = pipe.pipe.image_processor.preprocess(images).to(pipe.device, vae.dtype)  # (B, 3, H, W) in [-1, 1]
+        latents = (vae.encode(x).latent_dist.mode() - shift) * vae.config.scaling_factor
+        return pipe._decode(latents.to(pipe.dtype))
+
+    return through
+
+
 def _seen(d) -> str:
     """One detected object as the JSON's reader wants it: "red circle at (20, 31), 210 px"."""
     return f"{d.color} {d.shape} at ({d.cx:.0f}, {d.cy:.0f}), {d.area} px"

@@ -366,16 +366,20 @@ def ground_truth_scene(prompt: EvalPrompt, seed: int) -> Scene:
     return Scene(tuple(objs), bg, prompt.prompt, kind, relation=prompt.relation, position=prompt.position)
 
 
-def ground_truth_accuracy(n_per_prompt: int = 4, prompts: Sequence[EvalPrompt] | None = None) -> dict[str, float]:
+def ground_truth_accuracy(n_per_prompt: int = 4, prompts: Sequence[EvalPrompt] | None = None,
+                          through: Callable[[list[Image.Image]], list[Image.Image]] | None = None) -> dict[str, float]:
     """The checker's accuracy on renders that satisfy each prompt (should be 1.0).
 
-    Returns per-category accuracy plus "overall" and "held_out", as EvalReport.to_dict().
+    `through` changes the renders before they are checked (e.g. a VAE's encode and decode: then this is the
+    best score any generator of that VAE's latents can reach). Returns per-category accuracy plus "overall"
+    and "held_out", as EvalReport.to_dict().
     """
     prompts = PROMPTS if prompts is None else list(prompts)
     by_text = {p.prompt: p for p in prompts}
 
     def generate(texts, seeds):
-        return [render(ground_truth_scene(by_text[t], s)) for t, s in zip(texts, seeds)]
+        renders = [render(ground_truth_scene(by_text[t], s)) for t, s in zip(texts, seeds)]
+        return through(renders) if through is not None else renders
 
     return evaluate(generate, prompts, seeds=range(n_per_prompt)).to_dict()
 

@@ -113,6 +113,35 @@ def test_ground_truth_accuracy():
     assert min(accuracy.values()) >= 0.99, accuracy
 
 
+def test_ground_truth_accuracy_checks_what_through_makes_of_the_renders():
+    """`through` (a VAE's round trip for `t2i eval --ground-truth --through-vae`) is applied before checking."""
+    picks = PROMPTS[::10]
+    seen = []
+
+    def erase(images):
+        seen.extend(images)
+        return [Image.new("RGB", im.size, "gray") for im in images]
+
+    assert ground_truth_accuracy(1, picks, through=lambda images: images)["overall"] == 1.0
+    assert ground_truth_accuracy(1, picks, through=erase)["overall"] == 0.0
+    assert len(seen) == len(picks) and all(im.size == (64, 64) for im in seen)
+
+
+def test_eval_through_vae_scores_renders_after_the_models_vae(tiny_sd, run_cli):
+    """A random VAE destroys the renders, so its ceiling is near 0 where the checker alone scores 1."""
+    code, out, err = run_cli("eval", "--ground-truth", "--through-vae", "--model", tiny_sd, "--seeds", 1, "-q")
+    assert code == 0, err
+    assert "through the model's VAE" in out
+    overall = float(next(line.split()[-1] for line in out.splitlines() if line.startswith("overall")))
+    assert overall < 0.5, out
+
+
+def test_through_vae_without_ground_truth_is_refused_before_loading(run_cli, no_model_load):
+    code, out, err = run_cli("eval", "--through-vae")
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == ["t2i: error: --through-vae scores ground-truth renders; add --ground-truth"]
+
+
 def test_checker_tolerates_blur():
     def blurry(texts, seeds):
         return [im.filter(ImageFilter.GaussianBlur(1.0)) for im in truth(texts, seeds)]

@@ -100,6 +100,9 @@ def test_model_card_reports_the_measured_numbers(trained, tmp_path):
     assert "not all met yet: single_object, PSNR below target" in card
     assert "v-prediction objective" in card and "on linear betas (0.0001..0.02)" in card
     assert "VAE decoder: 2 more steps" in card
+    assert "--through-vae" not in card  # no ceiling measured
+    card = write_card(folder, tmp_path / "eval.json", psnr=28.5, seeds=2, ceiling=0.9913).read_text()
+    assert "score **0.991** (`t2i eval --ground-truth --through-vae`)" in card
     assert "draw a" not in card  # trained without the layout task
     config = json.loads((folder / "training_config.json").read_text())
     config["text"].update(layout_steps=400, layout_batch=128, layout_cells=8)

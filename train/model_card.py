@@ -62,7 +62,7 @@ guidance {guidance}); the checker scores 1.000 on ground-truth renders
 |---|---|
 {eval_rows}
 
-VAE reconstruction PSNR on 256 held-out renders: **{psnr:.2f} dB**.{tiny_psnr}
+VAE reconstruction PSNR on 256 held-out renders: **{psnr:.2f} dB**.{tiny_psnr}{ceiling}
 
 These numbers are this checkpoint's, measured by the commands above; the
 project's targets (overall >= 0.90, every category >= 0.75, held-out >= 0.80,
@@ -81,7 +81,8 @@ def _params(folder: Path, part: str) -> int:
     return total
 
 
-def write_card(folder: Path, eval_json: Path, psnr: float, seeds: int = 4, tiny_psnr: float | None = None) -> Path:
+def write_card(folder: Path, eval_json: Path, psnr: float, seeds: int = 4, tiny_psnr: float | None = None,
+               ceiling: float | None = None) -> Path:
     from t2i.samplers import DEFAULT_SAMPLER, get_sampler
 
     summary = json.loads(eval_json.read_text())["summary"]
@@ -103,6 +104,9 @@ def write_card(folder: Path, eval_json: Path, psnr: float, seeds: int = 4, tiny_
         text_params=f"{_params(folder, 'text_encoder') / 1e6:.2f} M", unet_channels=unet_cfg["block_out_channels"],
         unet_params=f"{_params(folder, 'unet') / 1e6:.2f} M", size_mb=size / 2**20, vae_steps=train["vae"]["steps"],
         unet_steps=defaults.get("trained_unet_steps", "?"), eval_rows=rows, psnr=psnr, verdict=verdict,
+        ceiling="" if ceiling is None else (
+            f"\nGround-truth renders passed through the VAE (encode, decode) score **{ceiling:.3f}** "
+            "(`t2i eval --ground-truth --through-vae`): the most any UNet can reach with this VAE."),
         **_unet_parts(train), **_tiny_parts(folder, train, tiny_psnr),
     )
     out = folder / "README.md"
@@ -192,5 +196,6 @@ if __name__ == "__main__":
     ap.add_argument("--psnr", type=float, required=True, help="held-out VAE PSNR (dB)")
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--tiny-psnr", type=float, help="held-out PSNR of vae_tiny/ (dB)")
+    ap.add_argument("--ceiling", type=float, help="overall of `t2i eval --ground-truth --through-vae`")
     a = ap.parse_args()
-    print(write_card(a.folder, a.eval, a.psnr, a.seeds, a.tiny_psnr))
+    print(write_card(a.folder, a.eval, a.psnr, a.seeds, a.tiny_psnr, a.ceiling))
