@@ -507,7 +507,7 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import guards, shapeeval
+    from . import guards
 
     if args.through_vae and not args.ground_truth:
         raise UsageError("--through-vae scores ground-truth renders; add --ground-truth")
