@@ -313,7 +313,7 @@ def _bar(args, desc: str):
 
 
 def cmd_generate(args) -> int:
-    from . import guards, loading
+    from . import guards
     from .lora import parse_lora_arg
     from .output import plan_paths, save_images
 
@@ -346,7 +346,6 @@ def cmd_generate(args) -> int:
     vetting = LoraSet(None, args.lora_dir, args.allow_pickle)
     loras = [vetting.spec(l) for l in loras]
     options = _speed_options(args)
-    _check_tiny_vae(options, loading.resolve(args.model))
 
     # 2. Under `accelerate launch`/torchrun: this process's share of the prompts, named as one process would
     share = _distributed_share(args, len(prompts))
@@ -389,14 +388,18 @@ def cmd_generate(args) -> int:
 
 
 def _speed_options(args):
-    """--speed as t2i.speed.SpeedOptions (None: the plain, exact path); refused before loading if it cannot run."""
-    if not getattr(args, "speed", ""):
-        return None
-    from .speed import SpeedOptions
+    """--speed as t2i.speed.SpeedOptions (None: the plain, exact path); refused before loading if it cannot run,
+    also when tiny_vae's small decoder is missing from args.model."""
+    from . import loading
 
-    options = SpeedOptions.parse(args.speed)
-    if options.cpu_offload and args.device in ("cpu", "mps"):
-        raise UsageError(f"--speed cpu_offload needs a CUDA device, not --device {args.device}; leave it off")
+    options = None
+    if getattr(args, "speed", ""):
+        from .speed import SpeedOptions
+
+        options = SpeedOptions.parse(args.speed)
+        if options.cpu_offload and args.device in ("cpu", "mps"):
+            raise UsageError(f"--speed cpu_offload needs a CUDA device, not --device {args.device}; leave it off")
+    _check_tiny_vae(options, loading.resolve(args.model))
     return options
 
 
@@ -523,7 +526,6 @@ def cmd_eval(args) -> int:
         get_sampler(args.sampler)
     if args.out:
         guards.check_writable_folder(args.out)
-    from . import loading
     from .evaluation import run_eval
 
     if args.style:
@@ -533,7 +535,6 @@ def cmd_eval(args) -> int:
         import dataclasses
 
         options = dataclasses.replace(options, batched=True)
-    _check_tiny_vae(options, loading.resolve(args.model))
     pipe = _load(args)
     pipe.exact_batch = False  # seeds of a prompt batched: images equal single runs to within rounding
     bar = _bar(args, "shapeeval")
@@ -559,11 +560,10 @@ def _ground_truth_eval(args) -> int:
         acc = shapeeval.ground_truth_accuracy(n_per_prompt=args.seeds)
         print("checker accuracy on ground-truth renders")
     else:
-        from . import loading, speed
+        from . import speed
         from .evaluation import vae_round_trip
 
         options = _speed_options(args)
-        _check_tiny_vae(options, loading.resolve(args.model))
         pipe = _load(args)
         with speed.apply(pipe, options) if options else contextlib.nullcontext():
             acc = shapeeval.ground_truth_accuracy(n_per_prompt=args.seeds, through=vae_round_trip(pipe))
