@@ -27,6 +27,7 @@ from typing import Iterable
 import torch
 
 from .errors import ModelLoadError, NumericalError, StorageError, UsageError
+from .output import give_usual_mode
 
 FORMATS = ("diffusers", "kohya")
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -326,6 +327,7 @@ def save_lora(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: d
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(out, str(tmp), metadata=header)
+        give_usual_mode(tmp)
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:  # disk full, quota, permissions (safetensors wraps its I/O errors)
         kept = "the existing file is unchanged" if path.exists() else "nothing was written"

@@ -56,6 +56,15 @@ def _umask() -> int:
     return mask
 
 
+def give_usual_mode(path: str | Path) -> None:
+    """Give a file t2i wrote the mode a new file gets under the user's umask (0o666 & ~umask).
+
+    Temporary files (mkstemp) and safetensors >= 0.8 files (written through one, safetensors#782) are 0600: an
+    image, LoRA or model would be readable only by its writer, not by a web UI running as another user.
+    """
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def write_png(image: Image.Image, settings: Settings, path: Path, overwrite: bool = False) -> bool:
     """Write atomically; False (nothing written) if `path` exists and overwrite is off.
 
@@ -65,7 +74,7 @@ def write_png(image: Image.Image, settings: Settings, path: Path, overwrite: boo
     try:
         fd, tmp = tempfile.mkstemp(prefix=".t2i-", suffix=".png", dir=path.parent)
         os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; an image gets the user's usual mode
+        give_usual_mode(tmp)
         image.save(tmp, pnginfo=metadata.png_info(settings))
         if overwrite:
             os.replace(tmp, path)

@@ -182,6 +182,21 @@ def test_save_refuses_to_overwrite_and_leaves_no_temp_files(sd_lora, tmp_path):
         lora_format.save_lora(tmp_path / "b.safetensors", sd_lora, {}, format="a1111")
 
 
+def test_saved_lora_gets_the_users_usual_file_mode(sd_lora, tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:  # safetensors >= 0.8 writes 0600 (through a temp file): a web UI run as another user could not read it
+        path = lora_format.save_lora(tmp_path / "a.safetensors", sd_lora, {})
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        os.umask(0o027)
+        lora_format.save_lora(path, sd_lora, {}, format="kohya", overwrite=True)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    finally:
+        os.umask(mask)
+
+
 def test_nan_weights_are_refused_on_save_and_load(sd_lora, tmp_path):
     from safetensors.torch import save_file
 

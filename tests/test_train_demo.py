@@ -47,6 +47,17 @@ def test_all_stages_write_a_stock_diffusers_model(trained):
     assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3, 4]
 
 
+def test_the_exported_weights_get_the_same_file_mode_as_their_configs(trained):
+    import stat
+
+    # safetensors >= 0.8 writes 0600; a model only its trainer can read is no use to a web UI or container
+    weights = sorted((trained / "model").rglob("*.safetensors"))
+    assert len(weights) == 4  # unet, vae, text encoder, small decoder
+    for path in weights:
+        config = path.with_name("config.json")
+        assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(config.stat().st_mode), path
+
+
 def test_the_noise_schedule_is_the_configs_and_ships_with_the_model(trained):
     from diffusers import DDPMScheduler
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from t2i.errors import UsageError
+from t2i.output import give_usual_mode
 from t2i.shapes import BACKGROUNDS, IMAGE_SIZE, SceneMix, caption_words, render, sample_scene
 
 from .checkpoint import Checkpoints, load_training_state, save_training_state
@@ -1091,6 +1092,8 @@ def export(cfg: DemoConfig, pipe) -> Path:
     if (tiny / "config.json").is_file():
         shutil.copytree(tiny, out / "vae_tiny", dirs_exist_ok=True)
     (out / "training_config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    for weights in out.rglob("*.safetensors"):
+        give_usual_mode(weights)
     print(f"exported diffusers model -> {out}")
     return out
 
