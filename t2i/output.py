@@ -6,6 +6,9 @@ processes writing into one folder can never replace each other's files, and
 a crash never leaves a half-written PNG under a real name. A number is kept
 only if no other file holds it once ours is in place, so two processes that
 pick the same number at the same moment never both keep it.
+
+Every file t2i writes for the user to keep (images here, LoRA files, exported
+models) gets the mode a new file has under the user's umask: `give_usual_mode`.
 """
 
 from __future__ import annotations
