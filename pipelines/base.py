@@ -69,6 +69,10 @@ class Defaults:
     width: int = 512
     height: int = 512
     negative_prompt: str = ""
+    # Autoguidance (a model folder with a guide/ UNet): its scale, and the timestep below which it replaces
+    # classifier-free guidance (see autoguided_unet).
+    autoguidance: float = 0.0
+    autoguidance_below: int = 500
 
 
 class BasePipeline:
@@ -77,12 +81,17 @@ class BasePipeline:
     task = "text2image"
     diffusers_classes: dict[str, str] = {}  # arch -> diffusers pipeline class for this task (None: as loaded)
 
-    def __init__(self, pipe, model: LoadedModel, loras: LoraSet | None = None):
+    def __init__(self, pipe, model: LoadedModel, loras: LoraSet | None = None, guide=None):
         self.pipe = pipe
         self.model = model
         self.loras = loras or LoraSet(pipe)
         self._scheduler_config = dict(pipe.scheduler.config)
         self.defaults = self._read_defaults()
+        # The model's guide UNet (its folder's guide/) and how autoguidance uses it: `autoguidance` is the
+        # scale (0 = off, plain classifier-free guidance throughout), from the model's t2i.json.
+        self.guide = guide
+        self.autoguidance = self.defaults.autoguidance if guide is not None else 0.0
+        self.autoguidance_below = self.defaults.autoguidance_below
         # Image i of a batch equals the single run with seed + i, bit for bit (see per_image_unet).
         # False batches the UNet across images: faster, equal only to within float rounding.
         self.exact_batch = True
@@ -112,13 +121,16 @@ class BasePipeline:
         pipe.to(dev)
         folder = Path(path) if Path(path).is_dir() else None
         loaded = LoadedModel(source, arch, Path(path), loading.model_hash(source, folder), model_config or "")
-        return cls(pipe, loaded)
+        guide = loading.load_guide(folder, dt, dev, pipe.unet.config)
+        return cls(pipe, loaded, guide=guide)
 
     @classmethod
     def from_pipe(cls, other: "BasePipeline"):
         """The same loaded components (no reload, no copy) behind another task's pipeline."""
         pipe = cls._convert(other.pipe, other.model.arch)
-        return cls(pipe, other.model, other.loras.rebind(pipe))
+        new = cls(pipe, other.model, other.loras.rebind(pipe), guide=other.guide)
+        new.autoguidance, new.autoguidance_below = other.autoguidance, other.autoguidance_below
+        return new
 
     @classmethod
     def _convert(cls, pipe, arch: str):
@@ -141,8 +153,9 @@ class BasePipeline:
         dev = resolve_device(str(device)) if device is not None else self.device
         dt = resolve_dtype(dtype, dev) if dtype is not None else self.dtype
         self.pipe.to(dev, dt)
-        if self.decoder is not None:
-            self.decoder.to(dev, dt)
+        for extra in (self.decoder, self.guide):
+            if extra is not None:
+                extra.to(dev, dt)
         return self
 
     @property
@@ -197,6 +210,9 @@ class BasePipeline:
         guards.check_memory(self.memory_estimate(batch, width, height), self.device,
                             "use a smaller batch or size" + ("" if self.exact_batch else ", or exact_batch=True"))
         specs = [self.loras.spec(l) for l in loras]
+        autoguidance = self._autoguidance(prompt, specs, guidance)
+        if autoguidance:
+            extra |= {"autoguidance": autoguidance, "autoguidance_below": int(self.autoguidance_below)}
         base = Settings(
             prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, guidance=guidance,
             seed=seed, width=width, height=height, model=self.model.source.asked, model_name=self.model.source.name,
@@ -204,6 +220,23 @@ class BasePipeline:
             dtype=dtype_name(self.dtype), pipeline=self.task, speed=self.speed_names(), versions=versions(), **extra,
         )
         return [replace(base, seed=seed + i, batch_index=i, batch_size=batch) for i in range(batch)]
+
+    def _autoguidance(self, prompt: str, loras: list[LoraSpec], guidance: float) -> float:
+        """The autoguidance scale this call runs with (0: plain classifier-free guidance).
+
+        Off without classifier-free guidance (guidance <= 1: there is no second row to steer with) and with
+        LoRAs: the guide does not carry them, so steering away from it would multiply their effect.
+        """
+        scale = float(self.autoguidance or 0.0)
+        guards.check_autoguidance(scale)
+        if not scale:
+            return 0.0
+        if self.guide is None:
+            raise UsageError(f"the model {self.model.source.name or self.model.path} has no {loading.GUIDE_FOLDER}/ "
+                             "UNet, which autoguidance needs; set autoguidance to 0")
+        if guidance <= 1 or loras or prompts.extract_loras(prompt)[1]:
+            return 0.0
+        return scale
 
     def speed_names(self) -> list[str]:
         """The speed options this pipeline runs with now, as `t2i.speed.SpeedOptions.parse` reads them back."""
@@ -268,7 +301,9 @@ class BasePipeline:
                 n = len(group)
                 self.pipe.scheduler = make_scheduler(group[0].sampler, self._scheduler_config, seed=group[0].seed)
                 batched = {k: v.expand(n, *v.shape[1:]) for k, v in embeds.items()}
-                with per_image_unet(self.pipe.unet, n) if self.exact_batch else contextlib.nullcontext():
+                with (per_image_unet(self.pipe.unet, n) if self.exact_batch else contextlib.nullcontext(),
+                      autoguided_unet(self.pipe.unet, self.guide, s0, n, self.exact_batch)
+                      if s0.autoguidance else contextlib.nullcontext()):
                     out = self.pipe(**batched, **task_inputs(group), num_inference_steps=s0.steps,
                                     guidance_scale=s0.guidance, output_type="latent",
                                     callback_on_step_end=self._step_callback(bar))
@@ -386,3 +421,61 @@ def per_image_unet(unet, n_images: int):
         yield
     finally:
         del unet.forward  # back to the class's forward
+
+
+@contextlib.contextmanager
+def autoguided_unet(unet, guide, settings: Settings, n_images: int, exact: bool):
+    """Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself") in the late
+    steps: below `settings.autoguidance_below` the prediction is cond + (s - 1) * (cond - guide(cond)), the
+    model steered away from its weaker guide UNet on the same prompt, in place of classifier-free guidance's
+    cond + (g - 1) * (cond - uncond); earlier steps keep classifier-free guidance.
+
+    On the bundled model, classifier-free guidance in the late steps is what draws four objects for "three":
+    the late steps refine shapes, and steering them away from the unconditional prediction also adds one.
+    The diffusers pipeline still combines two rows with its guidance g, so the wrapper hands it, in the
+    uncond row, the prediction that makes its sum the autoguided one. The UNet still runs on both rows (a
+    speed option's feature cache sees the same calls); the guide runs on the cond rows, one image at a time
+    when the batch must equal its single runs.
+    """
+    forward = unet.forward  # the class's, or per_image_unet's
+    own = "forward" in unet.__dict__
+    scale, below, g = settings.autoguidance, settings.autoguidance_below, settings.guidance
+
+    def guided_forward(sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=None, **kwargs):
+        out = forward(sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+        rows = sample.shape[0]
+        if t >= below or rows != 2 * n_images:
+            return out
+        pred = out[0] if isinstance(out, tuple) else out.sample  # (2N, C, h, w): uncond rows, then cond rows
+        n = n_images
+        cond_x, cond_text = sample[n:], encoder_hidden_states[n:]
+        step = timestep[n:] if torch.is_tensor(timestep) and timestep.ndim and len(timestep) == rows else timestep
+        extra = {k: v[n:] for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
+
+        def weak_rows(part: slice) -> torch.Tensor:
+            kw = {k: v[part] for k, v in extra.items()} if extra else None
+            ts = step[part] if torch.is_tensor(step) and step.ndim else step
+            return guide(cond_x[part], ts, cond_text[part], added_cond_kwargs=kw, return_dict=False)[0]
+
+        with torch.no_grad():
+            weak = torch.cat([weak_rows(r) for r in ([slice(i, i + 1) for i in range(n)] if exact else [slice(None)])])
+        cond = pred[n:]
+        weak = weak.to(cond.dtype)
+        # the pipeline computes uncond + g * (cond - uncond); this uncond makes it cond + (s - 1) * (cond - weak)
+        uncond = cond - (scale - 1) / (g - 1) * (cond - weak)
+        merged = torch.cat([uncond, cond])
+        if isinstance(out, tuple):
+            return (merged,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=merged)
+
+    unet.forward = guided_forward
+    try:
+        yield
+    finally:
+        if own:
+            unet.forward = forward
+        else:
+            del unet.forward

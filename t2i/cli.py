@@ -70,6 +70,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--negative-prompt", "-n", metavar="TEXT", help="what to steer away from")
     g.add_argument("--steps", type=_positive_int, help="denoising steps (default: the model's, usually 20)")
     g.add_argument("--guidance", "--cfg", type=_number, help="classifier-free guidance scale (default: the model's)")
+    g.add_argument("--autoguidance", type=_number, metavar="S",
+                   help="autoguidance scale in the late steps, steering away from the model's weaker guide/ UNet in place of "
+                        "classifier-free guidance (default: the model's; 0 turns it off, as do LoRAs)")
     g.add_argument("--sampler", "-s", help="sampler name or A1111 name, e.g. euler-a, \"DPM++ 2M Karras\" (see t2i samplers)")
     g.add_argument("--seed", type=_positive_int, default=-1, help="seed of the first image; image i uses seed+i (default: random)")
     g.add_argument("--width", "-W", type=_positive_int, help="multiple of 8 (default: the model's native size)")
@@ -174,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=_positive_int, help="default: the model's")
     e.add_argument("--sampler", "-s", help="default: the model's")
     e.add_argument("--guidance", "--cfg", type=_number, help="default: the model's")
+    e.add_argument("--autoguidance", type=_number, metavar="S", help="default: the model's (0: off)")
     e.add_argument("--seeds", type=_positive_int, default=4, help="images per prompt (seeds 0..N-1; default 4)")
     e.add_argument("--speed", metavar="OPTS", default="",
                    help="measure with these speed options, e.g. cache3 (see t2i generate --help); default: batched")
@@ -325,6 +329,8 @@ def cmd_generate(args) -> int:
         guards.check_steps(args.steps)
     if args.guidance is not None:
         guards.check_guidance(args.guidance)
+    if args.autoguidance is not None:
+        guards.check_autoguidance(args.autoguidance)
     guards.check_batch(args.batch)
     if args.seed != -1:
         guards.check_seed(args.seed)
@@ -357,6 +363,7 @@ def cmd_generate(args) -> int:
 
     # 3. Load once, generate each prompt
     pipe = _load(args, args.task)
+    _set_autoguidance(pipe, args)
     pipe.loras.lora_dir, pipe.loras.allow_pickle = vetting.lora_dir, args.allow_pickle
     bar = _bar(args, "generating")
     from . import speed
@@ -385,6 +392,18 @@ def cmd_generate(args) -> int:
     if share is not None:
         share[0].wait_for_everyone()
     return 0
+
+
+def _set_autoguidance(pipe, args) -> None:
+    """--autoguidance S: S > 0 needs the model's guide/ UNet (a one-line error before any image otherwise)."""
+    if args.autoguidance is None:
+        return
+    if args.autoguidance and pipe.guide is None:
+        from .loading import GUIDE_FOLDER
+
+        raise UsageError(f"--autoguidance needs a model with a {GUIDE_FOLDER}/ UNet, and {args.model or 'this model'} "
+                         "has none; leave --autoguidance out")
+    pipe.autoguidance = args.autoguidance
 
 
 def _speed_options(args):
@@ -520,6 +539,8 @@ def cmd_eval(args) -> int:
         guards.check_steps(args.steps)
     if args.guidance is not None:
         guards.check_guidance(args.guidance)
+    if args.autoguidance is not None:
+        guards.check_autoguidance(args.autoguidance)
     if args.sampler:
         from .samplers import get_sampler
 
@@ -536,6 +557,7 @@ def cmd_eval(args) -> int:
 
         options = dataclasses.replace(options, batched=True)
     pipe = _load(args)
+    _set_autoguidance(pipe, args)
     pipe.exact_batch = False  # seeds of a prompt batched: images equal single runs to within rounding
     bar = _bar(args, "shapeeval")
     from . import speed

@@ -38,6 +38,11 @@ def check_guidance(guidance: float) -> None:
         raise UsageError(f"guidance must be a finite number >= 0, got {guidance}")
 
 
+def check_autoguidance(scale: float) -> None:
+    if not math.isfinite(scale) or scale < 0:
+        raise UsageError(f"autoguidance must be a finite number >= 0 (0 turns it off), got {scale}")
+
+
 MAX_BATCH = 100_000  # per call; memory is checked from an estimate once the model is loaded
 
 

@@ -386,6 +386,38 @@ def load_tiny_vae(folder: Path, dtype, device, latent_channels: int):
     return vae.to(device).eval().requires_grad_(False)
 
 
+GUIDE_FOLDER = "guide"  # a model folder's weaker UNet for autoguidance (the bundled model ships one)
+
+
+def load_guide(model_path: Path | None, dtype, device, unet_config):
+    """The model folder's guide/ UNet (autoguidance, see pipelines.base.autoguided_unet), or None without one.
+
+    Vetted like every component (safetensors only, no code) and checked against the model's UNet: it must
+    read the same latents and the same text embeddings.
+    """
+    folder = model_path / GUIDE_FOLDER if model_path is not None and model_path.is_dir() else None
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    from diffusers import UNet2DConditionModel
+
+    config = _check_component(folder, allow_pickle=False)
+    kind = config.get("_class_name")
+    if kind != "UNet2DConditionModel":
+        raise ModelLoadError(f"{folder} is not a UNet2DConditionModel (its config says {kind or 'no _class_name'}); "
+                             f"a model's {GUIDE_FOLDER}/ holds the UNet that autoguidance steers away from")
+    for key in ("in_channels", "out_channels", "cross_attention_dim"):
+        if config.get(key) != unet_config.get(key):
+            raise ModelLoadError(f"{folder}: {key} is {config.get(key)}, the model's UNet has "
+                                 f"{unet_config.get(key)}; the guide must read the same latents and prompts")
+    try:
+        with _quiet_loading():
+            guide = UNet2DConditionModel.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True,
+                                                         local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
+        raise ModelLoadError(f"could not load the guide UNet {folder}: {_first_line(e)}") from None
+    return guide.to(device).eval().requires_grad_(False)
+
+
 def load_pickled_weights(path: Path) -> dict:
     """A pickle-based weights file (only when pickles are allowed), read with torch.load(weights_only=True):
     tensors and plain containers only, never code. Anything else is a one-line ModelLoadError."""

@@ -66,6 +66,8 @@ def a1111_parameters(s: Settings) -> str:
         fields.append(("Mask blur", str(s.mask_blur)))
     if s.invert_mask:
         fields.append(("Mask mode", "Inpaint not masked"))
+    if s.autoguidance:
+        fields += [("Autoguidance", _fmt_number(s.autoguidance)), ("Autoguidance below", str(s.autoguidance_below))]
     if s.loras:
         fields.append(("Lora hashes", ", ".join(f"{l.name}: {l.hash[:12]}" for l in s.loras)))
     fields.append(("Version", f"t2i {s.versions.get('t2i', '')}".strip()))

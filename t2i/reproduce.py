@@ -97,6 +97,9 @@ def reproduce(image: str | Path, model: str | None = None, device: str | None = 
                                       model_config=model_config or settings.model_config or None)
     if pipe.model.hash != settings.model_hash:
         print(f"note: model hash {pipe.model.hash} differs from the recorded {settings.model_hash}", file=sys.stderr)
+    pipe.autoguidance = settings.autoguidance  # 0 (off) for images made before autoguidance existed
+    if settings.autoguidance:
+        pipe.autoguidance_below = settings.autoguidance_below
     options = _speed_options(settings, pipe.device)
     # Batched speed options make image i of a call equal the single run with seed + i only to within rounding:
     # replay the whole call then, and keep the image at its position.

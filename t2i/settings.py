@@ -41,6 +41,9 @@ class Settings:
     strength: float | None = None
     mask_blur: int | None = None  # inpainting: pixels of Gaussian blur on the mask
     invert_mask: bool = False  # inpainting: repaint the black part instead
+    # autoguidance with the model's guide/ UNet below that timestep (0: off, classifier-free guidance throughout)
+    autoguidance: float = 0.0
+    autoguidance_below: int = 0
     speed: list[str] = field(default_factory=list)  # t2i.speed options the image was made with (names)
     batch_size: int = 1  # images made in the same call: reproduce replays the whole call
     batch_index: int = 0  # position in that call (the seed is already per image)

@@ -1,0 +1,168 @@
+"""Autoguidance: a model folder's guide/ UNet steers the late steps (pipelines.base.autoguided_unet)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from t2i import metadata
+from t2i.errors import ModelLoadError, UsageError
+from t2i.settings import Settings
+
+
+def add_guide(folder: Path, seed: int = 1, **changes) -> Path:
+    """A smaller random UNet as folder/guide, and t2i.json defaults that turn autoguidance on."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    config = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[8, 16],
+                  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=32, attention_head_dim=8,
+                  norm_num_groups=8) | changes
+    UNet2DConditionModel(**config).save_pretrained(str(folder / "guide"), safe_serialization=True)
+    (folder / "t2i.json").write_text(json.dumps({"steps": 4, "autoguidance": 3.0, "autoguidance_below": 500}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def guided(tmp_path_factory, tiny_sd) -> Path:
+    return add_guide(Path(shutil.copytree(tiny_sd, tmp_path_factory.mktemp("models") / "guided")))
+
+
+@pytest.fixture(scope="module")
+def guided_pipe(guided):
+    from t2i.pipelines import Text2Image
+
+    return Text2Image.from_pretrained(str(guided), device="cpu", dtype="fp32")
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+# ---------------------------------------------------------------------------- the arithmetic
+
+
+class _Plain(torch.nn.Module):
+    """A stand-in UNet whose rows differ by their text: sample + mean of the row's embedding."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None, return_dict=True):
+        return (sample + encoder_hidden_states.mean(dim=(1, 2))[:, None, None, None],)
+
+
+class _Weak(torch.nn.Module):
+    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None, return_dict=True):
+        return (0.5 * sample - encoder_hidden_states.mean(dim=(1, 2))[:, None, None, None],)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_the_pipelines_sum_becomes_the_autoguided_prediction_below_the_threshold(exact):
+    from pipelines.base import autoguided_unet
+
+    unet, weak, n, g, s = _Plain(), _Weak(), 2, 5.0, 3.0
+    settings = Settings(prompt="p", guidance=g, autoguidance=s, autoguidance_below=500)
+    sample, text = torch.randn(2 * n, 4, 8, 8), torch.randn(2 * n, 7, 32)
+    plain = unet(sample, torch.tensor(100), text)[0]
+    with autoguided_unet(unet, weak, settings, n, exact):
+        late = unet(sample, torch.tensor(100), text, return_dict=False)[0]
+        early = unet(sample, torch.tensor(700), text, return_dict=False)[0]
+    assert "forward" not in unet.__dict__  # the class's forward is back
+    cond, guide = plain[n:], weak(sample[n:], None, text[n:])[0]
+    combined = late[:n] + g * (late[n:] - late[:n])  # what StableDiffusionPipeline does with the two rows
+    torch.testing.assert_close(combined, cond + (s - 1) * (cond - guide))
+    torch.testing.assert_close(late[n:], cond)
+    assert torch.equal(early, plain)  # high-noise steps keep classifier-free guidance
+
+
+# ---------------------------------------------------------------------------- through the pipeline
+
+
+def test_a_model_with_a_guide_uses_it_by_default_and_records_it(guided_pipe, guided, tmp_path):
+    assert guided_pipe.guide is not None and guided_pipe.autoguidance == 3.0
+    guided_result = guided_pipe("a red circle", seed=3, progress=False)
+    s = guided_result.settings[0]
+    assert (s.autoguidance, s.autoguidance_below) == (3.0, 500)
+    guided_pipe.autoguidance = 0
+    try:
+        plain = guided_pipe("a red circle", seed=3, progress=False)
+    finally:
+        guided_pipe.autoguidance = 3.0
+    assert plain.settings[0].autoguidance == 0 and plain.settings[0].autoguidance_below == 0
+    assert not np.array_equal(pixels(guided_result.images[0]), pixels(plain.images[0]))
+    path = guided_result.save(tmp_path / "guided.png")[0]
+    text, settings = metadata.read(path)
+    assert "Autoguidance: 3, Autoguidance below: 500" in text
+    assert settings.autoguidance == 3.0
+
+
+def test_a_batch_equals_its_single_runs_with_autoguidance(guided_pipe):
+    batch = guided_pipe("two blue stars", seed=5, batch=2, progress=False)
+    single = guided_pipe("two blue stars", seed=6, progress=False)
+    assert batch.settings[1].autoguidance == 3.0
+    assert np.array_equal(pixels(batch.images[1]), pixels(single.images[0]))
+
+
+def test_reproduce_replays_autoguidance(run_cli, guided, tmp_path):
+    code, stdout, _ = run_cli("generate", "a green square", "--model", guided, "--seed", 2, "--out", tmp_path, "-q")
+    assert code == 0
+    made = Path(stdout.strip())
+    assert metadata.read(made)[1].autoguidance == 3.0
+    code, stdout, _ = run_cli("reproduce", made, "-q")
+    assert code == 0 and "bit for bit" in stdout
+    code, stdout, _ = run_cli("generate", "a green square", "--model", guided, "--seed", 2, "--autoguidance", 0,
+                              "--out", tmp_path / "off.png", "-q")
+    assert code == 0
+    off_text, off = metadata.read(tmp_path / "off.png")
+    assert off.autoguidance == 0 and "Autoguidance" not in off_text
+    assert not np.array_equal(pixels(Image.open(made)), pixels(Image.open(tmp_path / "off.png")))
+
+
+def test_autoguidance_is_off_without_classifier_free_guidance_or_with_a_lora(guided_pipe, lora_file):
+    assert guided_pipe("a red circle", seed=1, guidance=1.0, progress=False).settings[0].autoguidance == 0
+    # the guide does not carry the LoRA: steering away from it would multiply the LoRA's effect
+    with_lora = guided_pipe("a red circle", seed=1, loras=[f"{lora_file}:0.5"], progress=False)
+    assert with_lora.settings[0].autoguidance == 0
+    guided_pipe.loras.activate([])
+
+
+# ---------------------------------------------------------------------------- refusals
+
+
+def test_autoguidance_on_a_model_without_a_guide_is_a_usage_error(sd_pipe, run_cli, tiny_sd, tmp_path):
+    assert sd_pipe.guide is None and sd_pipe.autoguidance == 0
+    sd_pipe.autoguidance = 2.0
+    try:
+        with pytest.raises(UsageError, match="guide/"):
+            sd_pipe("a red circle", seed=1, steps=1, progress=False)
+    finally:
+        sd_pipe.autoguidance = 0.0
+    code, stdout, stderr = run_cli("generate", "a", "--model", tiny_sd, "--autoguidance", 2, "--out", tmp_path)
+    assert code == 2 and stdout == ""
+    assert len(stderr.strip().splitlines()) == 1 and "guide/" in stderr and "Traceback" not in stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_negative_autoguidance_is_refused_before_loading(run_cli, no_model_load, tmp_path):
+    code, _, stderr = run_cli("generate", "a", "--autoguidance", -1, "--out", tmp_path)
+    assert code == 2 and "autoguidance" in stderr and "Traceback" not in stderr
+
+
+def test_a_guide_that_reads_other_latents_is_refused_at_load(sd_copy):
+    from t2i.pipelines import Text2Image
+
+    add_guide(sd_copy, in_channels=8)
+    with pytest.raises(ModelLoadError, match="in_channels"):
+        Text2Image.from_pretrained(str(sd_copy), device="cpu", dtype="fp32")
+
+
+def test_stock_diffusers_loads_a_model_with_a_guide(guided):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(guided), safety_checker=None, requires_safety_checker=False)
+    assert not hasattr(pipe, "guide")
