@@ -39,8 +39,8 @@ image = pipe("a red circle to the left of a blue square", height=64, width=64,
 | VAE | AutoencoderKL, 64x64x3 <-> 16x16x4, channels {vae_channels} | {vae_params} |
 | text encoder | CLIPTextModel, {text_layers} layers, width {text_width}, CLIP BPE tokenizer over the world's words | {text_params} |
 | UNet | UNet2DConditionModel, channels {unet_channels}, cross-attention at 8x8 and 4x4 | {unet_params} |
-{tiny_row}
-Weights: UNet and VAE stored in fp16, the text encoder in fp32 ({size_mb:.1f} MB in all).
+{tiny_row}{guide_row}
+Weights: {fp16_parts} stored in fp16, the text encoder in fp32 ({size_mb:.1f} MB in all).
 Scheduler: {sampler} (`t2i.json` holds t2i's defaults: {steps} steps, guidance {guidance}).
 
 ## Training
@@ -55,7 +55,7 @@ per sample{scene_mix}; the compositions ShapeEval holds out never appear.
 ## Evaluation
 
 ShapeEval (`t2i eval`, {seeds} seeds per prompt, {steps} steps, {sampler},
-guidance {guidance}); the checker scores 1.000 on ground-truth renders
+guidance {guidance}{autoguidance}); the checker scores 1.000 on ground-truth renders
 (`t2i eval --ground-truth`).
 
 | category | accuracy |
@@ -107,7 +107,7 @@ def write_card(folder: Path, eval_json: Path, psnr: float, seeds: int = 4, tiny_
         ceiling="" if ceiling is None else (
             f"\nGround-truth renders passed through the VAE (encode, decode) score **{ceiling:.3f}** "
             "(`t2i eval --ground-truth --through-vae`): the most any UNet can reach with this VAE."),
-        **_unet_parts(train), **_tiny_parts(folder, train, tiny_psnr),
+        **_unet_parts(train), **_tiny_parts(folder, train, tiny_psnr), **_guide_parts(folder, defaults),
     )
     out = folder / "README.md"
     out.write_text(card)
@@ -168,6 +168,22 @@ def _layout_part(train: dict) -> str:
              f" objects of captions that fix a position or relation on a grid of {cells}x{cells} cells (an MLP on"
              f" its pooled feature, not exported).") if steps else ""
     return first + (f" The UNet stage kept that task on at weight {weight:g}." if weight else "")
+
+
+def _guide_parts(folder: Path, defaults: dict) -> dict:
+    """The card's row on guide/ (autoguidance's weaker UNet) and the evaluation's words on it; empty without one."""
+    guide = folder / "guide" / "config.json"
+    if not guide.is_file():
+        return {"guide_row": "", "autoguidance": "", "fp16_parts": "UNet and VAE"}
+    cfg = json.loads(guide.read_text())
+    scale, below = defaults.get("autoguidance", 0), defaults.get("autoguidance_below", 500)
+    return {
+        "guide_row": f"| guide/ (not a pipeline part) | UNet2DConditionModel, channels {cfg['block_out_channels']}: "
+                     f"t2i's autoguidance (scale {scale:g} below timestep {below}) | "
+                     f"{_params(folder, 'guide') / 1e6:.2f} M |\n",
+        "autoguidance": f", autoguidance {scale:g} with guide/ below timestep {below}" if scale else "",
+        "fp16_parts": "UNet, guide/ and VAE",
+    }
 
 
 def _tiny_parts(folder: Path, train: dict, tiny_psnr: float | None) -> dict:
