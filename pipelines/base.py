@@ -430,8 +430,10 @@ def autoguided_unet(unet, guide, settings: Settings, n_images: int, exact: bool)
     model steered away from its weaker guide UNet on the same prompt, in place of classifier-free guidance's
     cond + (g - 1) * (cond - uncond); earlier steps keep classifier-free guidance.
 
-    On the bundled model, classifier-free guidance in the late steps is what draws four objects for "three":
-    the late steps refine shapes, and steering them away from the unconditional prediction also adds one.
+    Why late: on the bundled model's prompts, classifier-free guidance in the late steps sharpens the shapes
+    but also adds objects ("three" drawn as four); no guidance there leaves shapes malformed; autoguidance
+    there keeps them sharp with fewer extra objects, while the early steps still need classifier-free
+    guidance to place the objects the prompt asks for (README, "Autoguidance").
     The diffusers pipeline still combines two rows with its guidance g, so the wrapper hands it, in the
     uncond row, the prediction that makes its sum the autoguided one. The UNet still runs on both rows (a
     speed option's feature cache sees the same calls); the guide runs on the cond rows, one image at a time
