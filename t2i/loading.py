@@ -366,6 +366,16 @@ def tiny_vae_folder(value: str, model_path: Path | None) -> Path:
     return hub_snapshot(value)
 
 
+def _from_vetted_folder(model_class, folder: Path, dtype, what: str):
+    """`model_class.from_pretrained` on a folder already vetted (safetensors only, local); errors in one line."""
+    try:
+        with _quiet_loading():
+            return model_class.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True,
+                                               local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
+        raise ModelLoadError(f"could not load {what} {folder}: {_first_line(e)}") from None
+
+
 def load_tiny_vae(folder: Path, dtype, device, latent_channels: int):
     """An AutoencoderTiny from a vetted folder (safetensors only, no code), checked against the UNet's latents."""
     from diffusers import AutoencoderTiny
@@ -374,12 +384,7 @@ def load_tiny_vae(folder: Path, dtype, device, latent_channels: int):
     if kind != "AutoencoderTiny":
         raise ModelLoadError(f"{folder} is not an AutoencoderTiny (its config says {kind or 'no _class_name'}); "
                              "give a tiny VAE folder (TAESD-style)")
-    try:
-        with _quiet_loading():
-            vae = AutoencoderTiny.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True,
-                                                  local_files_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
-        raise ModelLoadError(f"could not load the tiny VAE {folder}: {_first_line(e)}") from None
+    vae = _from_vetted_folder(AutoencoderTiny, folder, dtype, "the tiny VAE")
     if vae.config.latent_channels != latent_channels:
         raise UsageError(f"the tiny VAE {folder} decodes {vae.config.latent_channels}-channel latents, this model "
                          f"makes {latent_channels}; give the tiny VAE made for this model family")
@@ -409,12 +414,7 @@ def load_guide(model_path: Path | None, dtype, device, unet_config):
         if config.get(key) != unet_config.get(key):
             raise ModelLoadError(f"{folder}: {key} is {config.get(key)}, the model's UNet has "
                                  f"{unet_config.get(key)}; the guide must read the same latents and prompts")
-    try:
-        with _quiet_loading():
-            guide = UNet2DConditionModel.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True,
-                                                         local_files_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
-        raise ModelLoadError(f"could not load the guide UNet {folder}: {_first_line(e)}") from None
+    guide = _from_vetted_folder(UNet2DConditionModel, folder, dtype, "the guide UNet")
     return guide.to(device).eval().requires_grad_(False)
 
 
