@@ -97,6 +97,9 @@ def reproduce(image: str | Path, model: str | None = None, device: str | None = 
                                       model_config=model_config or settings.model_config or None)
     if pipe.model.hash != settings.model_hash:
         print(f"note: model hash {pipe.model.hash} differs from the recorded {settings.model_hash}", file=sys.stderr)
+    if settings.autoguidance and pipe.guide is None:
+        raise UsageError(f"{image} was made with autoguidance, and the model {pipe.model.path} has no guide/ UNet; "
+                         "give the model it was made with (--model)")
     pipe.autoguidance = settings.autoguidance  # 0 (off) for images made before autoguidance existed
     if settings.autoguidance:
         pipe.autoguidance_below = settings.autoguidance_below

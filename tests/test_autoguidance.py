@@ -108,7 +108,7 @@ def test_a_batch_equals_its_single_runs_with_autoguidance(guided_pipe):
     assert np.array_equal(pixels(batch.images[1]), pixels(single.images[0]))
 
 
-def test_reproduce_replays_autoguidance(run_cli, guided, tmp_path):
+def test_reproduce_replays_autoguidance(run_cli, guided, tiny_sd, tmp_path):
     code, stdout, _ = run_cli("generate", "a green square", "--model", guided, "--seed", 2, "--out", tmp_path, "-q")
     assert code == 0
     made = Path(stdout.strip())
@@ -121,6 +121,8 @@ def test_reproduce_replays_autoguidance(run_cli, guided, tmp_path):
     off_text, off = metadata.read(tmp_path / "off.png")
     assert off.autoguidance == 0 and "Autoguidance" not in off_text
     assert not np.array_equal(pixels(Image.open(made)), pixels(Image.open(tmp_path / "off.png")))
+    code, _, stderr = run_cli("reproduce", made, "--model", tiny_sd, "-q")  # a model without the guide
+    assert code == 2 and "autoguidance" in stderr and "Traceback" not in stderr
 
 
 def test_autoguidance_is_off_without_classifier_free_guidance_or_with_a_lora(guided_pipe, lora_file):
