@@ -63,7 +63,7 @@ class _Weak(torch.nn.Module):
 
 @pytest.mark.parametrize("exact", [False, True])
 def test_the_pipelines_sum_becomes_the_autoguided_prediction_below_the_threshold(exact):
-    from pipelines.base import autoguided_unet
+    from t2i.pipelines.base import autoguided_unet
 
     unet, weak, n, g, s = _Plain(), _Weak(), 2, 5.0, 3.0
     settings = Settings(prompt="p", guidance=g, autoguidance=s, autoguidance_below=500)
