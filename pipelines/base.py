@@ -87,8 +87,7 @@ class BasePipeline:
         self.loras = loras or LoraSet(pipe)
         self._scheduler_config = dict(pipe.scheduler.config)
         self.defaults = self._read_defaults()
-        # The model's guide UNet (its folder's guide/) and how autoguidance uses it: `autoguidance` is the
-        # scale (0 = off, plain classifier-free guidance throughout), from the model's t2i.json.
+        # The model's guide UNet (its folder's guide/) and how autoguidance uses it, from the model's t2i.json.
         self.guide = guide
         self.autoguidance = self.defaults.autoguidance if guide is not None else 0.0
         self.autoguidance_below = self.defaults.autoguidance_below
@@ -159,6 +158,20 @@ class BasePipeline:
         return self
 
     @property
+    def autoguidance(self) -> float:
+        """The autoguidance scale (0 = off, classifier-free guidance throughout; see autoguided_unet)."""
+        return self._autoguidance_scale
+
+    @autoguidance.setter
+    def autoguidance(self, scale: float) -> None:
+        scale = float(scale or 0.0)
+        guards.check_autoguidance(scale)
+        if scale and self.guide is None:
+            raise UsageError(f"the model {self.model.source.name or self.model.path} has no {loading.GUIDE_FOLDER}/ "
+                             "UNet, which autoguidance needs; leave autoguidance at 0 (--autoguidance 0, or out)")
+        self._autoguidance_scale = scale
+
+    @property
     def device(self) -> torch.device:
         return self.pipe.unet.device
 
@@ -227,16 +240,9 @@ class BasePipeline:
         Off without classifier-free guidance (guidance <= 1: there is no second row to steer with) and with
         LoRAs: the guide does not carry them, so steering away from it would multiply their effect.
         """
-        scale = float(self.autoguidance or 0.0)
-        guards.check_autoguidance(scale)
-        if not scale:
+        if not self.autoguidance or guidance <= 1 or loras or prompts.extract_loras(prompt)[1]:
             return 0.0
-        if self.guide is None:
-            raise UsageError(f"the model {self.model.source.name or self.model.path} has no {loading.GUIDE_FOLDER}/ "
-                             "UNet, which autoguidance needs; set autoguidance to 0")
-        if guidance <= 1 or loras or prompts.extract_loras(prompt)[1]:
-            return 0.0
-        return scale
+        return self.autoguidance
 
     def speed_names(self) -> list[str]:
         """The speed options this pipeline runs with now, as `t2i.speed.SpeedOptions.parse` reads them back."""

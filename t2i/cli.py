@@ -395,15 +395,9 @@ def cmd_generate(args) -> int:
 
 
 def _set_autoguidance(pipe, args) -> None:
-    """--autoguidance S: S > 0 needs the model's guide/ UNet (a one-line error before any image otherwise)."""
-    if args.autoguidance is None:
-        return
-    if args.autoguidance and pipe.guide is None:
-        from .loading import GUIDE_FOLDER
-
-        raise UsageError(f"--autoguidance needs a model with a {GUIDE_FOLDER}/ UNet, and {args.model or 'this model'} "
-                         "has none; leave --autoguidance out")
-    pipe.autoguidance = args.autoguidance
+    """--autoguidance S (the pipeline refuses S > 0 without a guide/ UNet, before any image)."""
+    if args.autoguidance is not None:
+        pipe.autoguidance = args.autoguidance
 
 
 def _speed_options(args):
