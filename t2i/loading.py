@@ -398,7 +398,8 @@ def load_guide(model_path: Path | None, dtype, device, unet_config):
     """The model folder's guide/ UNet (autoguidance, see pipelines.base.autoguided_unet), or None without one.
 
     Vetted like every component (safetensors only, no code) and checked against the model's UNet: it must
-    read the same latents and the same text embeddings.
+    read the same latents and the same text embeddings. Its weights are a UNet's own, or a difference from the
+    model's unet/ (t2i.guide's delta.safetensors, made by `t2i guide`).
     """
     folder = model_path / GUIDE_FOLDER if model_path is not None and model_path.is_dir() else None
     if folder is None or not (folder / "config.json").is_file():
@@ -414,7 +415,20 @@ def load_guide(model_path: Path | None, dtype, device, unet_config):
         if config.get(key) != unet_config.get(key):
             raise ModelLoadError(f"{folder}: {key} is {config.get(key)}, the model's UNet has "
                                  f"{unet_config.get(key)}; the guide must read the same latents and prompts")
-    guide = _from_vetted_folder(UNet2DConditionModel, folder, dtype, "the guide UNet")
+    from . import guide as guides
+
+    if (folder / guides.DELTA_FILE).is_file():  # a difference from the model's UNet (t2i.guide)
+        weights = guides.read(folder, model_path / "unet" / guides.UNET_FILE)
+        with _quiet_loading():
+            guide = UNet2DConditionModel.from_config(config)
+        try:
+            guide.load_state_dict(weights)
+        except RuntimeError as e:
+            raise ModelLoadError(f"{folder}/config.json does not describe the UNet its difference rebuilds "
+                                 f"({_first_line(e)}); remake it with `t2i guide`") from None
+        guide.to(dtype)
+    else:
+        guide = _from_vetted_folder(UNet2DConditionModel, folder, dtype, "the guide UNet")
     return guide.to(device).eval().requires_grad_(False)
 
 

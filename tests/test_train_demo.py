@@ -40,6 +40,13 @@ def test_all_stages_write_a_stock_diffusers_model(trained):
     image = pipe("a red circle", num_inference_steps=2, height=64, width=64,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
+    # every weight stored in fp16 (half the bundle), yet stock diffusers and transformers run them in fp32
+    from safetensors import safe_open
+
+    for weights in model.rglob("*.safetensors"):
+        with safe_open(str(weights), framework="pt") as f:
+            assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F16"}, weights
+    assert {p.dtype for p in pipe.text_encoder.parameters()} == {torch.float32} == {p.dtype for p in pipe.unet.parameters()}
     assert json.loads((model / "t2i.json").read_text())["trained_unet_steps"] == 4
     assert (model / "tokenizer" / "vocab.json").is_file() and (model / "tokenizer" / "merges.txt").is_file()
     assert list((trained / "samples").glob("unet-*.png")), "sample grids are written during training"
@@ -127,9 +134,58 @@ def test_model_card_reports_the_measured_numbers(trained, tmp_path):
     assert "400 steps of batch 128, to draw the objects" in card and "grid of 8x8 cells" in card
     assert "kept that task on at weight 5" in card and "AdamW 0.0001 with a cosine decay to 5%" in card
     assert "Scheduler: DPM++ 2M Karras" in card and "20 steps, DPM++ 2M Karras," in card
+    assert "UNet, VAE, text encoder, vae_tiny/ in fp16, which stock diffusers and transformers load as fp32" in card
+    assert "guide/" not in card
+    from safetensors.torch import load_file, save_file
+
+    from t2i import guide
+
+    unet = load_file(str(folder / "unet" / guide.UNET_FILE))
+    (tmp_path / "step-00000002").mkdir()
+    save_file({k: v.float() + 0.01 for k, v in unet.items()}, str(tmp_path / "step-00000002" / "ema_unet.safetensors"))
+    guide.make(folder, tmp_path / "step-00000002", bits=2, scale=2.5, below=400)
+    card = write_card(folder, tmp_path / "eval.json", psnr=28.5, seeds=2).read_text()
+    assert "| guide/ (not a pipeline part) | the UNet of training checkpoint step-00000002, stored as its " \
+           "difference from unet/ at 2 bits per weight: t2i's autoguidance (scale 2.5 below timestep 400) |" in card
+    assert "`t2i guide --model t2i-shapes --from RUN/unet_checkpoints/step-00000002 --bits 2`" in card
+    assert "guidance 5.0, autoguidance 2.5 with guide/ below timestep 400)" in card
     (folder / "t2i.json").write_text(json.dumps({"steps": 30, "guidance": 4.0, "sampler": "euler-a"}))
     card = write_card(folder, tmp_path / "eval.json", psnr=28.5, seeds=2).read_text()
     assert "Scheduler: Euler a" in card and "30 steps, Euler a," in card and "num_inference_steps=30" in card
+
+
+def test_export_makes_the_guide_from_an_earlier_checkpoint_of_the_run(trained, tmp_path, capsys):
+    import shutil
+
+    from t2i import guide
+    from t2i.pipelines import Text2Image
+
+    root = Path(shutil.copytree(trained, tmp_path / "run"))
+    assert [s for s, _ in Checkpoints(root / "unet_checkpoints").all()] == [2, 4]
+    _run(root, "export", **{"guide.step": 2, "guide.scale": 2.0})
+    model = root / "model"
+    assert (model / "guide" / guide.DELTA_FILE).is_file()
+    defaults = json.loads((model / "t2i.json").read_text())
+    assert (defaults["trained_unet_steps"], defaults["autoguidance"], defaults["autoguidance_below"]) == (4, 2.0, 500)
+    pipe = Text2Image.from_pretrained(str(model), device="cpu", dtype="fp32")
+    assert pipe.guide is not None and pipe.autoguidance == 2.0
+    capsys.readouterr()
+    _run(root, "export", **{"guide.step": 4})  # not an earlier step: no guide, and the old one goes
+    assert "no guide/ (not before the exported step" in capsys.readouterr().out
+    assert not (model / "guide").exists() and "autoguidance" not in json.loads((model / "t2i.json").read_text())
+
+
+def test_a_guide_step_off_the_checkpoint_grid_is_refused_before_any_work(tmp_path):
+    with pytest.raises(UsageError, match="multiple of unet.checkpoint_every"):
+        _run(tmp_path, "all", **{"guide.step": 3})
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_guides_checkpoint_outlives_pruning(tmp_path):
+    ckpts = Checkpoints(tmp_path, keep=1, pinned=(2,))
+    for step in range(1, 5):
+        ckpts.save(step, lambda folder: {})
+    assert [s for s, _ in ckpts.all()] == [2, 4]
 
 
 def test_tiny_vae_resume_continues_from_the_checkpoint(trained, tmp_path):

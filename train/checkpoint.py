@@ -53,11 +53,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Checkpoints:
-    """The checkpoints of one run, in `root`; keeps the newest `keep` of them."""
+    """The checkpoints of one run, in `root`; keeps the newest `keep` of them and those of the steps in `pinned`."""
 
-    def __init__(self, root: str | Path, keep: int = 2):
+    def __init__(self, root: str | Path, keep: int = 2, pinned: tuple[int, ...] = ()):
         self.root = Path(root)
         self.keep = max(1, keep)
+        self.pinned = set(pinned)
 
     def all(self) -> list[tuple[int, Path]]:
         if not self.root.is_dir():
@@ -116,7 +117,9 @@ class Checkpoints:
         return final
 
     def _prune(self) -> None:
-        for _, path in self.all()[: -self.keep]:
+        for step, path in self.all()[: -self.keep]:
+            if step in self.pinned:
+                continue
             (path / STATE_FILE).unlink(missing_ok=True)  # first: a kill mid-delete leaves a folder no one picks
             shutil.rmtree(path, ignore_errors=True)
         for p in self.root.iterdir():  # such leftovers (complete folders only ever appear by a rename)

@@ -166,6 +166,18 @@ class UNetConfig:
 
 
 @dataclass
+class GuideConfig:
+    # Autoguidance's guide (t2i.guide, `t2i guide`): the UNet checkpoint of this step is kept past pruning, and
+    # the export stage stores it in the model's guide/ as `bits` bits per weight of its difference from the
+    # exported UNet, with autoguidance `scale` below timestep `below` in t2i.json. 0 = no guide. A multiple of
+    # unet.checkpoint_every, well before the exported step (the bundled model's: step 8200 of 21300).
+    step: int = 0
+    bits: int = 3
+    scale: float = 3.0
+    below: int = 500
+
+
+@dataclass
 class DemoConfig:
     output_dir: str = "runs/demo"
     export_dir: str = "runs/demo/t2i-shapes"
@@ -187,6 +199,7 @@ class DemoConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
+    guide: GuideConfig = field(default_factory=GuideConfig)
 
 
 # --------------------------------------------------------------------------- data
@@ -871,7 +884,7 @@ def stage_unet(cfg: DemoConfig, resume: str | None = "latest") -> None:
         return _warmup(cu.warmup)(i)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
-    ckpts = Checkpoints(root / "unet_checkpoints", keep=cfg.keep_checkpoints)
+    ckpts = Checkpoints(root / "unet_checkpoints", keep=cfg.keep_checkpoints, pinned=(cfg.guide.step,))
     modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text_encoder": ema_text}
     if layout is not None:
         modules["layout_head"] = layout
@@ -991,7 +1004,29 @@ def stage_export(cfg: DemoConfig, resume: str | None = "latest") -> Path:
     step = json.loads((path / "state.json").read_text())["step"]
     (out / "t2i.json").write_text(json.dumps({"steps": 20, "guidance": 5.0, "sampler": "dpm++2m-karras",
                                               "trained_unet_steps": step}, indent=1))
+    _export_guide(cfg, out, step)
     return out
+
+
+def _export_guide(cfg: DemoConfig, out: Path, exported_step: int) -> None:
+    """The model's guide/ from the run's checkpoint of guide.step (see GuideConfig); a note when there is none."""
+    import shutil
+
+    from .. import guide
+
+    g = cfg.guide
+    source = Path(cfg.output_dir) / "unet_checkpoints" / f"step-{g.step:08d}"
+    if (out / "guide").exists():  # an earlier export's, made against another UNet
+        shutil.rmtree(out / "guide")
+    if not g.step:
+        return
+    if g.step >= exported_step or not (source / "ema_unet.safetensors").is_file():
+        why = "not before the exported step" if g.step >= exported_step else f"{source} is missing"
+        print(f"export: no guide/ ({why}; guide.step names an earlier UNet checkpoint of this run)")
+        return
+    folder, kept = guide.make(out, source, g.bits, g.scale, g.below, overwrite=True)
+    print(f"export: guide/ from step {g.step}, {g.bits} bits per weight ({kept:.1%} of the difference kept) "
+          f"-> {folder}")
 
 
 def _fp32_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -1074,8 +1109,9 @@ def sample_grid(pipe, prompts: list[str], out: Path, seeds=(0, 1, 2, 3), steps: 
 
 
 def export(cfg: DemoConfig, pipe) -> Path:
-    """Write the diffusers folder: UNet and VAE weights in fp16 (half the size; stock diffusers
-    loads them as fp32), the text encoder in fp32 (transformers would keep it in fp16)."""
+    """Write the diffusers folder with every weight in fp16 (half the size). Stock diffusers loads its own parts
+    as fp32; transformers would keep the text encoder in the dtype its config names, which stays float32 (the
+    model's own), so stock pipelines run in fp32 throughout."""
     import shutil
 
     out = Path(cfg.export_dir)
@@ -1093,9 +1129,22 @@ def export(cfg: DemoConfig, pipe) -> Path:
         shutil.copytree(tiny, out / "vae_tiny", dirs_exist_ok=True)
     (out / "training_config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     for weights in out.rglob("*.safetensors"):
+        _to_fp16(weights)
         give_usual_mode(weights)
     print(f"exported diffusers model -> {out}")
     return out
+
+
+def _to_fp16(path: Path) -> None:
+    """Rewrite a safetensors file's fp32 tensors as fp16 (in place; metadata kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    if any(t.dtype == torch.float32 for t in tensors.values()):
+        save_file({k: t.half() if t.dtype == torch.float32 else t for k, t in tensors.items()}, str(path), metadata)
 
 
 CONFIGS = Path(__file__).parent / "configs"  # the shipped configs, also in a non-editable install
@@ -1141,6 +1190,13 @@ def run(config: str | None, stage: str = "all", resume: str | None = "latest", o
         raise UsageError(f"data_workers must be >= 0 (0 renders scenes in the training process), not {cfg.data_workers}")
     if cfg.max_minutes < 0:
         raise UsageError(f"max_minutes must be >= 0 (0: no limit), not {cfg.max_minutes:g}")
+    g = cfg.guide
+    if g.step < 0 or g.step % cfg.unet.checkpoint_every:
+        raise UsageError(f"guide.step must be 0 (no guide) or a multiple of unet.checkpoint_every "
+                         f"({cfg.unet.checkpoint_every}), not {g.step}")
+    if g.step and not (g.bits in range(1, 9) or g.bits == 16) or not 0 < g.below <= 1000 or not g.scale >= 0:
+        raise UsageError(f"guide: bits must be 1-8 or 16, below 1-1000 and scale >= 0 (got {g.bits}, {g.below}, "
+                         f"{g.scale:g})")
     # A run that continues a model (unet.init_from) keeps that model's tokenizer and VAE: a new one would not be
     # the token ids and latent space its UNet learnt. `all` then runs the stages that train on top of them.
     continued = ("tokenizer", "vae")

@@ -40,7 +40,7 @@ image = pipe("a red circle to the left of a blue square", height=64, width=64,
 | text encoder | CLIPTextModel, {text_layers} layers, width {text_width}, CLIP BPE tokenizer over the world's words | {text_params} |
 | UNet | UNet2DConditionModel, channels {unet_channels}, cross-attention at 8x8 and 4x4 | {unet_params} |
 {tiny_row}{guide_row}
-Weights: {fp16_parts} stored in fp16, the text encoder in fp32 ({size_mb:.1f} MB in all).
+Weights: {storage}; {size_mb:.1f} MB in all.
 Scheduler: {sampler} (`t2i.json` holds t2i's defaults: {steps} steps, guidance {guidance}).
 
 ## Training
@@ -50,7 +50,7 @@ decoder, tiny_vae, export; each resumable). VAE: {vae_steps} steps of batch 32, 
 UNet and text encoder together: {unet_steps} steps; the last run's settings (training_config.json):
 batch {unet_batch}, {objective} objective on {schedule} betas ({beta_start}..{beta_end}) with {weighting}
 weighting, {dropout}% caption dropout (for classifier-free guidance), AdamW {lr}, EMA {ema} (exported).{layout_training} Data: `t2i.shapes.sample_scene(seed)`, a fresh scene
-per sample{scene_mix}; the compositions ShapeEval holds out never appear.
+per sample{scene_mix}; the compositions ShapeEval holds out never appear.{guide_training}
 
 ## Evaluation
 
@@ -102,12 +102,13 @@ def write_card(folder: Path, eval_json: Path, psnr: float, seeds: int = 4, tiny_
         vae_channels=vae_cfg["block_out_channels"], vae_params=f"{_params(folder, 'vae') / 1e6:.2f} M",
         text_layers=train["text"]["num_hidden_layers"], text_width=train["text"]["hidden_size"],
         text_params=f"{_params(folder, 'text_encoder') / 1e6:.2f} M", unet_channels=unet_cfg["block_out_channels"],
-        unet_params=f"{_params(folder, 'unet') / 1e6:.2f} M", size_mb=size / 2**20, vae_steps=train["vae"]["steps"],
+        unet_params=f"{_params(folder, 'unet') / 1e6:.2f} M", size_mb=size / 1e6, vae_steps=train["vae"]["steps"],
         unet_steps=defaults.get("trained_unet_steps", "?"), eval_rows=rows, psnr=psnr, verdict=verdict,
         ceiling="" if ceiling is None else (
             f"\nGround-truth renders passed through the VAE (encode, decode) score **{ceiling:.3f}** "
             "(`t2i eval --ground-truth --through-vae`): the most any UNet can reach with this VAE."),
         **_unet_parts(train), **_tiny_parts(folder, train, tiny_psnr), **_guide_parts(folder, defaults),
+        storage=_storage(folder),
     )
     out = folder / "README.md"
     out.write_text(card)
@@ -172,18 +173,52 @@ def _layout_part(train: dict) -> str:
 
 def _guide_parts(folder: Path, defaults: dict) -> dict:
     """The card's row on guide/ (autoguidance's weaker UNet) and the evaluation's words on it; empty without one."""
-    guide = folder / "guide" / "config.json"
-    if not guide.is_file():
-        return {"guide_row": "", "autoguidance": "", "fp16_parts": "UNet and VAE"}
-    cfg = json.loads(guide.read_text())
+    from t2i import guide as guides
+
+    guide = folder / "guide"
+    if not (guide / "config.json").is_file():
+        return {"guide_row": "", "autoguidance": "", "guide_training": ""}
     scale, below = defaults.get("autoguidance", 0), defaults.get("autoguidance_below", 500)
+    size = sum(p.stat().st_size for p in guide.iterdir()) / 1e6
+    if (guide / guides.DELTA_FILE).is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(guide / guides.DELTA_FILE), framework="pt") as sf:
+            meta = sf.metadata() or {}
+        what = (f"the UNet of training checkpoint {meta.get('source', '?')}, stored as its difference from unet/ at "
+                f"{meta.get('bits', '?')} bits per weight")
+        params = _params(folder, "unet")
+        training = (f"\nguide/: `t2i guide --model {folder.name} --from RUN/unet_checkpoints/{meta.get('source', '?')} "
+                    f"--bits {meta.get('bits', '?')}`, an earlier checkpoint of this training run (the weaker model "
+                    "autoguidance steers away from).")
+    else:
+        what = f"UNet2DConditionModel, channels {json.loads((guide / 'config.json').read_text())['block_out_channels']}"
+        params, training = _params(folder, "guide"), ""
     return {
-        "guide_row": f"| guide/ (not a pipeline part) | UNet2DConditionModel, channels {cfg['block_out_channels']}: "
-                     f"t2i's autoguidance (scale {scale:g} below timestep {below}) | "
-                     f"{_params(folder, 'guide') / 1e6:.2f} M |\n",
+        "guide_training": training,
+        "guide_row": f"| guide/ (not a pipeline part) | {what}: t2i's autoguidance (scale {scale:g} below timestep "
+                     f"{below}) | {params / 1e6:.2f} M in {size:.1f} MB |\n",
         "autoguidance": f", autoguidance {scale:g} with guide/ below timestep {below}" if scale else "",
-        "fp16_parts": "UNet, guide/ and VAE",
     }
+
+
+def _storage(folder: Path) -> str:
+    """Which parts are stored in fp16 and which in fp32, from the files themselves."""
+    from safetensors import safe_open
+
+    names = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder", "vae_tiny": "vae_tiny/"}
+    kinds: dict[str, list[str]] = {}
+    for part, name in names.items():
+        for f in sorted((folder / part).glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as sf:
+                dtype = str(sf.get_slice(next(iter(sf.keys()))).get_dtype())
+            kinds.setdefault({"F16": "fp16", "F32": "fp32"}.get(dtype, dtype), []).append(name)
+            break
+    parts = "; ".join(f"{', '.join(v)} in {k}" for k, v in kinds.items())
+    te = json.loads((folder / "text_encoder" / "config.json").read_text())
+    runs = (", which stock diffusers and transformers load as fp32 (the text encoder's config says "
+            f"{te.get('dtype') or te.get('torch_dtype')})") if "fp16" in kinds else ""
+    return parts + runs
 
 
 def _tiny_parts(folder: Path, train: dict, tiny_psnr: float | None) -> dict:
