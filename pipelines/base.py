@@ -237,10 +237,11 @@ class BasePipeline:
     def _autoguidance(self, prompt: str, loras: list[LoraSpec], guidance: float) -> float:
         """The autoguidance scale this call runs with (0: plain classifier-free guidance).
 
-        Off without classifier-free guidance (guidance <= 1: there is no second row to steer with) and with
-        LoRAs: the guide does not carry them, so steering away from it would multiply their effect.
+        Off without classifier-free guidance (guidance <= 1: there is no second row to steer with) and with a
+        LoRA at a non-zero scale: the guide does not carry it, so steering away from it would multiply its effect.
         """
-        if not self.autoguidance or guidance <= 1 or loras or prompts.extract_loras(prompt)[1]:
+        scales = [lo.scale for lo in loras] + [scale for _, scale in prompts.extract_loras(prompt)[1]]
+        if not self.autoguidance or guidance <= 1 or any(scales):
             return 0.0
         return self.autoguidance
 

@@ -4,8 +4,10 @@ Stock is diffusers' plain pipeline call (StableDiffusionPipeline or the XL one) 
 the same modules: the same model, scheduler config and sampler, steps, guidance,
 size and seed (`generator=torch.Generator("cpu").manual_seed(seed)`). The t2i
 variants are its pipeline object: plain (no speed option), each option alone, and
-the options together. After an uncounted warm-up round each repeat runs every
-variant once, in turn, so a busy machine slows them alike. The table gives medians:
+the options together, all without autoguidance (stock's work); a model whose folder
+holds a guide gets one more row, plain t2i with its default autoguidance. After an
+uncounted warm-up round each repeat runs every variant once, in turn, so a busy
+machine slows them alike. The table gives medians:
 mean time per denoising step (between the first and last step callbacks) and time
 per call (prompt to PIL images), the speed-up over stock and over plain t2i, peak memory during the call
 above what the process held before it (CPU: resident set size sampled every 2 ms;
@@ -71,6 +73,7 @@ _SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.01
 class Row:
     name: str
     options: list[str] | None = None  # speed option names; None for stock diffusers
+    autoguidance: float = 0.0  # t2i rows run without it (stock's work) but for the one row that measures it
     step_s: list[float] = field(default_factory=list)
     call_s: list[float] = field(default_factory=list)
     peak_bytes: list[int] = field(default_factory=list)
@@ -194,6 +197,8 @@ def bench(pipe, steps: int | None = None, size: int | None = None, batch: int = 
     stock = stock_pipeline(pipe)
     plans = variants(list(options))
     rows = [Row(STOCK)] + [Row(name, names) for name, names in plans.items()]
+    if pipe.guide is not None and pipe.autoguidance:  # the model's default, priced as a row of its own
+        rows.insert(2, Row(f"{PLAIN} + autoguidance {pipe.autoguidance:g}", [], autoguidance=pipe.autoguidance))
     pixels: dict[str, list[np.ndarray]] = {row.name: [] for row in rows}
     for round_ in range(repeats + 1):  # round 0 warms up (allocator, kernels, caches) and is not counted
         for row in rows:
@@ -232,13 +237,20 @@ def _step_time(start: float, end: float, times: list[float]) -> float:
     return (times[0] if times else end) - start
 
 
+@contextlib.contextmanager
 def _options(pipe, row: Row):
-    """The row's speed options on `pipe` for the block (nothing for stock diffusers)."""
+    """The row's speed options and autoguidance on `pipe` for the block (nothing for stock diffusers)."""
     from . import speed
 
     if row.options is None:
-        return contextlib.nullcontext()
-    return speed.apply(pipe, speed.SpeedOptions.parse(",".join(row.options)))
+        yield
+        return
+    kept, pipe.autoguidance = pipe.autoguidance, row.autoguidance
+    try:
+        with speed.apply(pipe, speed.SpeedOptions.parse(",".join(row.options))):
+            yield
+    finally:
+        pipe.autoguidance = kept
 
 
 def _generate(pipe, stock, row: Row, prompt: str, seed: int, steps: int, guidance: float, sampler: str, width: int,

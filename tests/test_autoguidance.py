@@ -130,7 +130,22 @@ def test_autoguidance_is_off_without_classifier_free_guidance_or_with_a_lora(gui
     # the guide does not carry the LoRA: steering away from it would multiply the LoRA's effect
     with_lora = guided_pipe("a red circle", seed=1, loras=[f"{lora_file}:0.5"], progress=False)
     assert with_lora.settings[0].autoguidance == 0
+    # a LoRA at scale 0 is no LoRA: autoguidance stays on, and the image is the one without it
+    zero = guided_pipe("a red circle", seed=1, loras=[f"{lora_file}:0"], progress=False)
     guided_pipe.loras.activate([])
+    plain = guided_pipe("a red circle", seed=1, progress=False)
+    assert zero.settings[0].autoguidance == 3.0
+    assert np.array_equal(pixels(zero.images[0]), pixels(plain.images[0]))
+
+
+def test_bench_compares_stock_without_autoguidance_and_prices_it_in_a_row_of_its_own(guided_pipe):
+    from t2i import bench
+
+    rows = bench.bench(guided_pipe, steps=3, repeats=1, options=["batched"]).rows
+    assert [r.name for r in rows] == ["stock diffusers", "t2i", "t2i + autoguidance 3", "t2i + batched"]
+    assert rows[1].max_diff == 0 and rows[3].max_diff <= 2  # stock's work, stock's image
+    assert rows[2].max_diff > 0 and rows[2].call > 0  # the guide changes the image
+    assert guided_pipe.autoguidance == 3.0  # the model's default is back
 
 
 # ---------------------------------------------------------------------------- refusals
