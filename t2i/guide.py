@@ -48,19 +48,16 @@ def quantize(d: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     levels = 2**bits
     d = d.float()
     top = d.abs().amax(dim=1, keepdim=True)
-    best_err = best_codes = best_step = None
+    best_err, best_codes, best_step = torch.full_like(top, float("inf")), torch.zeros_like(d), torch.zeros_like(top)
     for f in _STEP_GRID:
-        step = (top * f / (levels / 2 - 0.5)).half().float()
-        safe = torch.where(step > 0, step, torch.ones_like(step))
+        step = (top * f / (levels / 2 - 0.5)).half().float()  # as stored
+        safe = torch.where(step > 0, step, torch.ones_like(step))  # an all-zero row: any code, times step 0
         codes = torch.clamp(torch.round(d / safe - 0.5), -levels // 2, levels // 2 - 1) + levels // 2
         err = (_levels(codes, step, levels) - d).square().sum(dim=1, keepdim=True)
-        if best_err is None:
-            best_err, best_codes, best_step = err, codes, step
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_codes = torch.where(better, codes, best_codes)
-            best_step = torch.where(better, step, best_step)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_codes = torch.where(better, codes, best_codes)
+        best_step = torch.where(better, step, best_step)
     return best_codes.to(torch.uint8), best_step.squeeze(1).half()
 
 
