@@ -442,25 +442,27 @@ def autoguided_unet(unet, guide, settings: Settings, n_images: int, exact: bool)
     there keeps them sharp with fewer extra objects, while the early steps still need classifier-free
     guidance to place the objects the prompt asks for (README, "Autoguidance").
     The diffusers pipeline still combines two rows with its guidance g, so the wrapper hands it, in the
-    uncond row, the prediction that makes its sum the autoguided one. The UNet still runs on both rows (a
-    speed option's feature cache sees the same calls); the guide runs on the cond rows, one image at a time
-    when the batch must equal its single runs.
+    uncond row, the prediction that makes its sum the autoguided one. An autoguided step needs no
+    unconditional prediction, so the UNet runs on the cond rows only and the guide on the same rows: the step
+    costs what a classifier-free one does. (A speed option's feature cache sees the change of rows as a new
+    run and starts over with a whole call.) With `exact`, the UNet (through per_image_unet) and the guide run
+    one image at a time, so a batch equals its single runs.
     """
     forward = unet.forward  # the class's, or per_image_unet's
     own = "forward" in unet.__dict__
     scale, below, g = settings.autoguidance, settings.autoguidance_below, settings.guidance
 
     def guided_forward(sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=None, **kwargs):
-        out = forward(sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
         t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-        rows = sample.shape[0]
-        if t >= below or rows != 2 * n_images:
-            return out
-        pred = out[0] if isinstance(out, tuple) else out.sample  # (2N, C, h, w): uncond rows, then cond rows
-        n = n_images
+        rows, n = sample.shape[0], n_images
+        if t >= below or rows != 2 * n:
+            return forward(sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=added_cond_kwargs,
+                           **kwargs)
+        # rows: uncond rows, then cond rows
         cond_x, cond_text = sample[n:], encoder_hidden_states[n:]
         step = timestep[n:] if torch.is_tensor(timestep) and timestep.ndim and len(timestep) == rows else timestep
         extra = {k: v[n:] for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
+        cond = forward(cond_x, step, cond_text, *args, added_cond_kwargs=extra, **{**kwargs, "return_dict": False})[0]
 
         def weak_rows(part: slice) -> torch.Tensor:
             kw = {k: v[part] for k, v in extra.items()} if extra else None
@@ -469,12 +471,11 @@ def autoguided_unet(unet, guide, settings: Settings, n_images: int, exact: bool)
 
         with torch.no_grad():
             weak = torch.cat([weak_rows(r) for r in ([slice(i, i + 1) for i in range(n)] if exact else [slice(None)])])
-        cond = pred[n:]
         weak = weak.to(cond.dtype)
         # the pipeline computes uncond + g * (cond - uncond); this uncond makes it cond + (s - 1) * (cond - weak)
         uncond = cond - (scale - 1) / (g - 1) * (cond - weak)
         merged = torch.cat([uncond, cond])
-        if isinstance(out, tuple):
+        if not kwargs.get("return_dict", True):
             return (merged,)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 

@@ -50,9 +50,15 @@ def pixels(image: Image.Image) -> np.ndarray:
 
 
 class _Plain(torch.nn.Module):
-    """A stand-in UNet whose rows differ by their text: sample + mean of the row's embedding."""
+    """A stand-in UNet whose rows differ by their text: sample + mean of the row's embedding. `rows`: the rows of
+    each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[int] = []
 
     def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None, return_dict=True):
+        self.rows.append(sample.shape[0])
         return (sample + encoder_hidden_states.mean(dim=(1, 2))[:, None, None, None],)
 
 
@@ -69,10 +75,12 @@ def test_the_pipelines_sum_becomes_the_autoguided_prediction_below_the_threshold
     settings = Settings(prompt="p", guidance=g, autoguidance=s, autoguidance_below=500)
     sample, text = torch.randn(2 * n, 4, 8, 8), torch.randn(2 * n, 7, 32)
     plain = unet(sample, torch.tensor(100), text)[0]
+    unet.rows.clear()
     with autoguided_unet(unet, weak, settings, n, exact):
         late = unet(sample, torch.tensor(100), text, return_dict=False)[0]
         early = unet(sample, torch.tensor(700), text, return_dict=False)[0]
     assert "forward" not in unet.__dict__  # the class's forward is back
+    assert unet.rows == [n, 2 * n]  # an autoguided step needs no unconditional row: the UNet sees the cond rows
     cond, guide = plain[n:], weak(sample[n:], None, text[n:])[0]
     combined = late[:n] + g * (late[n:] - late[:n])  # what StableDiffusionPipeline does with the two rows
     torch.testing.assert_close(combined, cond + (s - 1) * (cond - guide))
@@ -136,6 +144,15 @@ def test_autoguidance_is_off_without_classifier_free_guidance_or_with_a_lora(gui
     plain = guided_pipe("a red circle", seed=1, progress=False)
     assert zero.settings[0].autoguidance == 3.0
     assert np.array_equal(pixels(zero.images[0]), pixels(plain.images[0]))
+
+
+def test_autoguidance_runs_under_the_feature_cache(guided_pipe):
+    from t2i import speed
+
+    with speed.apply(guided_pipe, speed.SpeedOptions.parse("cache2")) as cache:  # it holds one call's rows
+        cached = guided_pipe("a red circle", seed=1, progress=False)
+    assert cached.settings[0].autoguidance == 3.0 and "cache2" in cached.settings[0].speed
+    assert cache.shallow_calls > 0
 
 
 def test_bench_compares_stock_without_autoguidance_and_prices_it_in_a_row_of_its_own(guided_pipe):
