@@ -221,13 +221,16 @@ def make(model: Path, source: Path, bits: int = 3, scale: float = 3.0, below: in
             kept = 1.0
         else:
             tensors, meta, kept = encode(base, weights, bits)
-            meta["source"] = source.name
+            meta["source"] = source.name if source.is_dir() else f"{source.parent.name}/{source.name}"
             save_file(tensors, str(tmp / DELTA_FILE), meta)
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
+        old = model / ".guide.old"
+        shutil.rmtree(old, ignore_errors=True)
         if target.exists():
-            shutil.rmtree(target)
+            target.rename(old)  # kept until the new guide is in place
         tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _set_defaults(model / "t2i.json", scale, below)

@@ -113,6 +113,19 @@ def test_sixteen_bits_store_the_whole_unet(run_cli, sd_copy, tmp_path):
     assert all(torch.equal(got[k], want[k].half().float()) for k in want)
 
 
+def test_overwrite_replaces_the_guide_and_leaves_nothing_beside_it(run_cli, sd_copy, tmp_path):
+    from safetensors import safe_open
+
+    ckpt = checkpoint(sd_copy, tmp_path / "step-00000100")
+    assert run_cli("guide", "--model", sd_copy, "--from", ckpt, "--bits", 4)[0] == 0
+    assert run_cli("guide", "--model", sd_copy, "--from", ckpt / "ema_unet.safetensors", "--bits", 2,
+                   "--overwrite")[0] == 0
+    with safe_open(str(sd_copy / "guide" / guides.DELTA_FILE), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["bits"] == "2" and meta["source"] == "step-00000100/ema_unet.safetensors"
+    assert not [p for p in sd_copy.iterdir() if p.name.startswith(".")]
+
+
 def test_a_unet_saved_again_in_fp32_keeps_its_guide(run_cli, sd_copy, tmp_path):
     assert run_cli("guide", "--model", sd_copy, "--from", checkpoint(sd_copy, tmp_path / "c"))[0] == 0
     base = load_file(str(sd_copy / UNET))
