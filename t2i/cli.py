@@ -237,9 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _guide_parser(sub) -> None:
     g = sub.add_parser(
         "guide", help="give a model folder an autoguidance guide: an earlier checkpoint of its own training",
-        description="Write MODEL/guide/ from an earlier checkpoint of the model's training (the weaker model that "
+        description="Write DIR/guide/ from an earlier checkpoint of the model's training (the weaker model that "
                     "autoguidance steers away from), stored as its difference from the model's UNet at a few bits "
-                    "per weight, and turn autoguidance on in MODEL/t2i.json. The guide's path goes to stdout.")
+                    "per weight, and turn autoguidance on in DIR/t2i.json. The guide's path goes to stdout.")
     g.add_argument("--model", required=True, metavar="DIR", help="the model folder (diffusers layout) to give a guide")
     g.add_argument("--from", dest="source", required=True, metavar="CHECKPOINT",
                    help="an earlier checkpoint of the same training: a `t2i train demo` checkpoint folder, a "
