@@ -445,8 +445,8 @@ def autoguided_unet(unet, guide, settings: Settings, n_images: int, exact: bool)
     uncond row, the prediction that makes its sum the autoguided one. An autoguided step needs no
     unconditional prediction, so the UNet runs on the cond rows only and the guide on the same rows: the step
     costs what a classifier-free one does. (A speed option's feature cache sees the change of rows as a new
-    run and starts over with a whole call.) With `exact`, the UNet (through per_image_unet) and the guide run
-    one image at a time, so a batch equals its single runs.
+    run and starts over with a whole call.) With `exact`, the UNet and the guide both run one image at a time
+    (per_image_unet), so a batch equals its single runs.
     """
     forward = unet.forward  # the class's, or per_image_unet's
     own = "forward" in unet.__dict__
@@ -463,15 +463,8 @@ def autoguided_unet(unet, guide, settings: Settings, n_images: int, exact: bool)
         step = timestep[n:] if torch.is_tensor(timestep) and timestep.ndim and len(timestep) == rows else timestep
         extra = {k: v[n:] for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
         cond = forward(cond_x, step, cond_text, *args, added_cond_kwargs=extra, **{**kwargs, "return_dict": False})[0]
-
-        def weak_rows(part: slice) -> torch.Tensor:
-            kw = {k: v[part] for k, v in extra.items()} if extra else None
-            ts = step[part] if torch.is_tensor(step) and step.ndim else step
-            return guide(cond_x[part], ts, cond_text[part], added_cond_kwargs=kw, return_dict=False)[0]
-
         with torch.no_grad():
-            weak = torch.cat([weak_rows(r) for r in ([slice(i, i + 1) for i in range(n)] if exact else [slice(None)])])
-        weak = weak.to(cond.dtype)
+            weak = guide(cond_x, step, cond_text, added_cond_kwargs=extra, return_dict=False)[0].to(cond.dtype)
         # the pipeline computes uncond + g * (cond - uncond); this uncond makes it cond + (s - 1) * (cond - weak)
         uncond = cond - (scale - 1) / (g - 1) * (cond - weak)
         merged = torch.cat([uncond, cond])
@@ -483,7 +476,8 @@ def autoguided_unet(unet, guide, settings: Settings, n_images: int, exact: bool)
 
     unet.forward = guided_forward
     try:
-        yield
+        with per_image_unet(guide, n_images) if exact else contextlib.nullcontext():  # the guide one image at a time
+            yield
     finally:
         if own:
             unet.forward = forward
