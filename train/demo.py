@@ -1115,13 +1115,7 @@ def export(cfg: DemoConfig, pipe) -> Path:
     import shutil
 
     out = Path(cfg.export_dir)
-    pipe.unet.to(torch.float16)
-    pipe.vae.to(torch.float16)
-    try:
-        pipe.save_pretrained(str(out), safe_serialization=True)
-    finally:
-        pipe.unet.to(torch.float32)
-        pipe.vae.to(torch.float32)
+    pipe.save_pretrained(str(out), safe_serialization=True)  # as trained (fp32); every file halved below
     for name in ("vocab.json", "merges.txt"):  # for transformers versions without tokenizer.json support
         shutil.copy(Path(cfg.output_dir) / "tokenizer" / name, out / "tokenizer" / name)
     tiny = Path(cfg.output_dir) / "vae_tiny"  # not a pipeline component: the speed option `tiny_vae` reads it
