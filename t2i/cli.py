@@ -72,7 +72,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance", "--cfg", type=_number, help="classifier-free guidance scale (default: the model's)")
     g.add_argument("--autoguidance", type=_number, metavar="S",
                    help="autoguidance scale in the late steps, steering away from the model's weaker guide/ UNet "
-                        "in place of classifier-free guidance (default: the model's; 0 turns it off, as do LoRAs)")
+                        "in place of classifier-free guidance (default: the model's; 0 turns it off, as does a LoRA "
+                        "at a non-zero scale)")
     g.add_argument("--sampler", "-s", help="sampler name or A1111 name, e.g. euler-a, \"DPM++ 2M Karras\" (see t2i samplers)")
     g.add_argument("--seed", type=_positive_int, default=-1, help="seed of the first image; image i uses seed+i (default: random)")
     g.add_argument("--width", "-W", type=_positive_int, help="multiple of 8 (default: the model's native size)")
