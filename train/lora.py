@@ -166,17 +166,39 @@ def _say(acc, message: str) -> None:
         tqdm.write(message, file=sys.stderr)
 
 
+_held = {"on": False, "pending": False}  # see _whole_step
+
+
+def _on_signal(signum, frame):
+    if _held["on"]:
+        _held["pending"] = True  # raised once the step is whole
+    else:
+        raise KeyboardInterrupt
+
+
 def _signals_to_interrupt():
     """SIGINT (Ctrl-C) and SIGTERM (a cluster's preemption, `kill`): checkpoint, then exit.
 
     SIGINT is set explicitly: a process started in the background by a non-interactive
     shell inherits it as ignored, and `kill -INT` should still save and stop the run.
     """
-    def handler(signum, frame):
-        raise KeyboardInterrupt
     with contextlib.suppress(ValueError):  # not the main thread
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+
+
+@contextlib.contextmanager
+def _whole_step():
+    """An optimizer update and the step count that names it, as one: a signal between them is raised after.
+    Raised between, the interrupt saved step N's name on step N+1's weights, and the resumed run differed."""
+    _held["on"], _held["pending"] = True, False
+    try:
+        yield
+    finally:
+        _held["on"] = False
+    if _held["pending"]:
+        _held["pending"] = False
+        raise KeyboardInterrupt
 
 
 class Encoder:
@@ -446,20 +468,22 @@ def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
                 losses.append(loss.detach() * cfg.grad_accum)
             norm = acc.clip_grad_norm_(trainable, 1.0)  # all-reduced: the same on every rank
             loss_value = float(torch.stack(losses).mean())
-            if not math.isfinite(float(norm)):
-                opt.zero_grad(set_to_none=True)
-                bad_in_row += 1
-                _say(acc, f"warning: step {step + 1}: non-finite loss/gradients; step skipped ({bad_in_row} in a row)")
-                if bad_in_row >= cfg.max_bad_steps:
-                    raise TrainingError(f"{bad_in_row} non-finite steps in a row at step {step + 1}; stopped. "
-                                        f"The last checkpoint (step {last_saved}) is intact: lower --lr or use "
-                                        f"--mixed-precision no, then --resume latest")
-            else:
-                bad_in_row = 0
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            sched.step()
-            done = step + 1
+            with _whole_step():
+                if not math.isfinite(float(norm)):
+                    opt.zero_grad(set_to_none=True)
+                    bad_in_row += 1
+                    _say(acc, f"warning: step {step + 1}: non-finite loss/gradients; step skipped ({bad_in_row} in a "
+                              "row)")
+                    if bad_in_row >= cfg.max_bad_steps:
+                        raise TrainingError(f"{bad_in_row} non-finite steps in a row at step {step + 1}; stopped. "
+                                            f"The last checkpoint (step {last_saved}) is intact: lower --lr or use "
+                                            f"--mixed-precision no, then --resume latest")
+                else:
+                    bad_in_row = 0
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                sched.step()
+                done = step + 1
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
             if acc.is_main_process:
                 with open(log_path, "a") as f:
