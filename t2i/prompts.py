@@ -23,6 +23,8 @@ ROUND = 1.1
 SQUARE = 1 / 1.1
 CHUNK = 75  # tokens per window, without the start and end tokens
 COMMA_BACKTRACK = 20  # a full chunk is cut at its last comma if that is this close to the end
+MEAN_FLOOR = 1e-2  # a chunk mean below this share of the mean magnitude is not restored (see _apply_weights)
+MIN_WEIGHT = 1e-2  # weights below this bound the mean-restoring factor as this one would
 
 _TOKENS = re.compile(r"\\[()\[\]\\]|\(|\[|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|\)|\]|[^\\()\[\]:]+|:|\\")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
@@ -160,9 +162,24 @@ def _apply_weights(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if bool((w == 1.0).all()):
         return z
     before = z.float().mean()
-    z = z * w.to(z.dtype)[None, :, None]  # (1, 77, D)
-    after = z.float().mean()
-    return z * (before / after).to(z.dtype)
+    weighted = z * w.to(z.dtype)[None, :, None]  # (1, 77, D)
+    return weighted * _mean_restoring_factor(before, weighted.float(), w).to(z.dtype)
+
+
+def _mean_restoring_factor(before: torch.Tensor, weighted: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A1111's before / after, where the means carry information; 1 where they do not.
+
+    A chunk whose mean is near zero against its typical magnitude (a final layer norm
+    makes each token's mean 0) has a mean that is mostly rounding: its ratio is noise,
+    0/0 or huge. If all entries shared a sign, the ratio would lie between 1/max(w) and
+    1/min(w); beyond that range it is cancellation, so it is clamped there.
+    """
+    after = weighted.mean()
+    floor = MEAN_FLOOR * weighted.abs().mean()
+    if before.abs() <= floor or after.abs() <= floor:
+        return torch.ones((), dtype=weighted.dtype, device=weighted.device)
+    low, high = 1 / w.max().clamp(min=1.0), 1 / w.min().clamp(min=MIN_WEIGHT, max=1.0)
+    return (before / after).clamp(low, high)
 
 
 @dataclass

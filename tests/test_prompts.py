@@ -69,12 +69,72 @@ def test_a_full_chunk_breaks_at_its_last_comma(tokenizer):
     assert len(second.ids) == 10
 
 
+class _Shifted(torch.nn.Module):
+    """A text encoder whose output is the tiny one's plus `shift`: a chunk mean well away from zero,
+    as a real CLIP's is, whatever the CPU rounds the tiny encoder's (layer-normed, mean ~0) output to."""
+
+    def __init__(self, encoder, shift: float):
+        super().__init__()
+        self.encoder, self.shift = encoder, shift
+
+    @property
+    def device(self):
+        return self.encoder.device
+
+    def forward(self, ids, **kwargs):
+        return (self.encoder(ids)[0] + self.shift,)
+
+
+class _Alternating(torch.nn.Module):
+    """A text encoder whose output is +1, -1, +1, ... in every token: the chunk mean is exactly 0 on any CPU."""
+
+    device = torch.device("cpu")
+
+    def forward(self, ids, **kwargs):
+        z = torch.ones(1, ids.shape[1], 32)
+        z[..., 1::2] = -1.0
+        return (z,)
+
+
 def test_weighted_encoding_keeps_the_mean_and_changes_the_tokens(sd_pipe):
-    tok, enc = sd_pipe.pipe.tokenizer, sd_pipe.pipe.text_encoder
+    tok, enc = sd_pipe.pipe.tokenizer, _Shifted(sd_pipe.pipe.text_encoder, 0.5)
     plain = prompts.encode_sd(tok, enc, "red circle").embeds
     weighted = prompts.encode_sd(tok, enc, "red (circle:1.5)").embeds
     assert not torch.equal(plain, weighted)
     assert torch.allclose(plain.mean(), weighted.mean(), atol=1e-5)
+
+
+def test_a_chunk_with_a_zero_mean_is_weighted_without_nan(sd_pipe):
+    """0/0 in the mean restore gave NaN embeddings (and black images) where the mean rounds to exactly 0."""
+    tok, enc = sd_pipe.pipe.tokenizer, _Alternating()
+    z = enc(torch.zeros(1, 77, dtype=torch.long))[0]
+    got = prompts.encode_sd(tok, enc, "red (circle:1.5)").embeds
+    assert torch.isfinite(got).all()
+    expected = z.clone()
+    expected[:, 2] *= 1.5  # nothing to restore: the weights alone, as A1111 would give if its mean were not 0/0
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("shift", [1e-7, -1e-7, 0.0])
+def test_a_mean_near_zero_gives_no_huge_factor(sd_pipe, shift):
+    """A mean that is rounding noise must not be restored: its ratio could be anything."""
+    tok, enc = sd_pipe.pipe.tokenizer, _Shifted(sd_pipe.pipe.text_encoder, shift)
+    plain = prompts.encode_sd(tok, enc, "red circle").embeds
+    got = prompts.encode_sd(tok, enc, "red (circle:1.5)").embeds
+    assert torch.isfinite(got).all()
+    assert got.abs().max() <= 1.5 * plain.abs().max() + 1e-6
+
+
+def test_the_restoring_factor_stays_within_what_the_weights_allow():
+    """Mixed signs can cancel the weighted chunk's mean without cancelling the original's (A1111: factor 5)."""
+    z = torch.tensor([[[3.0, 0.0], [-2.0, 0.0]]])  # (1, 2 tokens, 2): mean 0.25
+    w = torch.tensor([1.0, 1.4])
+    weighted = z * w[None, :, None]  # mean 0.05
+    assert prompts._mean_restoring_factor(z.mean(), weighted, w) == 1.0  # 1/max(w) <= factor <= 1/min(w, 1)
+    same_sign = z.abs()  # here the ratio is a real mean's: A1111's factor, unchanged
+    weighted = same_sign * w[None, :, None]
+    assert torch.allclose(prompts._mean_restoring_factor(same_sign.mean(), weighted, w),
+                          same_sign.mean() / weighted.mean())
 
 
 def test_cond_and_uncond_are_padded_to_the_same_length(sd_pipe):
@@ -106,7 +166,7 @@ def test_unweighted_prompts_encode_exactly_as_stock_diffusers(sd_pipe):
 ])
 def test_weights_change_the_embeddings_as_a1111_by_hand(sd_pipe, text, weights):
     """A1111 (sd_hijack_clip): z = CLIP(tokens); z *= weight per token; z *= mean(z before) / mean(z after)."""
-    tok, enc = sd_pipe.pipe.tokenizer, sd_pipe.pipe.text_encoder
+    tok, enc = sd_pipe.pipe.tokenizer, _Shifted(sd_pipe.pipe.text_encoder, 0.5)
     z = _stock_window(tok, enc, "red circle")  # positions: 0 start, 1 red, 2 circle, 3 end, padding
     w = torch.ones(z.shape[1])
     for position, weight in weights.items():
