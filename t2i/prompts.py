@@ -23,7 +23,7 @@ ROUND = 1.1
 SQUARE = 1 / 1.1
 CHUNK = 75  # tokens per window, without the start and end tokens
 COMMA_BACKTRACK = 20  # a full chunk is cut at its last comma if that is this close to the end
-MEAN_FLOOR = 1e-2  # a chunk mean below this share of the mean magnitude is not restored (see _apply_weights)
+MEAN_FLOOR = 1e-3  # a chunk mean below this share of the mean magnitude is not restored (see _apply_weights)
 MIN_WEIGHT = 1e-2  # weights below this bound the mean-restoring factor as this one would
 
 _TOKENS = re.compile(r"\\[()\[\]\\]|\(|\[|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|\)|\]|[^\\()\[\]:]+|:|\\")
