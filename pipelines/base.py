@@ -19,17 +19,19 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from t2i import __version__, guards, loading, prompts
+from t2i import __version__, guards, prompts
+from t2i import models
+from t2i.models.guide import GUIDE_FOLDER, load_guide
 from t2i.devices import dtype_name, resolve_device, resolve_dtype
 from t2i.errors import NumericalError, UsageError
-from t2i.lora import LoraSet
+from t2i.lora.apply import LoraSet
 from t2i.samplers import DEFAULT_SAMPLER, get_sampler, make_scheduler
 from t2i.settings import LoraSpec, Settings
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    source: loading.ModelSource
+    source: models.ModelSource
     arch: str  # sd1 | sd2 | sdxl
     path: Path  # local folder or file the weights came from
     hash: str  # A1111-style short model hash
@@ -114,13 +116,13 @@ class BasePipeline:
         """Load a model: None (the bundled demo model), a diffusers folder, a single file or a hub id."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        source = loading.resolve(model)
-        pipe, arch, path = loading.load(source, dt, allow_pickle=allow_pickle, model_config=model_config)
+        source = models.resolve(model)
+        pipe, arch, path = models.load(source, dt, allow_pickle=allow_pickle, model_config=model_config)
         pipe = cls._convert(pipe, arch)
         pipe.to(dev)
         folder = Path(path) if Path(path).is_dir() else None
-        loaded = LoadedModel(source, arch, Path(path), loading.model_hash(source, folder), model_config or "")
-        guide = loading.load_guide(folder, dt, dev, pipe.unet.config)
+        loaded = LoadedModel(source, arch, Path(path), models.model_hash(source, folder), model_config or "")
+        guide = load_guide(folder, dt, dev, pipe.unet.config)
         return cls(pipe, loaded, guide=guide)
 
     @classmethod
@@ -167,7 +169,7 @@ class BasePipeline:
         scale = float(scale or 0.0)
         guards.check_autoguidance(scale)
         if scale and self.guide is None:
-            raise UsageError(f"the model {self.model.source.name or self.model.path} has no {loading.GUIDE_FOLDER}/ "
+            raise UsageError(f"the model {self.model.source.name or self.model.path} has no {GUIDE_FOLDER}/ "
                              "UNet, which autoguidance needs; leave autoguidance at 0 (--autoguidance 0, or out)")
         self._autoguidance_scale = scale
 

@@ -11,7 +11,7 @@ from t2i.errors import UsageError
 from t2i.images import pixel_hash, read_input, snap_size
 from t2i.settings import LoraSpec
 
-from .base import BasePipeline, Result
+from t2i.pipelines.base import BasePipeline, Result
 
 DEFAULT_STRENGTH = 0.75  # A1111's default denoising strength
 

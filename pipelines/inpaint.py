@@ -10,8 +10,8 @@ from t2i.errors import UsageError
 from t2i.images import as_mask, check_mask, pixel_hash, read_input
 from t2i.settings import LoraSpec
 
-from .base import Result
-from .image2image import DEFAULT_STRENGTH, Image2Image
+from t2i.pipelines.base import Result
+from t2i.pipelines.image2image import DEFAULT_STRENGTH, Image2Image
 
 DEFAULT_MASK_BLUR = 4  # A1111's default, in pixels
 

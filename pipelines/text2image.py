@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from t2i.settings import LoraSpec
 
-from .base import BasePipeline, Result
+from t2i.pipelines.base import BasePipeline, Result
 
 
 class Text2Image(BasePipeline):

@@ -19,6 +19,6 @@ _os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 __version__ = "0.1.0"
 
-from .errors import ModelLoadError, NumericalError, T2IError, UnsafeFileError, UsageError  # noqa: E402
+from t2i.errors import ModelLoadError, NumericalError, T2IError, UnsafeFileError, UsageError  # noqa: E402
 
 __all__ = ["__version__", "T2IError", "UsageError", "ModelLoadError", "UnsafeFileError", "NumericalError"]

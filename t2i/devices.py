@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import UsageError
+from t2i.errors import UsageError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -27,3 +27,18 @@ class StorageError(T2IError):
 
 class NumericalError(T2IError):
     """NaN or inf that survived the higher-precision retry."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (or its class name): a library's error, fit for one-line errors."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else e.__class__.__name__
+
+
+def causes(e: BaseException):
+    """The exception and each one it was raised from or during, oldest last."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import NumericalError, UsageError
+from t2i.errors import NumericalError, UsageError
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64-1
 

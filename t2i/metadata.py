@@ -20,9 +20,9 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
-from .errors import UsageError
-from .samplers import SAMPLERS
-from .settings import Settings
+from t2i.errors import UsageError
+from t2i.samplers import SAMPLERS
+from t2i.settings import Settings
 
 JSON_KEY = "t2i"
 A1111_KEY = "parameters"

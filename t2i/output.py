@@ -20,10 +20,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import metadata
-from .errors import StorageError, UsageError
-from .guards import check_writable_folder
-from .settings import Settings
+from t2i import metadata
+from t2i.errors import StorageError, UsageError
+from t2i.files import give_usual_mode
+from t2i.guards import check_writable_folder
+from t2i.settings import Settings
 
 _NUMBERED = re.compile(r"^(\d{5,})-")
 
@@ -51,21 +52,6 @@ def next_number(folder: Path) -> int:
         if m:
             best = max(best, int(m.group(1)))
     return best + 1
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def give_usual_mode(path: str | Path) -> None:
-    """Give a file t2i wrote the mode a new file gets under the user's umask (0o666 & ~umask).
-
-    Temporary files (mkstemp) and safetensors >= 0.8 files (written through one, safetensors#782) are 0600: an
-    image, LoRA or model would be readable only by its writer, not by a web UI running as another user.
-    """
-    os.chmod(path, 0o666 & ~_umask())
 
 
 def write_png(image: Image.Image, settings: Settings, path: Path, overwrite: bool = False) -> bool:

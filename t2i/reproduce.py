@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import metadata, speed
-from .errors import UsageError
+from t2i import metadata, speed
+from t2i.errors import UsageError
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Report:
 
 def _input_image(recorded: str | None, given: str | None, want_hash: str | None, what: str, flag: str, convert):
     """The init image or mask to replay with: the recorded file (or `given`), checked against the recorded hash."""
-    from .images import pixel_hash, read_input
+    from t2i.images import pixel_hash, read_input
 
     source = given or recorded
     if source is None:

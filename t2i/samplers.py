@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UsageError
+from t2i.errors import UsageError
 
 # torchsde complains about float rounding of the first Brownian-tree query on every
 # DPM++ SDE run; the result is correct and a user cannot act on it.

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))  # tiny_models, as a plain module
 
@@ -81,14 +82,14 @@ def sd_copy(tiny_sd, tmp_path) -> Path:
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fail the test if anything tries to load a model (for checks that must come first)."""
-    from t2i import loading
+    from t2i import models
     from t2i.pipelines import Text2Image
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
 
     monkeypatch.setattr(Text2Image, "from_pretrained", refuse)
-    monkeypatch.setattr(loading, "load", refuse)
+    monkeypatch.setattr(models, "load", refuse)
 
 
 @pytest.fixture
@@ -148,3 +149,30 @@ def lora_file(tmp_path_factory, tiny_sd) -> Path:
     StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=get_peft_model_state_dict(unet),
                                               weight_name="ink.safetensors")
     return folder / "ink.safetensors"
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> Path:
+    """A LoRA training set: six small captioned images, two of them wide (a second bucket)."""
+    folder = tmp_path_factory.mktemp("data")
+    colors = [(220, 40, 40), (40, 200, 60), (30, 60, 220), (230, 220, 40), (240, 240, 240), (20, 20, 20)]
+    for i, c in enumerate(colors):
+        size = (64, 32) if i >= 4 else (32, 32)
+        img = Image.new("RGB", size, c)
+        img.paste((255 - c[0], 255 - c[1], 255 - c[2]), (8, 8, 20, 20))
+        img.save(folder / f"{i}.png")
+        if i != 3:  # one image without caption: trained on the trigger alone
+            (folder / f"{i}.txt").write_text(f"a square number {i}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def finished(tiny_sd, data, tmp_path_factory) -> tuple[Path, dict]:
+    """A two-step LoRA run with one checkpoint (step 2), to be copied and damaged."""
+    from helpers import lora_cfg
+    from t2i.train import lora
+
+    out = tmp_path_factory.mktemp("finished") / "out"
+    cfg = lora_cfg(tiny_sd, data, out, steps=2, checkpoint_every=2)
+    lora.run(None, cfg)
+    return out, cfg

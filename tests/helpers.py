@@ -6,6 +6,9 @@ import builtins
 from pathlib import Path
 
 import numpy as np
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parent.parent  # the checkout: subprocesses run `python -m t2i.cli` from it
 
 
 def pixels(image) -> np.ndarray:
@@ -38,3 +41,24 @@ BROKEN = {  # kind -> (content, words of the refusal): files that are not what t
              "not a valid safetensors"),
     "tiny": (b"abc", "only 3 bytes"),
 }
+
+
+def lora_cfg(tiny_sd, data, out, **kw) -> dict:
+    """A small `t2i train lora` config on the tiny model; `kw` overrides keys."""
+    base = dict(model=str(tiny_sd), data=str(data), output=str(out), trigger="in sks style", rank=2, steps=4,
+                batch=2, lr=1e-2, checkpoint_every=2, validation_every=0, validation_prompts=["a square"],
+                validation_seeds=[0])
+    return {**base, **kw}
+
+
+def weights(path: Path) -> dict:
+    """A safetensors file's tensors by name."""
+    return load_file(str(path))
+
+
+def lora_args(cfg: dict) -> list[str]:
+    """The same config as `t2i train lora` flags."""
+    return ["--model", cfg["model"], "--data", cfg["data"], "--output", cfg["output"], "--trigger", cfg["trigger"],
+            "--rank", str(cfg["rank"]), "--steps", str(cfg["steps"]), "--batch", str(cfg["batch"]),
+            "--lr", str(cfg["lr"]), "--checkpoint-every", str(cfg["checkpoint_every"]), "--validation-every", "0",
+            "--validation-prompt", "a square"]

@@ -18,10 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import BROKEN, one_line
+from helpers import BROKEN, REPO, lora_args as _args, one_line
 from t2i.train.checkpoint import Checkpoints
-from test_faults import finished  # noqa: F401  (a fixture: a two-step LoRA run to damage)
-from test_train_lora import REPO, _args, data  # noqa: F401  (`data` is a fixture)
 
 KINDS = {  # kind -> (file suffix, words in the refusal)
     "pickle .ckpt": (".ckpt", "pickle"),

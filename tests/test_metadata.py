@@ -134,7 +134,7 @@ def test_reproduce_needs_t2i_settings(run_cli, tmp_path):
 
 
 def test_lora_changes_the_image_and_is_recorded(run_cli, tiny_sd, lora_file, tmp_path):
-    from t2i.loading import lora_hash
+    from t2i.lora.apply import lora_hash
 
     def make(name, *lora):
         code, _, stderr = run_cli("generate", "a red circle", "--model", tiny_sd, "--steps", 2, "--seed", 3,

@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from t2i.errors import StorageError, T2IError, UsageError
+from t2i.errors import StorageError, T2IError, UsageError, first_line
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "state.json"
@@ -212,7 +212,7 @@ class SavedState:
             set_rng_state({**self.state["rng"], "torch": self.torch_rng})
         except Exception as e:  # noqa: BLE001 - a checkpoint that does not fit this run, whatever the reason
             raise StorageError(f"checkpoint {self.folder} cannot be resumed: {current} does not fit this run "
-                               f"({type(e).__name__}: {_first_line(e)}); resume from another with --resume PATH"
+                               f"({type(e).__name__}: {first_line(e)}); resume from another with --resume PATH"
                                ) from None
 
 
@@ -224,7 +224,7 @@ def read_training_state(folder: Path, modules: Sequence[str] = (), optimizer: bo
     with `torch.load(weights_only=True)`, which refuses code. A damaged or hostile file is
     a one-line StorageError naming it, never a traceback.
     """
-    from t2i.loading import check_weight_file
+    from t2i.files import check_weight_file
 
     folder = Path(folder)
     current = folder / STATE_FILE
@@ -253,7 +253,7 @@ def read_training_state(folder: Path, modules: Sequence[str] = (), optimizer: bo
                            "resume from another with --resume PATH") from None
     except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint file means the same to the user
         raise StorageError(f"checkpoint {folder} cannot be resumed: {current.name} is damaged "
-                           f"({type(e).__name__}: {_first_line(e)[:200]}); resume from another with --resume PATH"
+                           f"({type(e).__name__}: {first_line(e)[:200]}); resume from another with --resume PATH"
                            ) from None
     return SavedState(folder, state, weights, pickled.get("optimizer.pt"), pickled.get("lr_scheduler.pt"), tensors,
                       torch_rng)
@@ -288,6 +288,3 @@ def load_training_state(
     return saved.state, saved.tensors
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

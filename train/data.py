@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from t2i.errors import UsageError
-from t2i.images import IMAGE_SUFFIXES, load_rgb
+from t2i.images import IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True)

@@ -38,11 +38,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from t2i.errors import UsageError
-from t2i.output import give_usual_mode
-from t2i.shapes import BACKGROUNDS, IMAGE_SIZE, SceneMix, caption_words, render, sample_scene
+from t2i.files import give_usual_mode
+from t2i.demo.shapes import BACKGROUNDS, IMAGE_SIZE, SceneMix, caption_words, render, sample_scene
 
-from .checkpoint import Checkpoints, load_training_state, save_training_state
-from .config import load_config, to_dict
+from t2i.train.checkpoint import Checkpoints, load_training_state, save_training_state
+from t2i.train.config import load_config, to_dict
 
 VAL_SEED = 10**9  # held-out scenes (for PSNR and sample grids) start here
 SAMPLE_PROMPTS = [
@@ -1012,7 +1012,7 @@ def _export_guide(cfg: DemoConfig, out: Path, exported_step: int) -> None:
     """The model's guide/ from the run's checkpoint of guide.step (see GuideConfig); a note when there is none."""
     import shutil
 
-    from .. import guide
+    from t2i.models import guide
 
     g = cfg.guide
     source = Path(cfg.output_dir) / "unet_checkpoints" / f"step-{g.step:08d}"
@@ -1038,7 +1038,7 @@ def _fp32_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _init_folder(cfg: DemoConfig) -> Path:
     """unet.init_from as a folder: "t2i-shapes" names the bundled model (also in a non-editable install)."""
-    from t2i.loading import BUNDLED_NAME, bundled_model_path
+    from t2i.models.sources import BUNDLED_NAME, bundled_model_path
 
     if cfg.unet.init_from == BUNDLED_NAME and not Path(BUNDLED_NAME).exists():
         if (bundled := bundled_model_path()) is None:

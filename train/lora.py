@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from t2i.errors import StorageError, T2IError, UsageError
-from .checkpoint import Checkpoints, read_training_state, save_training_state
-from .config import load_config
-from .data import BatchPlan, Dataset, bucket_sizes, fit, merge, scan, to_tensor, with_trigger
+from t2i.train.checkpoint import Checkpoints, read_training_state, save_training_state
+from t2i.train.config import load_config
+from t2i.train.data import BatchPlan, Dataset, bucket_sizes, fit, merge, scan, to_tensor, with_trigger
 
 ADAPTER = "t2i_lora"
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -328,7 +328,7 @@ def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
     from peft import LoraConfig, inject_adapter_in_model
 
     from t2i.pipelines import Text2Image
-    from t2i import lora_format
+    from t2i.lora import format as lora_format
 
     # 1. Check inputs, and read the checkpoint to resume (a damaged or hostile one is refused before a model loads)
     dataset, out = check(cfg, resume)

@@ -145,7 +145,7 @@ def _unet_parts(train: dict) -> dict:
 
 def _mix_part(train: dict) -> str:
     """The card's words on the last run's scene mix ([scenes] in training_config.json), empty for the default."""
-    from t2i.shapes import SceneMix
+    from t2i.demo.shapes import SceneMix
 
     mix = SceneMix(**_with_defaults(train, "scenes", SceneMix))
     if mix == SceneMix():
@@ -173,7 +173,7 @@ def _layout_part(train: dict) -> str:
 
 def _guide_parts(folder: Path, defaults: dict) -> dict:
     """The card's row on guide/ (autoguidance's weaker UNet) and the evaluation's words on it; empty without one."""
-    from t2i import guide as guides
+    from t2i.models import guide as guides
 
     guide = folder / "guide"
     if not (guide / "config.json").is_file():

@@ -1,0 +1,156 @@
+"""What the commands share: one-line argument errors, argument types and groups, device and model loading,
+the progress bar, and the speed options' checks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from t2i.errors import UsageError
+from t2i.cli.startup import no_collections
+
+EXAMPLES = """examples:
+  t2i generate "a red circle"                       bundled demo model, PNG into ./outputs
+  t2i generate "a blue star" --batch 4 --seed 7 --out stars/
+  t2i generate "castle, (sunset:1.2)" --model ./sd15 --sampler "DPM++ 2M Karras" --steps 25
+  t2i img2img "a red circle, in sks style" --init photo.png --strength 0.6 --lora pastel.safetensors
+  t2i inpaint "a blue star" --init scene.png --mask mask.png    white in the mask is redrawn
+  t2i info outputs/00000-7.png                      show the settings stored in a PNG
+  t2i reproduce outputs/00000-7.png                 make it again and compare bit for bit
+"""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `t2i generate: error: ... (see --help)`, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", metavar="PATH|ID",
+                   help="diffusers folder, .safetensors checkpoint or hub id (default: the bundled t2i-shapes)")
+    g.add_argument("--model-config", metavar="DIR",
+                   help="diffusers folder whose configs a single-file checkpoint uses (needed offline)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default: auto")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="default: auto (fp16/bf16 on a GPU, fp32 on the CPU)")
+    g.add_argument("--allow-pickle", action="store_true",
+                   help="also load pickle-based weights (.ckpt/.bin/.pt); they can run code: trusted files only")
+
+
+def sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--negative-prompt", "-n", metavar="TEXT", help="what to steer away from")
+    g.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's, usually 20)")
+    g.add_argument("--guidance", "--cfg", type=number, help="classifier-free guidance scale (default: the model's)")
+    g.add_argument("--autoguidance", type=number, metavar="S",
+                   help="autoguidance scale in the late steps, steering away from the model's weaker guide/ UNet "
+                        "in place of classifier-free guidance (default: the model's; 0 turns it off, as does a LoRA "
+                        "at a non-zero scale)")
+    g.add_argument("--sampler", "-s", help="sampler name or A1111 name, e.g. euler-a, \"DPM++ 2M Karras\" (see t2i samplers)")
+    g.add_argument("--seed", type=positive_int, default=-1, help="seed of the first image; image i uses seed+i (default: random)")
+    g.add_argument("--width", "-W", type=positive_int, help="multiple of 8 (default: the model's native size)")
+    g.add_argument("--height", "-H", type=positive_int, help="multiple of 8 (default: the model's native size)")
+    g.add_argument("--batch", "-b", type=positive_int, default=1, help="images per prompt (default: 1)")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA (diffusers or kohya/A1111 layout); repeatable")
+    g.add_argument("--lora-dir", metavar="DIR", help="where <lora:NAME:SCALE> in a prompt looks for NAME.safetensors")
+    g.add_argument("--speed", metavar="OPTS", default="",
+                   help="speed options, comma-separated (see t2i bench): batched (a batch in one UNet call: image i "
+                        "equals the single run with seed+i to within rounding, not bit for bit), cacheN (feature "
+                        "reuse every N steps: ~2x faster at N=3, changes the images), cacheN:K (reuse deeper: only "
+                        "the last K layers run between; cache3:1 is DeepCache's default), channels_last, bf16, compile, "
+                        "attention_slicing, vae_tiling, cpu_offload, tiny_vae[=PATH] (decode with a small TAESD-style "
+                        "decoder: the model's own vae_tiny/, or PATH). Default: none (exact). Recorded in the PNG; "
+                        "t2i reproduce replays them")
+
+
+def prompt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", help="the prompt (A1111 syntax: (word:1.2), [word], BREAK, <lora:NAME:0.8>)")
+    p.add_argument("--prompts-file", metavar="FILE", help="one prompt per line ('#' comments); each prompt starts at --seed")
+
+
+def image_args(p: argparse.ArgumentParser, mask: bool = False) -> None:
+    g = p.add_argument_group("input image")
+    g.add_argument("--init", "-i", required=True, metavar="IMAGE",
+                   help="the image to start from (any mode; a side not a multiple of 8 is resized, with a notice)")
+    g.add_argument("--strength", "--denoising-strength", type=number, default=0.75,
+                   help="share of the schedule that is redrawn, in (0, 1]: low keeps the image (default 0.75)")
+    if mask:
+        g.add_argument("--mask", required=True, metavar="IMAGE",
+                       help="white = redraw, black = keep (resized to --init's size if it differs, with a notice)")
+        g.add_argument("--mask-blur", type=positive_int, default=4, metavar="PX",
+                       help="soften the mask's edge by this many pixels (default 4, as A1111)")
+        g.add_argument("--invert-mask", action="store_true", help="redraw the black part instead")
+
+
+def output_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--out", "-o", default="outputs", metavar="PATH",
+                   help="folder (files NNNNN-SEED.png) or a .png path (default: ./outputs)")
+    g.add_argument("--overwrite", action="store_true", help="replace existing files at --out")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def progress_bar(args, desc: str):
+    if getattr(args, "quiet", False):
+        return False
+    from tqdm.auto import tqdm
+
+    return tqdm(total=0, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def set_autoguidance(pipe, args) -> None:
+    """--autoguidance S (the pipeline refuses S > 0 without a guide/ UNet, before any image)."""
+    if args.autoguidance is not None:
+        pipe.autoguidance = args.autoguidance
+
+
+def speed_options(args):
+    """--speed as t2i.speed.SpeedOptions (None: the plain, exact path); refused before loading if it cannot run,
+    also when tiny_vae's small decoder is missing from args.model."""
+    from t2i import models
+
+    options = None
+    if getattr(args, "speed", ""):
+        from t2i.speed import SpeedOptions
+
+        options = SpeedOptions.parse(args.speed)
+        if options.cpu_offload and args.device in ("cpu", "mps"):
+            raise UsageError(f"--speed cpu_offload needs a CUDA device, not --device {args.device}; leave it off")
+    check_tiny_vae(options, models.resolve(args.model))
+    return options
+
+
+def check_tiny_vae(options, source) -> None:
+    """--speed tiny_vae[=PATH]: the small decoder exists, checked before the model loads."""
+    if options is not None and options.tiny_vae is not None:
+        from t2i.models import tiny_vae
+
+        tiny_vae.tiny_vae_folder(options.tiny_vae, Path(source.location) if source.kind != "hub" else None)
+
+
+def load_pipeline(args, task: str = "text2image"):
+    with no_collections():
+        from t2i.pipelines import Image2Image, Inpaint, Text2Image
+
+        cls = {"text2image": Text2Image, "image2image": Image2Image, "inpaint": Inpaint}[task]
+        return cls.from_pretrained(args.model, device=args.device or "auto", dtype=args.dtype or "auto",
+                                   allow_pickle=args.allow_pickle, model_config=args.model_config)

@@ -1,0 +1,151 @@
+"""`t2i eval`: ShapeEval of a model, the checker's own accuracy, or a style LoRA's effect."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from pathlib import Path
+
+from t2i.errors import UsageError
+from t2i.cli.common import progress_bar, load_pipeline, number, positive_int, set_autoguidance, speed_options
+
+
+def add_parser(sub) -> None:
+    e = sub.add_parser("eval", help="ShapeEval: GenEval-style accuracy of a model in the shapes world",
+                       description="Generate ShapeEval's fixed prompts with several seeds, check each image by "
+                                   "classical image analysis, print accuracy per category and write a grid.")
+    e.add_argument("--model", "-m", metavar="PATH|ID", help="default: the bundled t2i-shapes")
+    e.add_argument("--steps", type=positive_int, help="default: the model's")
+    e.add_argument("--sampler", "-s", help="default: the model's")
+    e.add_argument("--guidance", "--cfg", type=number, help="default: the model's")
+    e.add_argument("--autoguidance", type=number, metavar="S", help="default: the model's (0: off)")
+    e.add_argument("--seeds", type=positive_int, default=4, help="images per prompt (seeds 0..N-1; default 4)")
+    e.add_argument("--speed", metavar="OPTS", default="",
+                   help="measure with these speed options, e.g. cache3 (see t2i generate --help); default: batched")
+    e.add_argument("--out", "-o", metavar="DIR", help="write shapeeval-grid.png and shapeeval.json here")
+    e.add_argument("--ground-truth", action="store_true",
+                   help="score the checker itself on ground-truth renders instead of a model")
+    e.add_argument("--through-vae", action="store_true",
+                   help="with --ground-truth: pass the renders through the model's VAE (encode, decode) first, "
+                        "the best score any UNet can reach with that VAE")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    e.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    e.add_argument("--allow-pickle", action="store_true", help=argparse.SUPPRESS)
+    e.add_argument("--model-config", metavar="DIR", help=argparse.SUPPRESS)
+    e.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    e.add_argument("--style", help="instead of ShapeEval: measure a style LoRA (outline | pastel); needs --lora")
+    e.add_argument("--lora", metavar="FILE[:SCALE]", help="the style LoRA for --style (scale default 1)")
+    e.add_argument("--trigger", default="", help="the LoRA's trigger phrase, for --style")
+    e.add_argument("--transfer", metavar="S[,S...]",
+                   help="with --style: measure style transfer instead, img2img of content renders at these "
+                        "strengths, e.g. 0.3,0.5,0.7 (style metric, and ShapeEval of the content)")
+    e.set_defaults(func=cmd_eval)
+
+
+
+def cmd_eval(args) -> int:
+    from t2i import guards
+
+    if args.through_vae and not args.ground_truth:
+        raise UsageError("--through-vae scores ground-truth renders; add --ground-truth")
+    if args.ground_truth:
+        return _ground_truth_eval(args)
+    if args.steps is not None:
+        guards.check_steps(args.steps)
+    if args.guidance is not None:
+        guards.check_guidance(args.guidance)
+    if args.autoguidance is not None:
+        guards.check_autoguidance(args.autoguidance)
+    if args.sampler:
+        from t2i.samplers import get_sampler
+
+        get_sampler(args.sampler)
+    if args.out:
+        guards.check_writable_folder(args.out)
+    from t2i.demo.evaluation import run_eval
+
+    if args.style:
+        return _style_eval(args)
+    options = speed_options(args)
+    if options is not None:  # eval batches the seeds of a prompt whatever else is on
+        import dataclasses
+
+        options = dataclasses.replace(options, batched=True)
+    pipe = load_pipeline(args)
+    set_autoguidance(pipe, args)
+    pipe.exact_batch = False  # seeds of a prompt batched: images equal single runs to within rounding
+    bar = progress_bar(args, "shapeeval")
+    from t2i import speed
+
+    try:
+        with speed.apply(pipe, options) if options else contextlib.nullcontext():
+            run = run_eval(pipe, args.steps, args.sampler, args.guidance, seeds=range(args.seeds), out=args.out,
+                           progress=bar)
+    finally:
+        if bar:
+            bar.close()
+    print(run.report.table())
+    if run.grid:
+        print(f"grid: {run.grid}\nresults: {run.results}")
+    return 0
+
+
+def _ground_truth_eval(args) -> int:
+    from t2i.demo import shapeeval
+
+    if not args.through_vae:
+        acc = shapeeval.ground_truth_accuracy(n_per_prompt=args.seeds)
+        print("checker accuracy on ground-truth renders")
+    else:
+        from t2i import speed
+        from t2i.demo.evaluation import vae_round_trip
+
+        options = speed_options(args)
+        pipe = load_pipeline(args)
+        with speed.apply(pipe, options) if options else contextlib.nullcontext():
+            acc = shapeeval.ground_truth_accuracy(n_per_prompt=args.seeds, through=vae_round_trip(pipe))
+        print("checker accuracy on ground-truth renders through the model's VAE (the best a UNet can reach)")
+    for key, value in acc.items():
+        print(f"{key:<14}{value:>10.3f}")
+    return 0
+
+
+def _style_eval(args) -> int:
+    from t2i import models
+    from t2i.lora import LoraSet, parse_lora_arg
+    from t2i.demo.styles import STYLES, style_eval, style_table, transfer_eval
+
+    if args.style not in STYLES:
+        raise UsageError(f"unknown style {args.style!r}; use one of: {', '.join(STYLES)}")
+    if not args.lora:
+        raise UsageError("--style needs the LoRA to measure: --lora FILE[:SCALE]")
+    strengths = _strengths(args.transfer) if args.transfer else None
+    spec = LoraSet(None, None, args.allow_pickle).spec(parse_lora_arg(args.lora))
+    models.resolve(args.model)
+    pipe = load_pipeline(args)
+    pipe.exact_batch = False
+    seeds = tuple(range(args.seeds))
+    if strengths:
+        rows = transfer_eval(pipe, spec.path, args.style, args.trigger, strengths, seeds=seeds, scale=spec.scale)
+    else:
+        rows = style_eval(pipe, spec.path, args.style, args.trigger, seeds=seeds, scale=spec.scale)
+    print(style_table(rows))
+    if args.out:
+        import json
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        name = "style-transfer.json" if strengths else "style-eval.json"
+        (Path(args.out) / name).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def _strengths(text: str) -> list[float]:
+    from t2i import guards
+
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--transfer {text!r}: give strengths like 0.3,0.5,0.7") from None
+    for v in values:
+        guards.check_strength(v)
+    return values

@@ -1,0 +1,191 @@
+"""Styles in the shapes world: datasets to fine-tune a LoRA on, and a metric that sees the style.
+
+`outline`: every shape drawn as a 2-pixel outline instead of filled. Its metric,
+`hollowness`, is the share of each object's enclosed area that is *not* paint:
+about 0 for filled shapes, well above 0.4 for outlines.
+`pastel`: every colour washed 60% towards white. Its metric, `paleness`, is one
+minus the mean saturation of the painted pixels.
+Both need no model, only the background colour (read off the image border).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from t2i.errors import UsageError
+from t2i.demo.shapes import IMAGE_SIZE, Scene, render, sample_scene
+
+OUTLINE_WIDTH = 2  # pixels at 64 x 64
+
+
+def _outline(draw, points, color, scale):
+    draw.line(points + points[:1], fill=color, width=round(OUTLINE_WIDTH * scale), joint="curve")
+
+
+def _pastel(draw, points, color, scale):
+    draw.polygon(points, fill=tuple(round(c + (255 - c) * PASTEL_MIX) for c in color))
+
+
+PASTEL_MIX = 0.6  # share of white mixed into every object colour
+
+
+def render_outline(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """Like shapes.render, but each object is its outline only."""
+    return render(scene, size, paint=_outline)
+
+
+def render_pastel(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """Like shapes.render, but each object's colour is washed towards white."""
+    return render(scene, size, paint=_pastel)
+
+
+STYLES = {"outline": render_outline, "pastel": render_pastel, "plain": render}
+
+
+def write_dataset(folder: str | Path, style: str, n: int, seed: int = 0) -> Path:
+    """n scenes of the training distribution in `style`: NNNN.png + NNNN.txt (the scene's caption)."""
+    if style not in STYLES:
+        raise UsageError(f"unknown style {style!r}; use one of: {', '.join(STYLES)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if any(folder.glob("*.png")):
+        raise UsageError(f"{folder} already holds images; choose an empty folder")
+    for i in range(n):
+        scene = sample_scene(10**8 + seed + i)  # far from the base model's own training seeds
+        STYLES[style](scene).save(folder / f"{i:04d}.png")
+        (folder / f"{i:04d}.txt").write_text(scene.caption + "\n")
+    (folder / "style.json").write_text(json.dumps({"style": style, "n": n, "seed": seed}) + "\n")
+    return folder
+
+
+# --------------------------------------------------------------------------- the metric
+
+
+def _background(a: np.ndarray) -> np.ndarray:
+    """The most common colour on the image border, (3,)."""
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])  # (4N, 3)
+    colors, counts = np.unique(border // 8, axis=0, return_counts=True)
+    mode = colors[counts.argmax()]
+    return border[(border // 8 == mode).all(axis=1)].mean(axis=0)
+
+
+def hollowness(img: Image.Image, threshold: float = 48.0) -> float | None:
+    """Share of the painted objects' enclosed area that is background (None: nothing painted)."""
+    a = np.asarray(img.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    paint = np.abs(a - _background(a)).max(axis=2) > threshold  # (H, W)
+    if paint.sum() < 4:
+        return None
+    outside = np.zeros_like(paint)
+    outside[0, :], outside[-1, :], outside[:, 0], outside[:, -1] = ~paint[0, :], ~paint[-1, :], ~paint[:, 0], ~paint[:, -1]
+    while True:  # flood fill of the background from the border, 4-connected
+        grown = outside.copy()
+        grown[1:] |= outside[:-1]
+        grown[:-1] |= outside[1:]
+        grown[:, 1:] |= outside[:, :-1]
+        grown[:, :-1] |= outside[:, 1:]
+        grown &= ~paint
+        if (grown == outside).all():
+            break
+        outside = grown
+    enclosed = ~outside  # paint plus the holes it encloses
+    return float(1.0 - paint.sum() / enclosed.sum())
+
+
+def paleness(img: Image.Image, threshold: float = 48.0) -> float | None:
+    """1 - mean HSV saturation of the painted pixels: ~0.1 for the world's colours, ~0.6 for pastels."""
+    a = np.asarray(img.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    paint = np.abs(a - _background(a)).max(axis=2) > threshold  # (H, W)
+    if paint.sum() < 4:
+        return None
+    hi, lo = a.max(axis=2)[paint], a.min(axis=2)[paint]  # (N,)
+    return float(1.0 - np.mean((hi - lo) / np.maximum(hi, 1.0)))
+
+
+METRICS = {"outline": hollowness, "pastel": paleness, "plain": paleness}
+
+
+def style_score(images: list[Image.Image], style: str = "outline") -> float:
+    """The style's metric, averaged over the images that show any object."""
+    values = [v for v in map(METRICS[style], images) if v is not None]
+    return float(np.mean(values)) if values else 0.0
+
+
+# --------------------------------------------------------------------------- a LoRA's style, measured
+
+
+def style_eval(pipe, lora: str, style: str, trigger: str, prompts=None, seeds=(0, 1), scale: float = 1.0,
+               data_n: int = 64) -> dict[str, dict[str, float]]:
+    """Style metric and ShapeEval accuracy of the same prompts, with and without the LoRA and its trigger.
+
+    Rows: `style data` (renders of the style itself), `base` (no LoRA), `base + trigger words`,
+    `lora + trigger`, `lora, no trigger`, `lora at scale 0 + trigger` (must equal `base + trigger words`).
+    """
+    from t2i.demo import shapeeval
+    from t2i.train.data import with_trigger  # the caption rule of training
+
+    prompts = list(prompts or shapeeval.build_prompts()[::12])
+    scenes = [sample_scene(10**8 + 10**6 + i) for i in range(data_n)]
+    rows = {"style data": {"style": style_score([STYLES[style](s) for s in scenes], style)}}
+    runs = {
+        "base": ("", []),
+        "base + trigger words": (trigger, []),
+        "lora + trigger": (trigger, [f"{lora}:{scale}"]),
+        "lora, no trigger": ("", [f"{lora}:{scale}"]),
+        "lora at scale 0 + trigger": (trigger, [f"{lora}:0"]),
+    }
+    for name, (words, loras) in runs.items():
+        images, passed = [], []
+        for p in prompts:
+            text = with_trigger(p.prompt, words)
+            out = pipe(text, seed=seeds[0], batch=len(seeds), loras=loras, progress=False).images
+            images += out
+            passed += [shapeeval.check(img, p) for img in out]
+        rows[name] = {"style": style_score(images, style), "shapeeval": float(np.mean(passed))}
+    return rows
+
+
+def transfer_eval(pipe, lora: str, style: str, trigger: str, strengths=(0.3, 0.5, 0.7), prompts=None,
+                  seeds=(0, 1), scale: float = 1.0) -> dict[str, dict[str, float]]:
+    """Style transfer by img2img: ground-truth renders of ShapeEval prompts (the content) redrawn with the LoRA.
+
+    For each strength, the style metric of the outputs and ShapeEval's checker on them
+    against the content's own prompt (is the content still there?). Reference rows: the
+    content itself, and the same scenes rendered in the style (what a perfect transfer
+    would score), and img2img with the trigger words but no LoRA (what img2img alone does).
+    """
+    from t2i.pipelines import Image2Image
+
+    from t2i.demo import shapeeval
+    from t2i.train.data import with_trigger
+
+    img2img = Image2Image.from_pipe(pipe)  # the same loaded components
+    prompts = list(prompts or shapeeval.build_prompts()[::12])
+    cases = [(p, shapeeval.ground_truth_scene(p, seed)) for p in prompts for seed in seeds]
+
+    def score(images):
+        passed = [shapeeval.check(img, p) for img, (p, _) in zip(images, cases)]
+        return {"style": style_score(images, style), "shapeeval": float(np.mean(passed))}
+
+    content = [render(scene) for _, scene in cases]
+    rows = {"content (renders)": score(content),
+            f"content rendered {style}": score([STYLES[style](scene) for _, scene in cases])}
+    for strength in strengths:
+        for name, loras in (("trigger words, no LoRA", []), ("LoRA + trigger", [f"{lora}:{scale}"])):
+            images = []
+            for (p, _), init in zip(cases, content):
+                images += img2img(with_trigger(p.prompt, trigger), init, strength=strength, seed=0, loras=loras,
+                                  progress=False).images
+            rows[f"img2img {strength:g}, {name}"] = score(images)
+    return rows
+
+
+def style_table(rows: dict[str, dict[str, float]]) -> str:
+    lines = [f"{'':38s} {'style':>7s} {'ShapeEval':>9s}"]
+    for name, r in rows.items():
+        se = f"{r['shapeeval']:9.3f}" if "shapeeval" in r else f"{'-':>9s}"
+        lines.append(f"{name:38s} {r['style']:7.3f} {se}")
+    return "\n".join(lines)
