@@ -1,0 +1,218 @@
+"""One request path: a generation job as every front end states it, checked once, run by one function.
+
+The CLI (`t2i generate`, `img2img`, `inpaint`), the server and a user's Python build a
+`Request`. `check` validates everything that can be checked without a model, so bad
+input fails in one line before anything loads, and returns a `Job`: the request with
+its LoRAs vetted, its speed options parsed and its input images decoded. `run` makes
+the job's images on a loaded pipeline, one call per prompt and iteration, and yields
+each call's `Result`; the images go to one writer (`t2i.output.save_images` or
+`png_bytes`) with the same metadata whoever asked.
+
+    job = jobs.check(jobs.Request(["a red circle"], seed=1, batch=4))
+    pipe = jobs.load(job)
+    for result in jobs.run(pipe, job):
+        output.save_images(result.images, result.settings, "outputs")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from PIL import Image
+
+from t2i import guards, metadata, models, speed
+from t2i.errors import UsageError
+from t2i.images import as_mask, check_mask, read_input
+from t2i.lora import LoraSet, parse_lora_arg
+from t2i.models import tiny_vae
+from t2i.pipelines import Image2Image, Inpaint, Text2Image
+from t2i.prompts import extract_loras
+from t2i.samplers import get_sampler
+from t2i.settings import LoraSpec, Settings
+
+TASKS = {"text2image": Text2Image, "image2image": Image2Image, "inpaint": Inpaint}
+
+
+@dataclass
+class Request:
+    """A generation job in the words of its front end; every field has the CLI's default."""
+
+    prompts: list[str]
+    task: str = "text2image"  # text2image | image2image | inpaint
+    negative_prompt: str | None = None  # None: the model's
+    steps: int | None = None
+    guidance: float | None = None
+    sampler: str | None = None  # t2i or A1111 name
+    seed: int = -1  # the first image's seed; -1: random (recorded)
+    width: int | None = None
+    height: int | None = None
+    batch: int = 1  # images per call: image i has seed + i
+    iterations: int = 1  # calls per prompt (A1111's n_iter): call k starts at seed + k * batch
+    loras: list[str | LoraSpec] = field(default_factory=list)  # "FILE[:SCALE]"
+    lora_dir: str | Path | None = None  # where <lora:NAME:W> in a prompt finds NAME.safetensors
+    init_image: str | Path | Image.Image | None = None  # image2image and inpaint
+    strength: float = 0.75
+    mask: str | Path | Image.Image | None = None  # inpaint: white is redrawn
+    mask_blur: int = 4
+    invert_mask: bool = False
+    autoguidance: float | None = None  # None: the model's
+    speed: str = ""  # speed options, comma-separated ("" = the exact path)
+    model: str | None = None  # None: the bundled model
+    model_config: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    allow_pickle: bool = False
+
+
+@dataclass
+class Job:
+    """A checked request: what `run` needs, nothing left to fail on before the model."""
+
+    request: Request
+    loras: list[LoraSpec]
+    options: speed.SpeedOptions | None
+    inputs: dict  # the task's own arguments of the pipeline call (init image, mask, strength, ...)
+    source: models.ModelSource
+
+    @property
+    def images(self) -> int:
+        r = self.request
+        return len(r.prompts) * r.iterations * r.batch
+
+
+def check(request: Request) -> Job:
+    """Everything checkable without the model, in the order a user fixes them; one-line UsageErrors."""
+    r = request
+    if r.task not in TASKS:
+        raise UsageError(f"unknown task {r.task!r}; use one of: {', '.join(TASKS)}")
+    if not r.prompts or not all(isinstance(p, str) for p in r.prompts):
+        raise UsageError("give at least one prompt (a string)")
+    if r.steps is not None:
+        guards.check_steps(r.steps)
+    if r.guidance is not None:
+        guards.check_guidance(r.guidance)
+    if r.autoguidance is not None:
+        guards.check_autoguidance(r.autoguidance)
+    guards.check_batch(r.batch)
+    if r.iterations < 1:
+        raise UsageError(f"iterations must be 1 or more, got {r.iterations}")
+    if r.seed != -1:
+        guards.check_seed(r.seed)
+        if r.seed + r.iterations * r.batch - 1 > guards.MAX_SEED:
+            raise UsageError(f"seed {r.seed} + {r.iterations * r.batch} images runs past 2**64-1; use a smaller seed")
+    if r.width is not None or r.height is not None:
+        guards.check_size(r.width or 8, r.height or 8)
+    if r.sampler:
+        get_sampler(r.sampler)
+    source = models.resolve(r.model)
+    inputs = _image_inputs(r)
+    loras = _loras(r)
+    options = _speed_options(r, source)
+    return Job(r, loras, options, inputs, source)
+
+
+def _image_inputs(r: Request) -> dict:
+    """image2image/inpaint: the init image and mask decode, strength and blur are in range; the call's arguments."""
+    if r.task == "text2image":
+        return {}
+    if r.init_image is None:
+        raise UsageError(f"{r.task} needs an init image")
+    read_input(r.init_image, "init image")
+    guards.check_strength(r.strength)
+    if r.steps is not None and int(r.steps * r.strength) < 1:
+        raise UsageError(f"strength {r.strength:g} of {r.steps} steps runs no denoising step; "
+                         f"use a strength of {1 / r.steps:.2g} or more, or more steps")
+    inputs = {"init_image": r.init_image, "strength": r.strength}
+    if r.task == "inpaint":
+        if r.mask is None:
+            raise UsageError("inpaint needs a mask (white = redraw)")
+        check_mask(read_input(r.mask, "mask", convert=as_mask)[0], r.invert_mask)
+        if r.mask_blur < 0:
+            raise UsageError(f"mask blur must be 0 or more pixels, got {r.mask_blur}")
+        inputs |= {"mask": r.mask, "mask_blur": r.mask_blur, "invert_mask": r.invert_mask}
+    return inputs
+
+
+def _loras(r: Request) -> list[LoraSpec]:
+    """The LoRA arguments vetted (files exist, safetensors unless pickles are allowed), and every
+    `<lora:NAME:W>` of the prompts found in the LoRA folder: a missing one fails here, not after loading."""
+    if r.lora_dir is not None and not Path(r.lora_dir).is_dir():
+        raise UsageError(f"the LoRA folder {r.lora_dir} is not a folder")
+    vetting = LoraSet(None, r.lora_dir, r.allow_pickle)
+    specs = [vetting.spec(parse_lora_arg(x) if isinstance(x, str) else x) for x in r.loras]
+    for prompt in r.prompts:
+        for name, _ in extract_loras(prompt)[1]:
+            vetting.spec(str(vetting.resolve_name(name)))
+    return specs
+
+
+def _speed_options(r: Request, source: models.ModelSource) -> speed.SpeedOptions | None:
+    """The parsed speed options (None: the plain, exact path), refused here if they cannot run."""
+    if not r.speed:
+        return None
+    options = speed.SpeedOptions.parse(r.speed)
+    if options.cpu_offload and r.device in ("cpu", "mps"):
+        raise UsageError(f"speed option cpu_offload needs a CUDA device, not {r.device}; leave it off")
+    if options.tiny_vae is not None:  # the small decoder exists
+        tiny_vae.tiny_vae_folder(options.tiny_vae, Path(source.location) if source.kind != "hub" else None)
+    return options
+
+
+def load(job: Job):
+    """The pipeline of the job's task over its model (`from_pretrained`), set up as the job asks."""
+    r = job.request
+    pipe = TASKS[r.task].from_pretrained(r.model, device=r.device, dtype=r.dtype, allow_pickle=r.allow_pickle,
+                                         model_config=r.model_config)
+    return prepare(pipe, job)
+
+
+def prepare(pipe, job: Job):
+    """An already loaded pipeline made ready for the job: its task's class over the same modules, the job's
+    LoRA folder and autoguidance. Returns the pipeline to run."""
+    r = job.request
+    if pipe.task != r.task:
+        pipe = TASKS[r.task].from_pipe(pipe)
+    if r.autoguidance is not None:
+        pipe.autoguidance = r.autoguidance  # refuses a scale > 0 on a model without a guide/ UNet
+    pipe.loras.lora_dir = Path(r.lora_dir) if r.lora_dir else None
+    pipe.loras.allow_pickle = r.allow_pickle
+    return pipe
+
+
+def calls(job: Job) -> Iterator[tuple[int, str, int | None]]:
+    """(prompt index, prompt, first seed) of each pipeline call: each prompt starts at the request's seed
+    (a random one per prompt when it is -1), its iterations at seed + k * batch."""
+    r = job.request
+    for i, prompt in enumerate(r.prompts):
+        seed = r.seed if r.seed != -1 else (random.randrange(2**32) if r.iterations > 1 else None)
+        for k in range(r.iterations):
+            yield i, prompt, None if seed is None else seed + k * r.batch
+
+
+def run(pipe, job: Job, progress=None, only: Callable[[int], bool] | None = None) -> Iterator:
+    """Make the job's images on `pipe` (from `load` or `prepare`): one `Result` per call, in order.
+
+    `progress`: a tqdm bar shared by the calls, True for one of the pipeline's own, None/False for none.
+    `only(prompt_index)` picks this process's prompts when several share a job. A step callback of the
+    pipeline (`pipe.on_step`) may raise to stop the job between two steps.
+    """
+    r = job.request
+    with speed.apply(pipe, job.options) if job.options else contextlib.nullcontext():
+        for i, prompt, seed in calls(job):
+            if only is not None and not only(i):
+                continue
+            yield pipe(prompt, **job.inputs, negative_prompt=r.negative_prompt, steps=r.steps, guidance=r.guidance,
+                       sampler=r.sampler, seed=seed, width=r.width, height=r.height, batch=r.batch,
+                       loras=job.loras, progress=progress)
+
+
+def png_bytes(image: Image.Image, settings: Settings) -> bytes:
+    """The PNG `t2i.output.save_images` writes, in memory: the same `parameters` and `t2i` chunks."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=metadata.png_info(settings))
+    return buf.getvalue()
