@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=lambda args: t.print_help() or 2)
     _lora_parser(sub)
     _guide_parser(sub)
+    from .server.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
