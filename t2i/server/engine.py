@@ -10,7 +10,6 @@ PNGs are written with the same metadata: an API request and the matching
 from __future__ import annotations
 
 import io
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -136,7 +135,7 @@ class Engine:
         self.location: str | None = None
         self._pipes: dict[str, object] = {}
         self.hook: Callable | None = None
-        self._lock = threading.Lock()  # the worker holds it while it uses the pipelines
+        self._preview_decoder = None  # the model's vae_tiny/ when it has one (previews only), else its VAE
 
     # ------------------------------------------------------------------ models
 
@@ -148,6 +147,7 @@ class Engine:
 
         self._pipes = {}
         self.loaded = None
+        self._preview_decoder = None
         pipe = Text2Image.from_pretrained(location, device=self.device, dtype="auto", allow_pickle=False)
         self._instrument(pipe)
         self._pipes["text2image"] = pipe
@@ -198,13 +198,28 @@ class Engine:
 
         pipe._step_callback = step_callback
 
+    def _previewer(self, pipe):
+        """The decoder for live previews: the model's small vae_tiny/ (TAESD-style) when it has one, the
+        way A1111 previews with TAESD; else the model's own VAE."""
+        if self._preview_decoder is None:
+            self._preview_decoder = pipe.pipe.vae
+            folder = pipe.model.path
+            if folder.is_dir() and (folder / "vae_tiny" / "config.json").is_file():
+                try:
+                    self._preview_decoder = loading.load_tiny_vae(
+                        loading.tiny_vae_folder("", folder), pipe.dtype, pipe.device,
+                        pipe.pipe.unet.config.in_channels)
+                except T2IError:
+                    pass  # previews from the full VAE then
+        return self._preview_decoder
+
     def preview(self, task: str, latents) -> Image.Image:
-        """The first image of a batch from its current latents, decoded by the model's VAE (small jobs) —
-        on the worker thread, between two steps; it changes no state of the job."""
+        """The first image of a batch from its current latents — decoded on the worker thread, between two
+        steps, by a decoder that changes no state of the job."""
         import torch
 
         pipe = self._pipes[task]
-        vae = pipe.decoder if pipe.decoder is not None else pipe.pipe.vae
+        vae = self._previewer(pipe)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         with torch.no_grad():
             x = latents[:1].to(vae.dtype) / vae.config.scaling_factor + shift  # (1, C, h, w)

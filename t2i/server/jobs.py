@@ -205,12 +205,16 @@ class JobQueue:
     def _maybe_preview(self, job: Job, task: str) -> None:
         if not job.preview_wanted or job._latents is None or job.preview_step == job.step:
             return
-        if job.preview_png is not None and time.time() - job.meta.get("_preview_at", 0) < self.preview_every:
+        # at most one decode per `preview_every` seconds, and never more than a sixth of the job's time
+        wait = max(self.preview_every, 5 * job.meta.get("_preview_cost", 0.0))
+        if job.preview_png is not None and time.time() - job.meta.get("_preview_at", 0) < wait:
             return
+        t0 = time.time()
         try:
             image = self.engine.preview(task, job._latents)
         except Exception:  # a preview is a courtesy: never fail the job for it
             return
+        job.meta["_preview_cost"] = time.time() - t0
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         job.preview_png = buf.getvalue()
