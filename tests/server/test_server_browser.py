@@ -85,6 +85,7 @@ def test_inpaint_with_a_painted_mask(page):
     page.locator("#gallery .card").first.wait_for(timeout=30_000)
     page.click("#gallery .card .to-img2img")  # the result becomes the init image
     page.wait_for_function("document.getElementById('init-canvas').width === 32")
+    page.locator("#mask-canvas").scroll_into_view_if_needed()
     box = page.locator("#mask-canvas").bounding_box()
     page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
     page.mouse.down()
