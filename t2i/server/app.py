@@ -93,6 +93,7 @@ class Server:
         """Load the selected checkpoint as the first job, so the first request does not pay for it."""
         from .jobs import Job, new_id
 
+        self.queue.start()
         checkpoint = self.registry.checkpoints.get(self.selected)
         if checkpoint is not None:
             self.queue.submit(Job(new_id(), "load", checkpoint))

@@ -116,7 +116,11 @@ class JobQueue:
         self._stop = False
         self._durations: collections.deque[float] = collections.deque(maxlen=20)
         self._thread = threading.Thread(target=self._work, name="t2i-worker", daemon=True)
-        self._thread.start()
+
+    def start(self) -> None:
+        """Start the worker thread (the app does, when it starts serving)."""
+        if not self._thread.is_alive():
+            self._thread.start()
 
     # ------------------------------------------------------------------ clients' side
 
@@ -193,7 +197,8 @@ class JobQueue:
             self._cond.notify_all()
         if self.current is not None:
             self.current.interrupted = True
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
 
     # ------------------------------------------------------------------ live preview
 
