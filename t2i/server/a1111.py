@@ -281,12 +281,17 @@ def check_override_settings(server, settings: dict | None) -> None:
             continue
         if key not in current:
             raise _field_error("override_settings", f"option {key!r} is not one t2i has (GET /sdapi/v1/options)")
-        if not _same(current[key], value):
+        if not _same(current[key], value, key):
             raise _field_error("override_settings", f"option {key}={json.dumps(value)} is not supported; "
                                                     f"t2i runs with {json.dumps(current[key])}")
 
 
-def _same(a, b) -> bool:
+EQUIVALENT = {"sd_vae": {"automatic", "none", ""}}  # A1111's "None" VAE is the model's own, as "Automatic" here
+
+
+def _same(a, b, key: str = "") -> bool:
+    if key in EQUIVALENT and isinstance(b, str) and b.lower() in EQUIVALENT[key]:
+        return True
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return float(a) == float(b)
     if isinstance(a, str) and isinstance(b, str):
@@ -343,7 +348,12 @@ def build_request(server, req: _Request, task: str, images=None) -> tuple[core.G
         raise _field_error("batch_size" if req.batch_size < 1 else "n_iter", "batch_size and n_iter must be at least 1")
     if req.cfg_scale is not None and (not math.isfinite(req.cfg_scale) or req.cfg_scale < 0):
         raise _field_error("cfg_scale", f"cfg_scale must be a finite number >= 0, got {req.cfg_scale}")
-    check_limits(server, checkpoint, req.width, req.height, req.steps, req.batch_size * req.n_iter)
+    width, height = req.width, req.height
+    if images is not None and (width is None or height is None):  # img2img: the init image's size, as the
+        init = images["init"]                                         # pipeline will take it (snapped to 8)
+        width = width or max(8, round(init.width * (height or init.height) / init.height / 8) * 8)
+        height = height or max(8, round(init.height * width / init.width / 8) * 8)
+    check_limits(server, checkpoint, width, height, req.steps, req.batch_size * req.n_iter)
     if req.seed != -1 and not 0 <= req.seed <= 2**64 - 1 - req.batch_size * req.n_iter:
         raise _field_error("seed", f"seed {req.seed} is out of range; use 0 .. 2**64-1 (or -1 for a random seed)")
     check_loras(server, req.prompt)
@@ -607,7 +617,7 @@ async def set_options(body: dict[str, Any], request: Request):
             continue
         if key not in current:
             raise _field_error(key, f"option {key!r} is not one t2i has (GET /sdapi/v1/options lists them)")
-        if not _same(current[key], value):
+        if not _same(current[key], value, key):
             raise _field_error(key, f"option {key}={json.dumps(value)} cannot be changed on t2i "
                                     f"(it is {json.dumps(current[key])})")
     wanted = body.get("sd_model_checkpoint")

@@ -94,12 +94,29 @@ def config_from_args(args):
                         device=args.device, log_prompts=args.log_prompts)
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to whatever sys.stderr is when a line is logged (in-process callers swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def cmd_serve(args) -> int:
     config = config_from_args(args)
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_auth:
         print(f"t2i: warning: serving on {config.host} without --api-auth: anyone who can reach this machine "
               "can use it", file=sys.stderr)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    log = logging.getLogger("t2i.server")  # the request log only; other libraries keep their own levels
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(asctime)s t2i: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
     import uvicorn
 
     from .app import create_app

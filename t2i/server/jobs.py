@@ -166,7 +166,7 @@ class JobQueue:
         with self._cond:
             if job.state == QUEUED and job in self._waiting:
                 self._waiting.remove(job)
-                self._finish(job, CANCELLED, error=JobError(499, "cancelled before it started"))
+                self._finish(job, CANCELLED, error=JobError(410, "the job was cancelled before it started"))
                 return
         if job.state == RUNNING:
             job.interrupted = True
@@ -187,6 +187,8 @@ class JobQueue:
         job.output = None
         job.preview_png = None
         job._latents = None
+        if job.kind == "generate":  # the uploads too: a finished job keeps only what its status needs
+            job.request.init_image = job.request.mask = None
 
     def stop(self) -> None:
         with self._cond:

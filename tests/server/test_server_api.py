@@ -49,6 +49,22 @@ def test_webuiapi_style_defaults_are_accepted(client):
     assert r.status_code == 200, r.text
 
 
+def test_sillytavern_style_request(client):
+    """What SillyTavern sends: many fields, override_settings with its clip skip and VAE at their defaults."""
+    r = txt2img(client, sampler_name="Euler a", scheduler="Automatic", restore_faces=False, enable_hr=False,
+                hr_scale=2, hr_upscaler="Latent", hr_second_pass_steps=0, denoising_strength=0.7, clip_skip=1,
+                override_settings={"CLIP_stop_at_last_layers": 1, "sd_vae": "None"},
+                override_settings_restore_afterwards=True, save_images=False, send_images=True,
+                do_not_save_grid=False, do_not_save_samples=False)
+    assert r.status_code == 200, r.text
+    assert client.get(f"{A}/progress").json()["state"]["job_count"] == 0  # it polls until this is 0
+
+
+def test_send_images_false(client):
+    r = txt2img(client, send_images=False)
+    assert r.status_code == 200 and r.json()["images"] == []
+
+
 @pytest.mark.parametrize("field, value", [
     ("enable_hr", True), ("restore_faces", True), ("tiling", True), ("styles", ["anime"]),
     ("subseed_strength", 0.5), ("clip_skip", 2), ("script_name", "x/y/z plot"), ("s_churn", 0.3),
@@ -135,6 +151,12 @@ def test_img2img_and_data_urls(client):
         assert info["denoising_strength"] == 0.5
         assert r.json()["parameters"]["init_images"] is None  # A1111 does not echo them back
         assert not r.json()["images"][0].startswith("data:")
+
+
+def test_img2img_limits_count_the_init_images_size(client):
+    big = png_b64(Image.new("RGB", (2112, 16)))
+    r = client.post(f"{A}/img2img", json={"prompt": "x", "init_images": [big], "steps": 2})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "width"]
 
 
 def test_inpainting_keeps_the_unmasked_pixels(client):

@@ -113,7 +113,7 @@ def test_cancel_a_queued_job(make_client):
     assert c.delete("/t2i/v1/jobs/later").json()["state"] == "cancelled"
     c.delete("/t2i/v1/jobs/first")
     wait_until(lambda: c.get("/t2i/v1/jobs/first").json()["state"] == "interrupted")
-    assert c.get("/t2i/v1/jobs/later/result").status_code == 499
+    assert c.get("/t2i/v1/jobs/later/result").status_code == 410
 
 
 def test_a_client_that_disconnects_frees_its_place(live):
@@ -130,6 +130,18 @@ def test_a_client_that_disconnects_frees_its_place(live):
         wait_until(lambda: c.get("/t2i/v1/jobs/gone").json()["state"] == "cancelled", timeout=10)
         assert c.get("/t2i/v1/jobs/busy").json()["state"] == "running"  # the running job is someone else's
         c.post(f"{A}/interrupt")
+
+
+def test_a_running_job_whose_client_left_is_interrupted(live):
+    url = live(limits=ROOMY)
+    body = json.dumps({**LONG, "force_task_id": "left"}).encode()
+    with httpx.Client(base_url=url, timeout=10) as c:
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
+            s.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            wait_until(lambda: c.get("/t2i/v1/jobs/left").status_code == 200
+                       and c.get("/t2i/v1/jobs/left").json()["step"] >= 2)
+        wait_until(lambda: c.get("/t2i/v1/jobs/left").json()["state"] == "interrupted", timeout=10)
 
 
 def test_event_stream_reports_progress_then_done(live):
