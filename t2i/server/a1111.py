@@ -25,11 +25,10 @@ from typing import Any, Callable
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import engine as core
-from .jobs import DONE, FINISHED, INTERRUPTED, QUEUED, RUNNING, Job, JobError, QueueFull, b64, new_id
+from .jobs import INTERRUPTED, QUEUED, RUNNING, Job, JobError, QueueFull, b64, new_id
 
 router = APIRouter(prefix="/sdapi/v1", tags=["A1111"])
 
@@ -754,8 +753,3 @@ async def hypernetworks():
 @router.get("/face-restorers")
 async def face_restorers():
     return []
-
-
-@router.get("/extra-networks")  # not A1111's route; harmless for clients that probe
-async def _extra_networks(request: Request):
-    raise HTTPException(404, "not found")

@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 REQUEST = {"prompt": "a red circle to the left of a blue square", "steps": 20, "width": 64, "height": 64}
 SMALL = {"prompt": "a green star", "steps": 2, "width": 64, "height": 64}
@@ -139,7 +138,7 @@ def main(argv=None) -> int:
             server.kill()
 
     mib = 2**20
-    print(f"| measure | value |\n|---|---|")
+    print("| measure | value |\n|---|---|")
     print(f"| 20-step 64x64, warm process, pipe() alone (median of {args.pairs}) | {m_pipe * 1000:.0f} ms |")
     print(f"| same, pipe() + PNG with metadata | {m_png * 1000:.0f} ms |")
     print(f"| same through the API (HTTP, queue, PNG, base64) | {m_api * 1000:.0f} ms |")

@@ -24,7 +24,7 @@ from t2i.samplers import SAMPLERS, get_sampler
 from t2i.settings import Settings
 
 __all__ = ["Engine", "GenRequest", "Interrupted", "Skipped", "T2IError", "UsageError", "ModelLoadError",
-           "decode_image", "png_bytes", "read_png_text", "SAMPLERS", "get_sampler", "metadata", "prompts",
+           "check_mask", "decode_image", "png_bytes", "read_png_text", "SAMPLERS", "get_sampler", "metadata", "prompts",
            "loading", "Settings"]
 
 MAX_UPLOAD_PIXELS = 4096 * 4096  # a decoded upload larger than this is refused before it is converted
@@ -91,10 +91,6 @@ def decode_image(data: bytes, what: str, mask: bool = False) -> Image.Image:
             raise
         detail = str(e).splitlines()[0] if str(e) else "no detail"
         raise UsageError(f"{what} is not a readable image ({type(e).__name__}: {detail})") from None
-
-
-def check_mask_paints(mask: Image.Image, invert: bool) -> None:
-    check_mask(mask, invert)
 
 
 def png_bytes(image: Image.Image, settings: Settings) -> bytes:
@@ -258,9 +254,6 @@ class Engine:
             if req.save and self.out is not None:
                 out.saved += [str(p) for p in save_images(result.images, result.settings, self.out)]
         return out
-
-    def settings_text(self, settings: Settings) -> str:
-        return metadata.a1111_parameters(settings)
 
 
 def sampler_entries() -> list[tuple[str, str, dict]]:

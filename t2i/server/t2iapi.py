@@ -18,7 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from . import a1111
-from .jobs import DONE, FAILED, FINISHED, INTERRUPTED
+from .jobs import DONE, FINISHED, INTERRUPTED
 
 router = APIRouter(prefix="/t2i/v1", tags=["t2i"])
 

@@ -228,8 +228,10 @@ def test_lists(client):
     assert memory["ram"]["total"] > 0 and "cuda" in memory
     flags = client.get(f"{A}/cmd-flags").json()
     assert flags["host"] == "127.0.0.1" and flags["api_auth"] is False
-    for route in ("refresh-checkpoints", "refresh-loras"):
+    for route in ("refresh-checkpoints", "refresh-loras", "refresh-embeddings"):
         assert client.post(f"{A}/{route}").status_code == 200
+    for route in ("script-info", "prompt-styles", "hypernetworks", "face-restorers"):
+        assert client.get(f"{A}/{route}").json() == []
 
 
 def test_options_round_trip_and_switch(make_client, model_dir):
