@@ -15,7 +15,7 @@ import base64
 import collections
 import concurrent.futures
 import io
-import itertools
+import logging
 import secrets
 import threading
 import time
@@ -90,9 +90,6 @@ class Job:
                 "iteration": self.iteration, "iterations": self.iterations, "created": self.created,
                 "started": self.started, "finished": self.finished,
                 "error": self.error.message if self.error else None}
-
-
-_counter = itertools.count()
 
 
 def new_id() -> str:
@@ -302,6 +299,8 @@ class JobQueue:
 
     def _finish(self, job: Job, state: str, error: JobError | None = None) -> None:
         job.state, job.finished, job.error = state, time.time(), error
+        if job.kind == "load" and error is not None:  # nobody may be waiting for it (the start-up load)
+            logging.getLogger("t2i.server").warning(f"loading {job.request.name} failed: {error.message}")
         job.version += 1
         if not job.future.done():
             if error is not None:

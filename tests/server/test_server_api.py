@@ -252,6 +252,17 @@ def test_options_round_trip_and_switch(make_client, model_dir):
     assert r.status_code == 404 and "missing" in r.text
 
 
+def test_a_broken_checkpoint_fails_its_switch_and_the_server_goes_on(make_client, tmp_path):
+    broken = tmp_path / "models" / "broken"
+    broken.mkdir(parents=True)
+    (broken / "model_index.json").write_text("{not json")
+    c = make_client(model_dir=tmp_path / "models")
+    r = c.post(f"{A}/options", json={"sd_model_checkpoint": "broken"})
+    assert r.status_code == 500 and "not valid JSON" in r.json()["detail"]
+    assert c.get(f"{A}/options").json()["sd_model_checkpoint"].startswith("tiny-sd")
+    assert txt2img(c).status_code == 200  # the selected checkpoint loads again
+
+
 def test_progress_when_idle(client):
     body = client.get(f"{A}/progress").json()
     assert body["progress"] == 0 and body["state"]["job_count"] == 0 and body["current_image"] is None
