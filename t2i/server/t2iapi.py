@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Body, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 
 from . import a1111
 from .jobs import DONE, FINISHED, INTERRUPTED
@@ -36,19 +39,27 @@ def _status(server, job) -> dict:
     return s
 
 
-@router.post("/jobs", status_code=202)
-async def submit_job(body: a1111.Img2ImgRequest, request: Request):
+def _parse(body: dict):
+    """A txt2img body, or with init_images an img2img one, validated by its own model (422s name the field)."""
+    model = a1111.Img2ImgRequest if body.get("init_images") else a1111.Txt2ImgRequest
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
+
+
+@router.post("/jobs", status_code=202, openapi_extra={"requestBody": {"content": {"application/json": {
+    "schema": {"anyOf": [{"$ref": "#/components/schemas/Txt2ImgRequest"},
+                         {"$ref": "#/components/schemas/Img2ImgRequest"}]}}}, "required": True}})
+async def submit_job(request: Request, body: dict[str, Any] = Body(...)):
     """Queue a txt2img (or, with init_images, img2img) request; answers at once with the job's id."""
     server = request.app.state.server
-    task = "img2img" if body.init_images else "txt2img"
-    images = await a1111.decode_img2img(body) if task == "img2img" else None
-    req = body if task == "img2img" else a1111.Txt2ImgRequest(**body.model_dump(exclude={
-        "init_images", "resize_mode", "image_cfg_scale", "mask", "mask_blur_x", "mask_blur_y", "mask_blur",
-        "mask_round", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert",
-        "initial_noise_multiplier", "latent_mask", "include_init_images", "denoising_strength"}))
+    req = _parse(body)
+    task = "img2img" if isinstance(req, a1111.Img2ImgRequest) else "txt2img"
+    images = await a1111.decode_img2img(req) if task == "img2img" else None
     gen, checkpoint = a1111.build_request(server, req, task, images)
     request.scope.setdefault("state", {}).update(seed=gen.seed, prompt=gen.prompt)
-    job = a1111.new_job(server, gen, checkpoint, a1111._echo(req), body.force_task_id)
+    job = a1111.new_job(server, gen, checkpoint, a1111._echo(req), req.force_task_id)
     a1111.submit(server, job)
     base = f"/t2i/v1/jobs/{job.id}"
     return {"id": job.id, "state": job.state, "seed": gen.seed, "status_url": base, "result_url": base + "/result",

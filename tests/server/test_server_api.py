@@ -292,6 +292,9 @@ def test_async_jobs(client):
     wait_until(lambda: client.get(job["status_url"]).json()["state"] == "done")
     result = client.get(job["result_url"]).json()
     assert json.loads(result["info"])["all_seeds"] == [5]
+    assert client.post("/t2i/v1/jobs", json={"prompt": "x", "enable_hr": True}).status_code == 422  # as txt2img
+    assert client.post("/t2i/v1/jobs", json={"prompt": "x", "steps": "many"}).json()["detail"][0]["loc"] == [
+        "body", "steps"]
     events = client.get(job["events_url"]).text
     assert "event: done" in events and '"state": "done"' in events
     assert client.get("/t2i/v1/jobs/task(none)").status_code == 404
