@@ -13,7 +13,7 @@ import sys
 
 from t2i import __version__
 from t2i.errors import T2IError
-from t2i.cli import bench, eval, generate, guide, info, lora, reproduce, samplers, train
+from t2i.cli import bench, eval, generate, guide, info, lora, reproduce, samplers, serve, train
 from t2i.cli.common import EXAMPLES, Parser
 from t2i.cli.startup import defer_import, no_collections
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"t2i {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
-    for command in (generate, samplers, info, reproduce, eval, bench, train, lora, guide):
+    for command in (generate, samplers, info, reproduce, eval, bench, train, lora, guide, serve):
         command.add_parser(sub)
     return parser
 

@@ -1,0 +1,127 @@
+"""`t2i serve`: the arguments, checked before any model loads, then uvicorn.
+
+    t2i serve                                   bundled model, http://127.0.0.1:7860
+    t2i serve --model-dir models/ --lora-dir loras/ --out served/ --api-auth me:secret
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DESCRIPTION = ("Serve a web page at / and AUTOMATIC1111's HTTP API at /sdapi/v1 (plus jobs by id at /t2i/v1 and "
+               "OpenAI's /v1/images/generations), with the model kept loaded. Binds 127.0.0.1 unless --host says "
+               "otherwise; see docs/server.md.")
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"port {value} is out of range 1..65535")
+    return value
+
+
+def _queue(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--queue must be 0 or more, got {value}")
+    return value
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `t2i serve` on the CLI's subparsers."""
+    s = subparsers.add_parser("serve", help="web page and A1111-compatible HTTP API, model kept loaded",
+                              description=DESCRIPTION)
+    s.add_argument("--model", "-m", metavar="PATH|ID",
+                   help="the checkpoint selected at start (default: the bundled t2i-shapes)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=_port, default=7860, help="default 7860, as A1111")
+    s.add_argument("--api-auth", metavar="USER:PASS[,USER2:PASS2]",
+                   help="HTTP Basic credentials every route needs, the page included")
+    s.add_argument("--model-dir", metavar="DIR", help="checkpoints clients may switch to by name "
+                                                      "(diffusers folders and .safetensors files)")
+    s.add_argument("--lora-dir", metavar="DIR", help="where <lora:NAME:W> finds NAME.safetensors")
+    s.add_argument("--embedding-dir", metavar="DIR", help="textual-inversion embeddings (listed; not applied yet)")
+    s.add_argument("--out", "-o", metavar="DIR", help="also save every image here (numbered, never overwriting)")
+    s.add_argument("--queue", type=_queue, default=16, metavar="N",
+                   help="jobs that may wait behind the running one; more get 503 (default 16)")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default: auto")
+    s.add_argument("--log-prompts", action="store_true", help="write prompts into the request log")
+    s.set_defaults(func=cmd_serve)
+    return s
+
+
+def _folder(value: str | None, flag: str) -> Path | None:
+    if value is None:
+        return None
+    from t2i.server.errors import ConfigError
+
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"{flag} {value} is not a folder")
+    return path
+
+
+def config_from_args(args):
+    """ServerConfig from `t2i serve` arguments; every check that needs no model, here (one-line errors)."""
+    from t2i.server.app import ServerConfig
+    from t2i.server.auth import parse_credentials
+    from t2i.server.engine import resolve_model
+
+    if args.model is not None:
+        resolve_model(args.model)  # exists (or is a hub id); nothing loads
+    out = None
+    if args.out is not None:
+        from t2i.guards import check_writable_folder
+
+        out = check_writable_folder(args.out)
+    if args.device != "auto":
+        from t2i.devices import resolve_device
+
+        resolve_device(args.device)
+    return ServerConfig(model=args.model, host=args.host, port=args.port,
+                        api_auth=parse_credentials(args.api_auth) if args.api_auth is not None else [],
+                        model_dir=_folder(args.model_dir, "--model-dir"), lora_dir=_folder(args.lora_dir, "--lora-dir"),
+                        embedding_dir=_folder(args.embedding_dir, "--embedding-dir"), out=out, queue=args.queue,
+                        device=args.device, log_prompts=args.log_prompts)
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to whatever sys.stderr is when a line is logged (in-process callers swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def cmd_serve(args) -> int:
+    config = config_from_args(args)
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_auth:
+        print(f"t2i: warning: serving on {config.host} without --api-auth: anyone who can reach this machine "
+              "can use it", file=sys.stderr)
+    log = logging.getLogger("t2i.server")  # the request log only; other libraries keep their own levels
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(asctime)s t2i: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    import uvicorn
+
+    from t2i.server.app import create_app
+
+    app = create_app(config)
+    print(f"t2i: serving on http://{config.host}:{config.port}/ (Ctrl-C stops)", file=sys.stderr)
+    uvicorn.run(app, host=config.host, port=config.port, access_log=False, log_level="warning")
+    return 0

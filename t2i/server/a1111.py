@@ -1,0 +1,755 @@
+"""AUTOMATIC1111's HTTP API, /sdapi/v1/...: its route names, field names and response shapes.
+
+Requests are pydantic models (a wrong type is a 422 naming the field); unknown
+keys are accepted and ignored, as A1111 does, because clients send many.
+A1111 fields t2i does not implement are listed in UNSUPPORTED: each is accepted
+at its default (or at a value that means the same) and refused with a 422
+naming it at any other value, never silently ignored.
+
+Where A1111's default is a property of the model (steps, CFG scale, size,
+sampler), an omitted field takes the loaded model's recommended value, as
+`t2i generate` does; clients that send them (all of the common ones) get exactly
+what they ask for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import math
+import random
+import time
+from typing import Any, Callable
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field
+
+from t2i.server import engine as core
+from t2i.server.jobs import INTERRUPTED, QUEUED, RUNNING, Job, JobError, QueueFull, b64, new_id
+
+router = APIRouter(prefix="/sdapi/v1", tags=["A1111"])
+
+# --------------------------------------------------------------------------- request models
+
+
+class _Request(BaseModel):
+    """Fields shared by txt2img and img2img, with A1111's names and defaults."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = Field(None, description="A1111 or t2i sampler name (GET /samplers); default: the model's")
+    scheduler: str | None = Field(None, description="Automatic (as the sampler is) or Karras (its Karras variant)")
+    sampler_index: str | None = Field(None, description="old name of sampler_name")
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int | None = Field(None, description="default: the model's (20 for most)")
+    cfg_scale: float | None = Field(None, description="default: the model's")
+    width: int | None = Field(None, description="default: the model's native size")
+    height: int | None = Field(None, description="default: the model's native size")
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    firstpass_image: str | None = None
+    comments: dict[str, Any] | None = None
+    clip_skip: int | None = None  # not A1111's (it is an option there); some clients send it
+    script_name: str | None = None
+    script_args: list = []
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = {}
+    force_task_id: str | None = Field(None, description="the job's id (else one is assigned; see info.task_id)")
+    infotext: str | None = None
+
+
+class Txt2ImgRequest(_Request):
+    enable_hr: bool = False
+    denoising_strength: float | None = 0.75  # used by hires fix only
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    hr_cfg: float | None = None
+
+
+class Img2ImgRequest(_Request):
+    init_images: list[str] | None = None
+    resize_mode: int = 0
+    denoising_strength: float = 0.75
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool | int = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int | bool = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = False
+
+
+class ImageResponse(BaseModel):
+    images: list[str] | None = Field(None, description="base64 PNGs with the `parameters` and `t2i` chunks")
+    parameters: dict
+    info: str = Field(description="a JSON string: seed, all_seeds, infotexts, ...")
+
+
+class PNGInfoRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    image: str
+
+
+class PNGInfoResponse(BaseModel):
+    info: str
+    items: dict
+    parameters: dict
+
+
+class ProgressResponse(BaseModel):
+    progress: float
+    eta_relative: float
+    state: dict
+    current_image: str | None = None
+    textinfo: str | None = None
+
+
+# --------------------------------------------------------------------------- what t2i does not implement
+
+
+def _off(*accepted) -> Callable[[Any, Any], bool]:
+    return lambda value, req: value in accepted
+
+
+def _eta(value, req) -> bool:
+    """eta scales an ancestral sampler's noise: t2i's ancestral samplers run at A1111's default 1, DDIM at its
+    default 0; on deterministic samplers eta has no effect (as in A1111)."""
+    if value is None:
+        return True
+    sampler = req.get("_t2i_sampler") or ""
+    if sampler == "ddim":
+        return value == 0
+    if core.SAMPLERS.get(sampler) is not None and core.SAMPLERS[sampler].stochastic:
+        return value == 1
+    return True
+
+
+_ANY = lambda value, req: True  # noqa: E731
+
+# field -> (is this value one t2i honours?, what t2i lacks). One table, so the refusals are all in one place.
+UNSUPPORTED: dict[str, tuple[Callable[[Any, Any], bool], str]] = {
+    "enable_hr": (_off(False, None), "hires fix is not implemented in t2i; leave enable_hr false"),
+    "restore_faces": (_off(False, None), "face restoration is not implemented in t2i"),
+    "tiling": (_off(False, None), "tiling is not implemented in t2i"),
+    "styles": (_off(None, []), "prompt styles are not implemented in t2i; put the words in the prompt"),
+    "subseed_strength": (_off(0, None), "variation seeds are not implemented in t2i; leave subseed_strength 0"),
+    "seed_resize_from_h": (lambda v, r: v is None or v <= 0, "seed resize is not implemented in t2i"),
+    "seed_resize_from_w": (lambda v, r: v is None or v <= 0, "seed resize is not implemented in t2i"),
+    "eta": (_eta, "t2i's samplers run at A1111's default eta (1 for ancestral samplers, 0 for DDIM)"),
+    "s_min_uncond": (_off(None, 0), "negative guidance minimum sigma is not implemented in t2i"),
+    "s_churn": (_off(None, 0), "sigma churn is not implemented in t2i"),
+    "s_tmin": (_off(None, 0), "sigma tmin is not implemented in t2i"),
+    "s_tmax": (lambda v, r: v in (None, 0) or v == math.inf, "sigma tmax is not implemented in t2i"),
+    "s_noise": (_off(None, 1), "sigma noise is not implemented in t2i"),
+    "refiner_checkpoint": (_off(None, "", "None"), "refiners are not implemented in t2i"),
+    "disable_extra_networks": (_off(False), "t2i always reads <lora:...> tags"),
+    "firstpass_image": (_off(None, ""), "hires fix is not implemented in t2i"),
+    "clip_skip": (_off(None, 0, 1), "clip skip is not implemented in t2i; use 1"),
+    "script_name": (_off(None, ""), "scripts are not implemented in t2i (GET /scripts lists none)"),
+    "alwayson_scripts": (lambda v, r: not v, "scripts and extensions are not implemented in t2i"),
+    "infotext": (_off(None, ""), "setting fields from infotext is not implemented in t2i; send the fields"),
+    # img2img
+    "resize_mode": (_off(0), "t2i resizes the init image to the output size (resize_mode 0, just resize)"),
+    "mask_round": (_off(True), "t2i rounds no mask; leave mask_round true"),
+    "inpainting_fill": (_off(0, 1), "t2i starts the masked area from the init image (inpainting_fill 1, "
+                                    "original; A1111's API default 0 is taken as 1)"),
+    "initial_noise_multiplier": (_off(None, 1), "t2i's noise is not scaled; leave initial_noise_multiplier 1"),
+    "latent_mask": (_off(None, ""), "a separate latent mask is not implemented in t2i"),
+}
+
+
+def _unsupported(req: _Request, sampler: str | None) -> None:
+    """422 naming the first field set to something t2i does not do (see UNSUPPORTED)."""
+    fields = set(type(req).model_fields)
+    context = {**req.model_dump(), "_t2i_sampler": sampler}  # what the checks may look at besides the value
+    for name, (ok, why) in UNSUPPORTED.items():
+        if name in fields and not ok(getattr(req, name), context):
+            raise _field_error(name, f"{name}={json.dumps(getattr(req, name))} is not supported: {why}")
+
+
+def _field_error(field: str, message: str, status: int = 422) -> HTTPException:
+    return HTTPException(status, [{"loc": ["body", field], "msg": message, "type": "value_error.t2i"}])
+
+
+# --------------------------------------------------------------------------- request -> job
+
+
+SCHEDULERS = {"automatic": ("Automatic", ""), "karras": ("Karras", " Karras")}
+
+
+def resolve_sampler(name: str | None, scheduler: str | None) -> str | None:
+    """A1111's sampler_name plus scheduler (1.9+) or a combined old name -> a t2i sampler name.
+
+    The scheduler is case-free: "automatic" (or none) keeps the sampler as named; "karras" picks its
+    Karras variant ("DPM++ 2M" + "Karras" = "DPM++ 2M Karras")."""
+    key = (scheduler or "automatic").strip().lower()
+    if key not in SCHEDULERS:
+        raise _field_error("scheduler", f"unknown scheduler {scheduler!r}; t2i has: "
+                                        f"{', '.join(label for label, _ in SCHEDULERS.values())}")
+    if name is None or name == "":
+        if key != "automatic":
+            raise _field_error("scheduler", f"scheduler {scheduler!r} needs a sampler_name")
+        return None
+    suffix = SCHEDULERS[key][1]
+    wanted = name if name.lower().endswith(suffix.lower()) else name + suffix
+    try:
+        return core.get_sampler(wanted).name
+    except core.UsageError:
+        what = f"sampler {name!r}" + (f" with scheduler {scheduler!r}" if suffix else "")
+        raise _field_error("sampler_name", f"t2i has no {what}; GET /sdapi/v1/samplers lists them") from None
+
+
+def _decode_b64(text: str, field: str) -> bytes:
+    """Bare base64 or a data: URL -> bytes."""
+    if not isinstance(text, str) or not text:
+        raise _field_error(field, f"{field} must be a base64 image")
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=False)
+    except (binascii.Error, ValueError):
+        raise _field_error(field, f"{field} is not valid base64") from None
+
+
+def _image(text: str, field: str, mask: bool = False):
+    try:
+        return core.decode_image(_decode_b64(text, field), field, mask=mask)
+    except core.UsageError as e:
+        raise _field_error(field, str(e)) from None
+
+
+def checkpoint_for(server, req: _Request):
+    """The checkpoint a request runs on: override_settings' sd_model_checkpoint, or the selected one."""
+    override = (req.override_settings or {}).get("sd_model_checkpoint")
+    if override:
+        found = server.registry.find_checkpoint(override)
+        if found is None:
+            raise _field_error("override_settings", f"unknown checkpoint {override!r}; GET /sdapi/v1/sd-models "
+                                                    "lists those this server has", status=404)
+        return found
+    return server.registry.checkpoints[server.selected]
+
+
+def check_override_settings(server, settings: dict | None) -> None:
+    """override_settings: the checkpoint may differ; every other option must keep its value."""
+    current = options(server)
+    for key, value in (settings or {}).items():
+        if key == "sd_model_checkpoint":
+            continue
+        if key not in current:
+            raise _field_error("override_settings", f"option {key!r} is not one t2i has (GET /sdapi/v1/options)")
+        if not _same(current[key], value, key):
+            raise _field_error("override_settings", f"option {key}={json.dumps(value)} is not supported; "
+                                                    f"t2i runs with {json.dumps(current[key])}")
+
+
+EQUIVALENT = {"sd_vae": {"automatic", "none", ""}}  # A1111's "None" VAE is the model's own, as "Automatic" here
+
+
+def _same(a, b, key: str = "") -> bool:
+    if key in EQUIVALENT and isinstance(b, str) and b.lower() in EQUIVALENT[key]:
+        return True
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    if isinstance(a, str) and isinstance(b, str):
+        return a.lower() == b.lower()
+    return a == b
+
+
+def check_limits(server, checkpoint, width, height, steps, images) -> None:
+    """Size, steps and count within the server's limits (4xx before anything is queued)."""
+    lim = server.limits
+    d = server.model_defaults(checkpoint.name)
+    width, height, steps = width or d["width"], height or d["height"], steps or d["steps"]
+    for field, value in (("width", width), ("height", height)):
+        if value > lim.max_side:
+            raise _field_error(field, f"{field} {value} is over this server's limit of {lim.max_side}")
+        try:
+            core_check_size(value)
+        except core.UsageError as e:
+            raise _field_error(field, str(e)) from None
+    if steps < 1 or steps > lim.max_steps:
+        raise _field_error("steps", f"steps must be 1..{lim.max_steps}, got {steps}")
+    if images > lim.max_images:
+        raise _field_error("batch_size", f"batch_size x n_iter = {images} images; this server makes at most "
+                                         f"{lim.max_images} per request")
+    cost = width * height * steps * images
+    if cost > lim.max_pixel_steps:
+        raise _field_error("steps", f"width x height x steps x images = {cost} is over this server's budget of "
+                                    f"{lim.max_pixel_steps}; ask for fewer steps, images or pixels", status=413)
+
+
+def core_check_size(value: int, multiple: int = 8) -> None:
+    if value < multiple or value % multiple:
+        lo = value - value % multiple
+        raise core.UsageError(f"{value} is not a multiple of {multiple}; use "
+                              f"{lo if lo >= multiple else multiple}" + (f" or {lo + multiple}" if lo >= multiple else ""))
+
+
+def check_loras(server, prompt: str) -> None:
+    """Every <lora:NAME:W> in the prompt is a file of --lora-dir, by name."""
+    for name in core.lora_names_in(prompt):
+        if name not in server.registry.loras:
+            where = "this server has no --lora-dir" if server.config.lora_dir is None else \
+                "GET /sdapi/v1/loras lists those in --lora-dir"
+            raise _field_error("prompt", f"unknown LoRA {name!r} in <lora:{name}:...>; {where}")
+
+
+def build_request(server, req: _Request, task: str, images=None) -> tuple[core.GenRequest, Any]:
+    """Check a txt2img/img2img request whole, before any compute; the job's request and its checkpoint."""
+    sampler = resolve_sampler(req.sampler_name or req.sampler_index or None, req.scheduler)
+    _unsupported(req, sampler)
+    check_override_settings(server, req.override_settings)
+    checkpoint = checkpoint_for(server, req)
+    if req.batch_size < 1 or req.n_iter < 1:
+        raise _field_error("batch_size" if req.batch_size < 1 else "n_iter", "batch_size and n_iter must be at least 1")
+    if req.cfg_scale is not None and (not math.isfinite(req.cfg_scale) or req.cfg_scale < 0):
+        raise _field_error("cfg_scale", f"cfg_scale must be a finite number >= 0, got {req.cfg_scale}")
+    width, height = req.width, req.height
+    if images is not None and (width is None or height is None):  # img2img: the init image's size, as the
+        init = images["init"]                                         # pipeline will take it (snapped to 8)
+        width = width or max(8, round(init.width * (height or init.height) / init.height / 8) * 8)
+        height = height or max(8, round(init.height * width / init.width / 8) * 8)
+    check_limits(server, checkpoint, width, height, req.steps, req.batch_size * req.n_iter)
+    if req.seed != -1 and not 0 <= req.seed <= 2**64 - 1 - req.batch_size * req.n_iter:
+        raise _field_error("seed", f"seed {req.seed} is out of range; use 0 .. 2**64-1 (or -1 for a random seed)")
+    check_loras(server, req.prompt)
+    check_loras(server, req.negative_prompt)
+    if req.save_images and server.config.out is None:
+        raise _field_error("save_images", "this server saves nowhere: start it with --out DIR")
+    seed = req.seed if req.seed != -1 else random.randrange(4294967294)  # A1111's range for a random seed
+    gen = core.GenRequest(task="text2image", prompt=req.prompt, negative_prompt=req.negative_prompt,
+                          steps=req.steps, guidance=req.cfg_scale, sampler=sampler, seed=seed, width=req.width,
+                          height=req.height, batch_size=req.batch_size, n_iter=req.n_iter, model=checkpoint.name,
+                          save=server.config.out is not None)
+    if images is not None:
+        gen.task, gen.init_image, gen.strength = images["task"], images["init"], req.denoising_strength
+        if images.get("mask") is not None:
+            gen.mask, gen.mask_blur, gen.invert_mask = images["mask"], images["blur"], images["invert"]
+    return gen, checkpoint
+
+
+async def decode_img2img(req: Img2ImgRequest) -> dict:
+    """The init image and mask of an img2img request, decoded off the event loop."""
+    if not req.init_images:
+        raise _field_error("init_images", "img2img needs an init image (init_images: [base64 PNG])", status=400)
+    if len(req.init_images) > 1:
+        raise _field_error("init_images", "t2i takes one init image per request")
+    if req.denoising_strength is None or not 0 < req.denoising_strength <= 1:
+        raise _field_error("denoising_strength", f"denoising_strength must be in (0, 1], got {req.denoising_strength}")
+    blur = req.mask_blur if req.mask_blur is not None else req.mask_blur_x
+    if req.mask_blur is None and req.mask_blur_x != req.mask_blur_y:
+        raise _field_error("mask_blur_y", "t2i blurs the mask evenly; give mask_blur_x = mask_blur_y (or mask_blur)")
+    if blur < 0:
+        raise _field_error("mask_blur", f"mask_blur must be 0 or more pixels, got {blur}")
+    init = await run_in_threadpool(_image, req.init_images[0], "init_images")
+    out = {"task": "image2image", "init": init}
+    if req.mask:
+        mask = await run_in_threadpool(_image, req.mask, "mask", True)
+        invert = bool(req.inpainting_mask_invert)
+        try:
+            core.check_mask(mask, invert)
+        except core.UsageError as e:
+            raise _field_error("mask", str(e)) from None
+        out |= {"task": "inpaint", "mask": mask, "blur": blur, "invert": invert}
+    return out
+
+
+# --------------------------------------------------------------------------- running a job
+
+
+def new_job(server, gen: core.GenRequest, checkpoint, echo: dict, force_task_id: str | None) -> Job:
+    job_id = force_task_id if force_task_id else new_id()
+    if not 0 < len(job_id) <= 128 or not job_id.isprintable():
+        raise _field_error("force_task_id", "force_task_id must be 1..128 printable characters")
+    job = Job(job_id, "generate", gen, meta={"checkpoint": checkpoint, "echo": echo})
+    job.iterations = gen.n_iter
+    return job
+
+
+def submit(server, job: Job) -> Job:
+    try:
+        return server.queue.submit(job)
+    except QueueFull as e:
+        raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after)}) from None
+    except JobError as e:
+        raise HTTPException(e.status, e.message) from None
+
+
+async def wait_for(server, job: Job, request: Request | None) -> Job:
+    """Await a job; if the client goes away first, drop it (queued) or interrupt it (running)."""
+    done = asyncio.wrap_future(job.future)
+    while True:
+        finished, _ = await asyncio.wait({done}, timeout=0.25)
+        if finished:
+            break
+        if request is not None and await request.is_disconnected():
+            server.queue.cancel(job)
+            break
+    try:
+        return await done
+    except JobError as e:
+        raise HTTPException(e.status, e.message) from None
+
+
+def result(server, job: Job) -> dict:
+    """A1111's response: images (bare base64), the echoed request, and info as a JSON string."""
+    gen: core.GenRequest = job.request
+    out = job.output or core.Output(interrupted=job.state == INTERRUPTED)
+    s0 = out.settings[0] if out.settings else None
+    seeds = [gen.seed + i for i in range(gen.images)]
+    infotexts = [core.metadata.a1111_parameters(s) for s in out.settings]
+    checkpoint = job.meta["checkpoint"]
+    echo = job.meta["echo"]
+    info = {
+        "prompt": gen.prompt, "all_prompts": [gen.prompt] * gen.images,
+        "negative_prompt": gen.negative_prompt, "all_negative_prompts": [gen.negative_prompt] * gen.images,
+        "seed": gen.seed, "all_seeds": seeds, "subseed": echo.get("subseed", -1),
+        "all_subseeds": [echo.get("subseed", -1)] * gen.images, "subseed_strength": 0,
+        "width": s0.width if s0 else gen.width, "height": s0.height if s0 else gen.height,
+        "sampler_name": core.SAMPLERS[s0.sampler].a1111 if s0 else echo.get("sampler_name"),
+        "cfg_scale": s0.guidance if s0 else gen.guidance, "steps": s0.steps if s0 else gen.steps,
+        "batch_size": gen.batch_size, "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": s0.model_name if s0 else checkpoint.name,
+        "sd_model_hash": s0.model_hash[:10] if s0 else checkpoint.hash,
+        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": s0.strength if s0 else None, "extra_generation_params": {},
+        "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),
+        "clip_skip": 1, "is_using_inpainting_conditioning": False, "version": f"t2i {core_version()}",
+        # t2i's own
+        "task_id": job.id, "interrupted": out.interrupted, "skipped_iterations": out.skipped,
+        "saved": out.saved, "comments": job.meta.get("comments", []),
+    }
+    send = echo.get("send_images", True)
+    images = [b64(p) for p in out.pngs] if send else []
+    return {"images": images, "parameters": echo, "info": json.dumps(info, ensure_ascii=False)}
+
+
+def core_version() -> str:
+    from t2i.server.app import core_version as v
+
+    return v()
+
+
+def _echo(req: _Request) -> dict:
+    echo = req.model_dump()
+    if "init_images" in echo and not echo.get("include_init_images"):
+        echo["init_images"], echo["mask"] = None, None
+    return echo
+
+
+async def _generate(request: Request, req: _Request, task: str) -> dict:
+    server = request.app.state.server
+    images = await decode_img2img(req) if task == "img2img" else None
+    gen, checkpoint = build_request(server, req, task, images)
+    request.scope.setdefault("state", {}).update(seed=gen.seed, prompt=gen.prompt)
+    job = new_job(server, gen, checkpoint, _echo(req), req.force_task_id)
+    if images is not None and images.get("mask") is not None and req.inpaint_full_res:
+        job.meta["comments"] = ["t2i inpaints the whole picture (inpaint_full_res has no effect)"]
+    submit(server, job)
+    job = await wait_for(server, job, request)
+    body = await run_in_threadpool(result, server, job)
+    server.queue.release(job)
+    return body
+
+
+@router.post("/txt2img", response_model=ImageResponse)
+async def txt2img(body: Txt2ImgRequest, request: Request):
+    """Text to image (A1111's txt2img)."""
+    return await _generate(request, body, "txt2img")
+
+
+@router.post("/img2img", response_model=ImageResponse)
+async def img2img(body: Img2ImgRequest, request: Request):
+    """Image to image; with `mask`, inpainting (white repaints; inpainting_mask_invert=1 swaps)."""
+    return await _generate(request, body, "img2img")
+
+
+# --------------------------------------------------------------------------- png-info, progress, control
+
+
+@router.post("/png-info", response_model=PNGInfoResponse)
+async def png_info(body: PNGInfoRequest):
+    """The generation parameters stored in a PNG (A1111's `parameters` chunk, parsed)."""
+    data = _decode_b64(body.image, "image")
+    try:
+        text = await run_in_threadpool(core.read_png_text, data)
+    except core.UsageError as e:
+        raise _field_error("image", str(e)) from None
+    info = text.pop(core.metadata.A1111_KEY, "")
+    parameters = core.metadata.parse_a1111(info) if info else {}
+    if "Size" in parameters and "x" in parameters["Size"]:
+        parameters["Size-1"], parameters["Size-2"] = parameters["Size"].split("x", 1)
+    return {"info": info, "items": text, "parameters": parameters}
+
+
+def _progress(server, job: Job | None, skip_current_image: bool) -> dict:
+    stamp = time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)) if job else ""
+    running = job is not None and job.state == RUNNING
+    state = {"skipped": bool(job and job.skipped), "interrupted": bool(job and job.interrupted),
+             "stopping_generation": False, "job": job.id if job else "",
+             "job_count": job.iterations if job is not None and job.state in (QUEUED, RUNNING) else 0,
+             "job_timestamp": stamp, "job_no": job.iteration if job else 0,
+             "sampling_step": job.step if job else 0, "sampling_steps": job.steps if job else 0,
+             "queue_position": server.queue.position(job) if job else -1, "queued": server.queue.waiting}
+    image = None
+    if running and not skip_current_image:
+        png = server.queue.preview(job)
+        image = b64(png) if png else None
+    textinfo = None
+    if job is not None:
+        if job.state == QUEUED:
+            textinfo = f"In queue, position {server.queue.position(job)}"
+        elif running:
+            textinfo = f"Step {job.step}/{job.steps}" + (f", batch {job.iteration + 1}/{job.iterations}"
+                                                         if job.iterations > 1 else "")
+        else:
+            textinfo = job.state + (f": {job.error.message}" if job.error else "")
+    return {"progress": round(job.progress, 4) if job else 0.0, "eta_relative": round(job.eta, 3) if job else 0.0,
+            "state": state, "current_image": image, "textinfo": textinfo}
+
+
+@router.get("/progress", response_model=ProgressResponse)
+async def progress(request: Request, skip_current_image: bool = False, id_task: str | None = Query(None)):
+    """Progress of the running job, or of the job `id_task` (queued, running or recently finished)."""
+    server = request.app.state.server
+    if id_task is not None:
+        job = server.queue.get(id_task)
+        if job is None:
+            raise HTTPException(404, f"no job {id_task!r} (unknown, or finished long ago)")
+    else:
+        job = server.queue.current
+        if job is not None and job.kind != "generate":
+            job = None
+    return _progress(server, job, skip_current_image)
+
+
+@router.post("/interrupt")
+async def interrupt(request: Request):
+    """Stop the running job within a step; its finished images (if any) are returned to its client."""
+    request.app.state.server.queue.interrupt()
+    return {}
+
+
+@router.post("/skip")
+async def skip(request: Request):
+    """Skip the running batch (n_iter) of the running job and go on with the next."""
+    request.app.state.server.queue.skip()
+    return {}
+
+
+# --------------------------------------------------------------------------- options and lists
+
+
+def options(server) -> dict:
+    """The options A1111 clients read and post back; only sd_model_checkpoint can change."""
+    c = server.registry.checkpoints.get(server.selected)
+    return {
+        "sd_model_checkpoint": c.title if c else server.selected, "sd_checkpoint_hash": c.hash if c else None,
+        "sd_vae": "Automatic", "sd_lora": "None", "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0,
+        "eta_ancestral": 1.0, "eta_ddim": 0.0, "randn_source": "CPU", "samples_format": "png",
+        "samples_save": server.config.out is not None, "enable_pnginfo": True, "add_model_hash_to_info": True,
+        "add_model_name_to_info": True, "return_grid": False, "grid_save": False, "img2img_fix_steps": False,
+        "live_previews_enable": True, "show_progress_every_n_steps": 1, "live_preview_content": "Combined",
+        "inpainting_mask_weight": 1.0, "initial_noise_multiplier": 1.0, "s_churn": 0.0, "s_tmin": 0.0,
+        "s_tmax": 0.0, "s_noise": 1.0, "s_min_uncond": 0.0, "token_merging_ratio": 0.0, "sdxl_crop_top": 0,
+        "sdxl_crop_left": 0, "sd_checkpoints_limit": 1, "sd_hypernetwork": "None",
+    }
+
+
+@router.get("/options")
+async def get_options(request: Request):
+    return options(request.app.state.server)
+
+
+@router.post("/options")
+async def set_options(body: dict[str, Any], request: Request):
+    """Switch checkpoints with sd_model_checkpoint (waits until it is loaded). Every other option may be
+    posted back at its value (clients post the whole dict); another value is a 422 naming it."""
+    server = request.app.state.server
+    current = options(server)
+    for key, value in body.items():
+        if key == "sd_model_checkpoint":
+            continue
+        if key not in current:
+            raise _field_error(key, f"option {key!r} is not one t2i has (GET /sdapi/v1/options lists them)")
+        if not _same(current[key], value, key):
+            raise _field_error(key, f"option {key}={json.dumps(value)} cannot be changed on t2i "
+                                    f"(it is {json.dumps(current[key])})")
+    wanted = body.get("sd_model_checkpoint")
+    if wanted is not None and wanted != current["sd_model_checkpoint"]:
+        checkpoint = server.registry.find_checkpoint(wanted)
+        if checkpoint is None:
+            raise _field_error("sd_model_checkpoint", f"unknown checkpoint {wanted!r}; GET /sdapi/v1/sd-models lists "
+                                                      "those this server has", status=404)
+        job = submit(server, Job(new_id(), "load", checkpoint))
+        await wait_for(server, job, None)
+        server.selected = checkpoint.name
+    return None
+
+
+@router.get("/sd-models")
+async def sd_models(request: Request):
+    return [{"title": c.title, "model_name": c.name, "hash": c.hash, "sha256": None, "filename": c.filename,
+             "config": None} for c in request.app.state.server.registry.checkpoints.values()]
+
+
+@router.post("/refresh-checkpoints")
+async def refresh_checkpoints(request: Request):
+    await run_in_threadpool(request.app.state.server.registry.refresh_checkpoints)
+    return None
+
+
+@router.get("/samplers")
+async def samplers():
+    return [{"name": a1111, "aliases": [name], "options": {"scheduler": "karras"} if opts.get("use_karras_sigmas")
+             else {}} for a1111, name, opts in core.sampler_entries()]
+
+
+@router.get("/schedulers")
+async def schedulers():
+    return [{"name": key, "label": label, "aliases": None, "default_rho": 7.0 if key == "karras" else -1,
+             "need_inner_model": False} for key, (label, _) in SCHEDULERS.items()]
+
+
+@router.get("/loras")
+async def loras(request: Request):
+    return [{"name": name, "alias": name, "path": path.name, "metadata": {}}
+            for name, path in request.app.state.server.registry.loras.items()]
+
+
+@router.post("/refresh-loras")
+async def refresh_loras(request: Request):
+    request.app.state.server.registry.refresh_loras()
+    return None
+
+
+@router.get("/embeddings")
+async def embeddings(request: Request):
+    """The .safetensors files of --embedding-dir, listed as skipped: t2i does not apply embeddings yet."""
+    reg = request.app.state.server.registry
+    skipped = {}
+    for name in reg.embeddings:
+        vectors, shape = reg.embedding_shape(name)
+        skipped[name] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": shape,
+                         "vectors": vectors}
+    return {"loaded": {}, "skipped": skipped}
+
+
+@router.post("/refresh-embeddings")
+async def refresh_embeddings(request: Request):
+    request.app.state.server.registry.refresh_embeddings()
+    return None
+
+
+@router.get("/sd-vae")
+async def sd_vae():
+    return []  # t2i decodes with the model's own VAE
+
+
+@router.get("/upscalers")
+async def upscalers():
+    return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 1}]
+
+
+@router.get("/latent-upscale-modes")
+async def latent_upscale_modes():
+    return []  # hires fix is not implemented
+
+
+@router.get("/memory")
+async def memory():
+    import psutil
+    import torch
+
+    vm = psutil.virtual_memory()
+    ram = {"free": vm.available, "used": vm.total - vm.available, "total": vm.total,
+           "process_rss": psutil.Process().memory_info().rss}
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        stats = torch.cuda.memory_stats()
+        cuda = {"system": {"free": free, "used": total - free, "total": total},
+                "active": {"current": stats.get("active_bytes.all.current", 0), "peak": stats.get("active_bytes.all.peak", 0)},
+                "allocated": {"current": stats.get("allocated_bytes.all.current", 0),
+                              "peak": stats.get("allocated_bytes.all.peak", 0)},
+                "reserved": {"current": stats.get("reserved_bytes.all.current", 0),
+                             "peak": stats.get("reserved_bytes.all.peak", 0)},
+                "inactive": {"current": stats.get("inactive_split_bytes.all.current", 0),
+                             "peak": stats.get("inactive_split_bytes.all.peak", 0)},
+                "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)}}
+    else:
+        cuda = {"error": "unavailable"}
+    return {"ram": ram, "cuda": cuda}
+
+
+@router.get("/cmd-flags")
+async def cmd_flags(request: Request):
+    return request.app.state.server.config.flags()
+
+
+@router.get("/scripts")
+async def scripts():
+    return {"txt2img": [], "img2img": []}
+
+
+@router.get("/script-info")
+async def script_info():
+    return []
+
+
+@router.get("/prompt-styles")
+async def prompt_styles():
+    return []
+
+
+@router.get("/hypernetworks")
+async def hypernetworks():
+    return []
+
+
+@router.get("/face-restorers")
+async def face_restorers():
+    return []

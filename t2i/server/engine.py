@@ -1,0 +1,288 @@
+"""The server's one bridge to t2i's core: loading, generating, saving, metadata.
+
+Every import of a t2i module below the pipelines lives here, so that the server
+follows the core when it moves. A job runs through the very pipeline objects the
+CLI uses (`t2i.pipelines`), with the same arguments `t2i generate` passes, and its
+PNGs are written with the same metadata: an API request and the matching
+`t2i generate` give the same pixels and the same `parameters` and `t2i` chunks.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image, UnidentifiedImageError
+
+from t2i import metadata, models, prompts
+from t2i.files import check_safetensors
+from t2i.models import tiny_vae
+from t2i.errors import ModelLoadError, T2IError, UsageError
+from t2i.images import as_mask, check_mask, to_rgb
+from t2i.output import save_images
+from t2i.samplers import SAMPLERS, get_sampler
+from t2i.settings import Settings
+
+__all__ = ["Engine", "GenRequest", "Interrupted", "Skipped", "T2IError", "UsageError", "ModelLoadError",
+           "check_mask", "decode_image", "png_bytes", "read_png_text", "SAMPLERS", "get_sampler", "metadata", "prompts",
+           "models", "Settings"]
+
+MAX_UPLOAD_PIXELS = 4096 * 4096  # a decoded upload larger than this is refused before it is converted
+
+
+class Interrupted(Exception):
+    """Raised from the step callback: the job was interrupted (or its client went away)."""
+
+
+class Skipped(Exception):
+    """Raised from the step callback: skip the current iteration, go on with the next."""
+
+
+@dataclass
+class GenRequest:
+    """One generation job, as the pipelines take it: every name is already checked against its registry."""
+
+    task: str  # text2image | image2image | inpaint
+    prompt: str
+    negative_prompt: str | None
+    steps: int | None
+    guidance: float | None
+    sampler: str | None  # a t2i sampler name
+    seed: int  # the first image's seed (never -1 here)
+    width: int | None
+    height: int | None
+    batch_size: int = 1
+    n_iter: int = 1
+    model: str = ""  # registry name of the checkpoint
+    init_image: Image.Image | None = None
+    mask: Image.Image | None = None
+    strength: float = 0.75
+    mask_blur: int = 4
+    invert_mask: bool = False
+    save: bool = False  # also write the PNGs into the server's --out folder
+
+    @property
+    def images(self) -> int:
+        return self.batch_size * self.n_iter
+
+
+@dataclass
+class Output:
+    """What a job made: PNG bytes (metadata included) and the settings of each image."""
+
+    pngs: list[bytes] = field(default_factory=list)
+    settings: list[Settings] = field(default_factory=list)
+    saved: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    skipped: int = 0  # iterations skipped
+
+
+def decode_image(data: bytes, what: str, mask: bool = False) -> Image.Image:
+    """An uploaded image decoded fully (so corrupt data fails here), with the guards of t2i.images.load_rgb:
+    any mode in, 8-bit RGB out (a mask: mode L, white repaints, transparent keeps)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > MAX_UPLOAD_PIXELS:
+                raise UsageError(f"{what} is {img.width}x{img.height}; at most {MAX_UPLOAD_PIXELS} pixels")
+            img.load()
+            return as_mask(img) if mask else to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        if isinstance(e, UsageError):
+            raise
+        detail = str(e).splitlines()[0] if str(e) else "no detail"
+        raise UsageError(f"{what} is not a readable image ({type(e).__name__}: {detail})") from None
+
+
+def png_bytes(image: Image.Image, settings: Settings) -> bytes:
+    """The PNG `save_images` would write, in memory: the same `parameters` and `t2i` chunks."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=metadata.png_info(settings))
+    return buf.getvalue()
+
+
+def read_png_text(data: bytes) -> dict[str, str]:
+    """The text chunks of an uploaded image (A1111's png-info), decoded with the upload guards."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_UPLOAD_PIXELS:
+                raise UsageError(f"image is {im.width}x{im.height}; at most {MAX_UPLOAD_PIXELS} pixels")
+            im.load()
+            text = dict(getattr(im, "text", {}) or {})
+            text.update({k: v for k, v in im.info.items() if isinstance(v, str)})
+            return text
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(f"image is not a readable image ({type(e).__name__})") from None
+
+
+class Engine:
+    """The loaded model and the pipelines over it; used by the one worker thread only.
+
+    `hook(step, total, latents)` is called after every denoising step of the running job; it may
+    raise Interrupted or Skipped. Loading another checkpoint replaces the loaded one (one at a time).
+    """
+
+    def __init__(self, device: str = "auto", lora_dir: Path | None = None, out: Path | None = None):
+        self.device = device
+        self.lora_dir = lora_dir
+        self.out = out
+        self.loaded: str | None = None  # registry name
+        self.location: str | None = None
+        self._pipes: dict[str, object] = {}
+        self.hook: Callable | None = None
+        self._preview_decoder = None  # the model's vae_tiny/ when it has one (previews only), else its VAE
+
+    # ------------------------------------------------------------------ models
+
+    def load(self, name: str, location: str | None) -> None:
+        """Load a checkpoint (location None: the bundled model) unless it is the loaded one."""
+        if self.loaded == name and self._pipes:
+            return
+        from t2i.pipelines import Text2Image
+
+        self._pipes = {}
+        self.loaded = None
+        self._preview_decoder = None
+        pipe = Text2Image.from_pretrained(location, device=self.device, dtype="auto", allow_pickle=False)
+        self._instrument(pipe)
+        self._pipes["text2image"] = pipe
+        self.loaded, self.location = name, location
+
+    def pipe(self, task: str):
+        from t2i.pipelines import Image2Image, Inpaint
+
+        if task not in self._pipes:
+            cls = {"image2image": Image2Image, "inpaint": Inpaint}[task]
+            self._pipes[task] = cls.from_pipe(self._pipes["text2image"])
+            self._instrument(self._pipes[task])
+        pipe = self._pipes[task]
+        # as `t2i generate --lora-dir` sets it; pickles never load here, whatever the CLI allows
+        pipe.loras.lora_dir, pipe.loras.allow_pickle = self.lora_dir, False
+        return pipe
+
+    @property
+    def model_info(self) -> dict:
+        """name, hash and native size of the loaded model (empty before the first load)."""
+        if not self._pipes:
+            return {}
+        p = self._pipes["text2image"]
+        return {"name": p.model.source.name, "hash": p.model.hash, "arch": p.model.arch,
+                "width": p.defaults.width, "height": p.defaults.height, "steps": p.defaults.steps,
+                "guidance": p.defaults.guidance, "sampler": p.defaults.sampler,
+                "vae_scale_factor": p.vae_scale_factor, "device": str(p.device)}
+
+    def _instrument(self, pipe) -> None:
+        """Have the pipeline's own step callback report each step, with its latents, to `self.hook`.
+
+        The pipeline's `on_step(i)` gives no latents (needed for the live preview) nor the number of
+        steps of the call, so the callback it builds is wrapped, per instance, here.
+        """
+        build = pipe._step_callback
+        engine = self
+
+        def step_callback(bar):
+            inner = build(bar)
+
+            def on_step_end(diffusers_pipe, i, t, kwargs):
+                kwargs = inner(diffusers_pipe, i, t, kwargs)
+                if engine.hook is not None:
+                    engine.hook(i + 1, diffusers_pipe.num_timesteps, kwargs.get("latents"))
+                return kwargs
+
+            return on_step_end
+
+        pipe._step_callback = step_callback
+
+    def _previewer(self, pipe):
+        """The decoder for live previews: the model's small vae_tiny/ (TAESD-style) when it has one, the
+        way A1111 previews with TAESD; else the model's own VAE."""
+        if self._preview_decoder is None:
+            self._preview_decoder = pipe.pipe.vae
+            folder = pipe.model.path
+            if folder.is_dir() and (folder / "vae_tiny" / "config.json").is_file():
+                try:
+                    self._preview_decoder = tiny_vae.load_tiny_vae(
+                        tiny_vae.tiny_vae_folder("", folder), pipe.dtype, pipe.device,
+                        pipe.pipe.unet.config.in_channels)
+                except T2IError:
+                    pass  # previews from the full VAE then
+        return self._preview_decoder
+
+    def preview(self, task: str, latents) -> Image.Image:
+        """The first image of a batch from its current latents — decoded on the worker thread, between two
+        steps, by a decoder that changes no state of the job."""
+        import torch
+
+        pipe = self._pipes[task]
+        vae = self._previewer(pipe)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        with torch.no_grad():
+            x = latents[:1].to(vae.dtype) / vae.config.scaling_factor + shift  # (1, C, h, w)
+            decoded = vae.decode(x).sample.float()  # (1, 3, H, W)
+        return pipe.pipe.image_processor.postprocess(decoded, output_type="pil")[0]
+
+    # ------------------------------------------------------------------ jobs
+
+    def run(self, req: GenRequest, on_iteration: Callable[[int], None] | None = None) -> Output:
+        """Run a request: n_iter calls of batch_size images, the k-th starting at seed + k * batch_size
+        (A1111's seeds; image i of a t2i batch is the single run with seed + i, so this is one batch
+        of n_iter * batch_size images, image for image)."""
+        pipe = self.pipe(req.task)
+        out = Output()
+        inputs = {}
+        if req.task != "text2image":
+            inputs = {"init_image": req.init_image, "strength": req.strength}
+        if req.task == "inpaint":
+            inputs |= {"mask": req.mask, "mask_blur": req.mask_blur, "invert_mask": req.invert_mask}
+        for k in range(req.n_iter):
+            if on_iteration is not None:
+                on_iteration(k)
+            try:
+                result = pipe(req.prompt, **inputs, negative_prompt=req.negative_prompt, steps=req.steps,
+                              guidance=req.guidance, sampler=req.sampler, seed=req.seed + k * req.batch_size,
+                              width=req.width, height=req.height, batch=req.batch_size, progress=False)
+            except Skipped:
+                out.skipped += 1
+                continue
+            except Interrupted:
+                out.interrupted = True
+                break
+            for image, settings in result:
+                out.pngs.append(png_bytes(image, settings))
+                out.settings.append(settings)
+            if req.save and self.out is not None:
+                out.saved += [str(p) for p in save_images(result.images, result.settings, self.out)]
+        return out
+
+
+def sampler_entries() -> list[tuple[str, str, dict]]:
+    """(A1111 name, t2i name, options) of every sampler t2i has."""
+    return [(s.a1111, s.name, dict(s.options)) for s in SAMPLERS.values()]
+
+
+def lora_names_in(prompt: str) -> list[str]:
+    """The NAMEs of `<lora:NAME:W>` tags in a prompt."""
+    return [name for name, _ in prompts.extract_loras(prompt)[1]]
+
+
+def safetensors_header(path: Path) -> dict:
+    """A vetted safetensors file's header (tensor names, shapes), no tensor loaded."""
+    return check_safetensors(path)
+
+
+def resolve_model(location: str | None):
+    """models.resolve: what a --model argument names, checked, nothing loaded."""
+    return models.resolve(location)
+
+
+def bundled_name() -> str:
+    return models.BUNDLED_NAME
+
+
+def model_hash_of(location: str | None) -> str:
+    source = models.resolve(location)
+    folder = Path(source.location) if source.kind in ("bundled", "folder") else None
+    return models.model_hash(source, folder)
