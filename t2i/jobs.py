@@ -201,14 +201,19 @@ def run(pipe, job: Job, progress=None, only: Callable[[int], bool] | None = None
     `only(prompt_index)` picks this process's prompts when several share a job. A step callback of the
     pipeline (`pipe.on_step`) may raise to stop the job between two steps.
     """
-    r = job.request
     with speed.apply(pipe, job.options) if job.options else contextlib.nullcontext():
         for i, prompt, seed in calls(job):
-            if only is not None and not only(i):
-                continue
-            yield pipe(prompt, **job.inputs, negative_prompt=r.negative_prompt, steps=r.steps, guidance=r.guidance,
-                       sampler=r.sampler, seed=seed, width=r.width, height=r.height, batch=r.batch,
-                       loras=job.loras, progress=progress)
+            if only is None or only(i):
+                yield call(pipe, job, prompt, seed, progress)
+
+
+def call(pipe, job: Job, prompt: str, seed: int | None, progress=None):
+    """One pipeline call of the job (see `calls`): `batch` images from `seed` on (None: a random seed).
+    The job's speed options must already be on (`run` turns them on for all its calls)."""
+    r = job.request
+    return pipe(prompt, **job.inputs, negative_prompt=r.negative_prompt, steps=r.steps, guidance=r.guidance,
+                sampler=r.sampler, seed=seed, width=r.width, height=r.height, batch=r.batch, loras=job.loras,
+                progress=progress)
 
 
 def png_bytes(image: Image.Image, settings: Settings) -> bytes:

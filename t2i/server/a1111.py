@@ -28,7 +28,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from t2i.server import engine as core
-from t2i.server.jobs import INTERRUPTED, QUEUED, RUNNING, Job, JobError, QueueFull, b64, new_id
+from t2i.server.queue import INTERRUPTED, QUEUED, RUNNING, Job, JobError, QueueFull, b64, new_id
 
 router = APIRouter(prefix="/sdapi/v1", tags=["A1111"])
 

@@ -23,7 +23,7 @@ from fastapi.staticfiles import StaticFiles
 
 from t2i.server import engine as core
 from t2i.server.auth import BasicAuth, BodyLimit
-from t2i.server.jobs import JobQueue
+from t2i.server.queue import JobQueue
 from t2i.server.registry import Registry
 
 log = logging.getLogger("t2i.server")
@@ -91,7 +91,7 @@ class Server:
 
     def start(self) -> None:
         """Load the selected checkpoint as the first job, so the first request does not pay for it."""
-        from t2i.server.jobs import Job, new_id
+        from t2i.server.queue import Job, new_id
 
         self.queue.start()
         checkpoint = self.registry.checkpoints.get(self.selected)

@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from t2i.pipelines import Text2Image
-    from t2i.server.engine import png_bytes
+    from t2i.jobs import png_bytes
 
     torch.set_num_threads(args.threads)
     port = _free_port()

@@ -16,7 +16,7 @@ from typing import Callable
 
 from PIL import Image, UnidentifiedImageError
 
-from t2i import metadata, models, prompts
+from t2i import jobs, metadata, models, prompts
 from t2i.files import check_safetensors
 from t2i.models import tiny_vae
 from t2i.errors import ModelLoadError, T2IError, UsageError
@@ -26,7 +26,7 @@ from t2i.samplers import SAMPLERS, get_sampler
 from t2i.settings import Settings
 
 __all__ = ["Engine", "GenRequest", "Interrupted", "Skipped", "T2IError", "UsageError", "ModelLoadError",
-           "check_mask", "decode_image", "png_bytes", "read_png_text", "SAMPLERS", "get_sampler", "metadata", "prompts",
+           "check_mask", "decode_image", "read_png_text", "SAMPLERS", "get_sampler", "metadata", "prompts",
            "models", "Settings"]
 
 MAX_UPLOAD_PIXELS = 4096 * 4096  # a decoded upload larger than this is refused before it is converted
@@ -93,13 +93,6 @@ def decode_image(data: bytes, what: str, mask: bool = False) -> Image.Image:
             raise
         detail = str(e).splitlines()[0] if str(e) else "no detail"
         raise UsageError(f"{what} is not a readable image ({type(e).__name__}: {detail})") from None
-
-
-def png_bytes(image: Image.Image, settings: Settings) -> bytes:
-    """The PNG `save_images` would write, in memory: the same `parameters` and `t2i` chunks."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=metadata.png_info(settings))
-    return buf.getvalue()
 
 
 def read_png_text(data: bytes) -> dict[str, str]:
@@ -227,23 +220,18 @@ class Engine:
     # ------------------------------------------------------------------ jobs
 
     def run(self, req: GenRequest, on_iteration: Callable[[int], None] | None = None) -> Output:
-        """Run a request: n_iter calls of batch_size images, the k-th starting at seed + k * batch_size
-        (A1111's seeds; image i of a t2i batch is the single run with seed + i, so this is one batch
-        of n_iter * batch_size images, image for image)."""
-        pipe = self.pipe(req.task)
+        """Run a request through t2i's one request path (t2i.jobs): n_iter calls of batch_size images, the k-th
+        starting at seed + k * batch_size (A1111's seeds; image i of a t2i batch is the single run with seed + i,
+        so this is one batch of n_iter * batch_size images, image for image). A skipped iteration leaves the
+        others; an interrupt ends the job with the images made so far."""
+        job = jobs.check(self.request(req))
+        pipe = jobs.prepare(self.pipe(req.task), job)
         out = Output()
-        inputs = {}
-        if req.task != "text2image":
-            inputs = {"init_image": req.init_image, "strength": req.strength}
-        if req.task == "inpaint":
-            inputs |= {"mask": req.mask, "mask_blur": req.mask_blur, "invert_mask": req.invert_mask}
-        for k in range(req.n_iter):
+        for k, (_, prompt, seed) in enumerate(jobs.calls(job)):
             if on_iteration is not None:
                 on_iteration(k)
             try:
-                result = pipe(req.prompt, **inputs, negative_prompt=req.negative_prompt, steps=req.steps,
-                              guidance=req.guidance, sampler=req.sampler, seed=req.seed + k * req.batch_size,
-                              width=req.width, height=req.height, batch=req.batch_size, progress=False)
+                result = jobs.call(pipe, job, prompt, seed)
             except Skipped:
                 out.skipped += 1
                 continue
@@ -251,11 +239,20 @@ class Engine:
                 out.interrupted = True
                 break
             for image, settings in result:
-                out.pngs.append(png_bytes(image, settings))
+                out.pngs.append(jobs.png_bytes(image, settings))
                 out.settings.append(settings)
             if req.save and self.out is not None:
                 out.saved += [str(p) for p in save_images(result.images, result.settings, self.out)]
         return out
+
+    def request(self, req: GenRequest) -> jobs.Request:
+        """The server's job as t2i's `Request`: what `t2i generate` is asked with the same settings."""
+        return jobs.Request([req.prompt], task=req.task, negative_prompt=req.negative_prompt, steps=req.steps,
+                            guidance=req.guidance, sampler=req.sampler, seed=req.seed, width=req.width,
+                            height=req.height, batch=req.batch_size, iterations=req.n_iter, lora_dir=self.lora_dir,
+                            init_image=req.init_image, strength=req.strength, mask=req.mask,
+                            mask_blur=req.mask_blur, invert_mask=req.invert_mask, model=self.location,
+                            device=self.device)
 
 
 def sampler_entries() -> list[tuple[str, str, dict]]:

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from t2i.server import a1111
-from t2i.server.jobs import b64
+from t2i.server.queue import b64
 
 router = APIRouter(tags=["OpenAI"])
 

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from t2i.server import a1111
-from t2i.server.jobs import DONE, FINISHED, INTERRUPTED
+from t2i.server.queue import DONE, FINISHED, INTERRUPTED
 
 router = APIRouter(prefix="/t2i/v1", tags=["t2i"])
 
