@@ -15,7 +15,7 @@ def wrapped_forward(module: torch.nn.Module, wrap, key=None):
     """Replace `module`'s forward by `wrap(forward)` for the block.
 
     The wrapper goes on a subclass, not on the instance: t2i's per-image UNet
-    evaluation (pipelines.base.per_image_unet) sets and deletes an instance `forward`
+    evaluation (pipelines.unet_calls.per_image_unet) sets and deletes an instance `forward`
     of its own for each call, which would drop an instance-level wrapper. With a `key`
     the subclass is made once and reused (a compiled forward then compiles once).
     """

@@ -1,4 +1,4 @@
-"""Autoguidance: a model folder's guide/ UNet steers the late steps (pipelines.base.autoguided_unet)."""
+"""Autoguidance: a model folder's guide/ UNet steers the late steps (pipelines.unet_calls.autoguided_unet)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class _Weak(torch.nn.Module):
 
 @pytest.mark.parametrize("exact", [False, True])
 def test_the_pipelines_sum_becomes_the_autoguided_prediction_below_the_threshold(exact):
-    from t2i.pipelines.base import autoguided_unet
+    from t2i.pipelines.unet_calls import autoguided_unet
 
     unet, weak, n, g, s = _Plain(), _Weak(), 2, 5.0, 3.0
     settings = Settings(prompt="p", guidance=g, autoguidance=s, autoguidance_below=500)
