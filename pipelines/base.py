@@ -25,6 +25,7 @@ from t2i.models.guide import GUIDE_FOLDER, load_guide
 from t2i.devices import dtype_name, resolve_device, resolve_dtype
 from t2i.errors import NumericalError, UsageError
 from t2i.lora.apply import LoraSet
+from t2i.pipelines.unet_calls import autoguided_unet, per_image_unet
 from t2i.samplers import DEFAULT_SAMPLER, get_sampler, make_scheduler
 from t2i.settings import LoraSpec, Settings
 
@@ -388,100 +389,3 @@ class BasePipeline:
             return kwargs
 
         return on_step_end
-
-
-@contextlib.contextmanager
-def per_image_unet(unet, n_images: int):
-    """Run the UNet one image at a time (its uncond and cond rows together) inside a batch.
-
-    BLAS and conv kernels may pick another blocking for another batch size, which
-    moves the last bits of a result. Evaluating each image's rows as a single run
-    makes image i of a batch bit-identical to the single run with seed + i.
-    """
-    forward = unet.forward
-
-    def split_forward(sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=None, **kwargs):
-        rows = sample.shape[0]  # 2N with classifier-free guidance, else N
-        per = rows // n_images
-        if rows == n_images * per and n_images > 1:
-            outs = []
-            for i in range(n_images):
-                idx = torch.tensor([i + k * n_images for k in range(per)], device=sample.device)
-                t = timestep.index_select(0, idx) if torch.is_tensor(timestep) and timestep.ndim else timestep
-                extra = {k: v.index_select(0, idx) for k, v in (added_cond_kwargs or {}).items()}
-                out = forward(sample.index_select(0, idx), t, encoder_hidden_states.index_select(0, idx), *args,
-                              added_cond_kwargs=extra or added_cond_kwargs, **{**kwargs, "return_dict": False})[0]
-                outs.append(out)  # (per, C, h, w)
-            merged = torch.empty_like(sample, dtype=outs[0].dtype)
-            for i, out in enumerate(outs):
-                merged[i::n_images] = out  # row i + k*N <- out[k]
-            if kwargs.get("return_dict", True):
-                from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-                return UNet2DConditionOutput(sample=merged)
-            return (merged,)
-        # index_select above gives each image's rows in the default memory format; a single run's latents may
-        # arrive channels-last (img2img's come from the VAE encoder), and conv kernels round differently for it
-        return forward(sample.contiguous(), timestep, encoder_hidden_states, *args,
-                       added_cond_kwargs=added_cond_kwargs, **kwargs)
-
-    unet.forward = split_forward
-    try:
-        yield
-    finally:
-        del unet.forward  # back to the class's forward
-
-
-@contextlib.contextmanager
-def autoguided_unet(unet, guide, settings: Settings, n_images: int, exact: bool):
-    """Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself") in the late
-    steps: below `settings.autoguidance_below` the prediction is cond + (s - 1) * (cond - guide(cond)), the
-    model steered away from its weaker guide UNet on the same prompt, in place of classifier-free guidance's
-    cond + (g - 1) * (cond - uncond); earlier steps keep classifier-free guidance.
-
-    Why late: on the bundled model's prompts, classifier-free guidance in the late steps sharpens the shapes
-    but also adds objects ("three" drawn as four); no guidance there leaves shapes malformed; autoguidance
-    there keeps them sharp with fewer extra objects, while the early steps still need classifier-free
-    guidance to place the objects the prompt asks for (README, "Autoguidance").
-    The diffusers pipeline still combines two rows with its guidance g, so the wrapper hands it, in the
-    uncond row, the prediction that makes its sum the autoguided one. An autoguided step needs no
-    unconditional prediction, so the UNet runs on the cond rows only and the guide on the same rows: the step
-    costs what a classifier-free one does. (A speed option's feature cache sees the change of rows as a new
-    run and starts over with a whole call.) With `exact`, the UNet and the guide both run one image at a time
-    (per_image_unet), so a batch equals its single runs.
-    """
-    forward = unet.forward  # the class's, or per_image_unet's
-    own = "forward" in unet.__dict__
-    scale, below, g = settings.autoguidance, settings.autoguidance_below, settings.guidance
-
-    def guided_forward(sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=None, **kwargs):
-        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-        rows, n = sample.shape[0], n_images
-        if t >= below or rows != 2 * n:
-            return forward(sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=added_cond_kwargs,
-                           **kwargs)
-        # rows: uncond rows, then cond rows
-        cond_x, cond_text = sample[n:], encoder_hidden_states[n:]
-        step = timestep[n:] if torch.is_tensor(timestep) and timestep.ndim and len(timestep) == rows else timestep
-        extra = {k: v[n:] for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
-        cond = forward(cond_x, step, cond_text, *args, added_cond_kwargs=extra, **{**kwargs, "return_dict": False})[0]
-        with torch.no_grad():
-            weak = guide(cond_x, step, cond_text, added_cond_kwargs=extra, return_dict=False)[0].to(cond.dtype)
-        # the pipeline computes uncond + g * (cond - uncond); this uncond makes it cond + (s - 1) * (cond - weak)
-        uncond = cond - (scale - 1) / (g - 1) * (cond - weak)
-        merged = torch.cat([uncond, cond])
-        if not kwargs.get("return_dict", True):
-            return (merged,)
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-        return UNet2DConditionOutput(sample=merged)
-
-    unet.forward = guided_forward
-    try:
-        with per_image_unet(guide, n_images) if exact else contextlib.nullcontext():  # the guide one image at a time
-            yield
-    finally:
-        if own:
-            unet.forward = forward
-        else:
-            del unet.forward

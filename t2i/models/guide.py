@@ -1,6 +1,6 @@
 """A model's autoguidance guide, stored as a few bits per weight of its difference from the model's UNet.
 
-Autoguidance (Karras et al. 2024; pipelines.base.autoguided_unet) steers away from a weaker version of the same
+Autoguidance (Karras et al. 2024; pipelines.unet_calls.autoguided_unet) steers away from a weaker version of the same
 model. An earlier checkpoint of the model's own training run is the natural one, and it differs from the final
 UNet far less than either weighs, so guide/ need not hold a second UNet: `delta.safetensors` holds
 (checkpoint - unet) with every weight matrix quantized row by row (2**bits levels, evenly spaced, the step that
@@ -259,7 +259,7 @@ GUIDE_FOLDER = "guide"  # a model folder's weaker UNet for autoguidance (the bun
 
 
 def load_guide(model_path: Path | None, dtype, device, unet_config):
-    """The model folder's guide/ UNet (autoguidance, see pipelines.base.autoguided_unet), or None without one.
+    """The model folder's guide/ UNet (autoguidance, see pipelines.unet_calls.autoguided_unet), or None without one.
 
     Vetted like every component (safetensors only, no code) and checked against the model's UNet: it must
     read the same latents and the same text embeddings. Its weights are a UNet's own, or a difference from the

@@ -6,11 +6,12 @@
         images = pipe("a red circle", batch=16).images
 
 `options` parses and applies the switches, `cache` is DeepCache-style feature
-reuse, `hooks` the one way they wrap a UNet's forward.
+reuse, `hooks` the one way they (and the pipelines' per-image and autoguided UNet calls)
+wrap a UNet's forward.
 """
 
 from t2i.speed.cache import FeatureCache, feature_cache
-from t2i.speed.hooks import exact_batch, wrapped_forward
+from t2i.speed.hooks import exact_batch, hooked
 from t2i.speed.options import (
     OPTION_NAMES,
     SpeedOptions,
@@ -28,5 +29,5 @@ from t2i.speed.options import (
 )
 
 __all__ = ["OPTION_NAMES", "FeatureCache", "SpeedOptions", "apply", "attention", "batched", "bf16_autocast",
-           "channels_last", "compiled", "cpu_has_bf16", "cpu_offload", "exact_batch", "feature_cache",
-           "option_fields", "tiny_vae", "vae_tiling", "wrapped_forward"]
+           "channels_last", "compiled", "cpu_has_bf16", "cpu_offload", "exact_batch", "feature_cache", "hooked",
+           "option_fields", "tiny_vae", "vae_tiling"]

@@ -7,7 +7,7 @@ import contextlib
 import torch
 
 from t2i.errors import UsageError
-from t2i.speed.hooks import exact_batch, wrapped_forward
+from t2i.speed.hooks import exact_batch, hooked
 
 
 class FeatureCache:
@@ -56,9 +56,10 @@ class FeatureCache:
         return fresh
 
     def wrap(self, forward):
+        """The UNet's forward as the cache runs it: whole every `interval`-th call, else the shallow path."""
         cache = self
 
-        def cached_forward(unet, sample, timestep, encoder_hidden_states, *args, **kwargs):
+        def cached_forward(sample, timestep, encoder_hidden_states, *args, **kwargs):
             t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
             if cache._new_run(sample, t):
                 cache.since_full = 0
@@ -66,16 +67,25 @@ class FeatureCache:
                                              "down_intrablock_additional_residuals")]
             if cache.since_full % cache.interval == 0 or args or any(x is not None for x in extra):
                 cache.since_full, cache.full_calls = 1, cache.full_calls + 1
-                return forward(unet, sample, timestep, encoder_hidden_states, *args, **kwargs)
+                return forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
             cache.since_full, cache.shallow_calls = cache.since_full + 1, cache.shallow_calls + 1
             return cache.shallow(sample, timestep, encoder_hidden_states, **kwargs)
 
         return cached_forward
 
-    def keep(self, module, args, output) -> None:
-        """Forward hook on what feeds the first shallow layer: (rows, C, h, w), from a tensor or an attention's
-        (tensor,) / output object."""
-        self.kept = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+    def keep(self, forward):
+        """The forward of `hook_target()`, keeping its output: what feeds the first shallow layer, (rows, C, h, w),
+        from a tensor or an attention's (tensor,) / output object."""
+        def keeping_forward(*args, **kwargs):
+            output = forward(*args, **kwargs)
+            self.kept = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+            return output
+
+        return keeping_forward
+
+    def keeping(self):
+        """For the block, every whole UNet call keeps the feature the shallow path starts from."""
+        return hooked(self.hook_target(), "keep_feature", self.keep)
 
     def hook_target(self) -> torch.nn.Module:
         """The module whose output is kept: `up_blocks[-2]`, or the last up block's layer before the cut."""
@@ -150,10 +160,8 @@ def feature_cache(pipe, interval: int = 2, layers: int = 0):
     if unet.config.get("addition_embed_type") == "image_hint":
         raise UsageError("feature caching does not support image-hint UNets (Kandinsky-style); leave it off")
     cache = FeatureCache(unet, interval, scheduler_of=lambda: pipe.pipe.scheduler, layers=layers)
-    handle = cache.hook_target().register_forward_hook(cache.keep)
     try:
-        with exact_batch(pipe, exact=False), wrapped_forward(unet, cache.wrap):
+        with exact_batch(pipe, exact=False), cache.keeping(), hooked(unet, "feature_cache", cache.wrap):
             yield cache
     finally:
-        handle.remove()
         cache.reset()  # drop the kept tensor

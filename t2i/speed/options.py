@@ -10,9 +10,10 @@
 Every switch acts on the loaded modules (`pipe.pipe.unet`, `pipe.pipe.vae`) or on
 `pipe.exact_batch`; none forks diffusers' denoising loop. Where one must act on
 every UNet call (bf16 autocast, feature caching, torch.compile) it wraps the
-UNet's forward. After the block the pipeline makes its plain images again, bit
-for bit (tested). `t2i bench --options ...` measures each switch against stock
-diffusers and against t2i's plain path; the README has the numbers.
+UNet's forward through `hooks.hooked`, the one mechanism, in its fixed order.
+After the block the pipeline makes its plain images again, bit for bit (tested).
+`t2i bench --options ...` measures each switch against stock diffusers and
+against t2i's plain path; the README has the numbers.
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
 
 from t2i.errors import UsageError
 from t2i.speed.cache import feature_cache
-from t2i.speed.hooks import _output_as, exact_batch, wrapped_forward
+from t2i.speed.hooks import _output_as, compiled_forward, exact_batch, hooked
 
 
 @lru_cache(maxsize=1)
@@ -157,9 +158,8 @@ def apply(pipe, options: SpeedOptions | None = None):
     with contextlib.ExitStack() as stack:
         before, pipe.speed = pipe.speed, o.names()  # recorded in each image's settings, replayed by reproduce
         stack.callback(setattr, pipe, "speed", before)
-        # Order matters: forward wrappers nest inside out (compile innermost, the cache outermost).
-        # The cache holds one UNet call's rows; accelerate's offload hook is an instance `forward`, which
-        # per-image evaluation would delete after its first call: both run the batch in one call.
+        # The forward wrappers (compile, bf16, the cache) nest in hooks.ORDER whatever the order here.
+        # The cache holds one whole UNet call's rows; it and cpu_offload batch the UNet (SpeedOptions.exact).
         stack.enter_context(exact_batch(pipe, exact=o.exact))
         if o.channels_last:
             stack.enter_context(channels_last(pipe))
@@ -266,25 +266,21 @@ def cpu_offload(pipe):
 def bf16_autocast(pipe):
     """The UNet under CPU bfloat16 autocast; its output is cast back to the latents' dtype for the scheduler."""
     def wrap(forward):
-        def forward_bf16(self, sample, *args, **kwargs):
+        def forward_bf16(sample, *args, **kwargs):
             with torch.autocast(sample.device.type, dtype=torch.bfloat16):
-                out = forward(self, sample, *args, **kwargs)
+                out = forward(sample, *args, **kwargs)
             return _output_as(out, sample.dtype)
         return forward_bf16
 
-    return wrapped_forward(pipe.pipe.unet, wrap)
+    return hooked(pipe.pipe.unet, "bf16", wrap)
 
 
 def compiled(pipe, backend: str = "inductor"):
     """torch.compile of the UNet's forward (the first call compiles: minutes on a CPU, then faster steps).
 
-    Alone (or with `batched`/`channels_last`) it compiles once per process; combined with
-    bf16 or the feature cache, whose wrappers are made per block, it recompiles per block.
+    The compiled forward is made once per process and the UNet's class never changes, so it
+    compiles once per process, with the other options' wrappers around it or not.
     """
-    return wrapped_forward(pipe.pipe.unet, lambda forward: torch.compile(forward, backend=backend, dynamic=False),
-                           key=("compile", backend))
-
-
-# ---------------------------------------------------------------------------------------------- feature caching
-
-
+    unet = pipe.pipe.unet
+    forward = compiled_forward(type(unet), backend)
+    return hooked(unet, "compile", lambda _class_forward: partial(forward, unet))

@@ -1,4 +1,4 @@
-"""Autoguidance: a model folder's guide/ UNet steers the late steps (pipelines.base.autoguided_unet)."""
+"""Autoguidance: a model folder's guide/ UNet steers the late steps (pipelines.unet_calls.autoguided_unet)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class _Weak(torch.nn.Module):
 
 @pytest.mark.parametrize("exact", [False, True])
 def test_the_pipelines_sum_becomes_the_autoguided_prediction_below_the_threshold(exact):
-    from t2i.pipelines.base import autoguided_unet
+    from t2i.pipelines.unet_calls import autoguided_unet
 
     unet, weak, n, g, s = _Plain(), _Weak(), 2, 5.0, 3.0
     settings = Settings(prompt="p", guidance=g, autoguidance=s, autoguidance_below=500)
@@ -153,6 +153,37 @@ def test_autoguidance_runs_under_the_feature_cache(guided_pipe):
         cached = guided_pipe("a red circle", seed=1, progress=False)
     assert cached.settings[0].autoguidance == 3.0 and "cache2" in cached.settings[0].speed
     assert cache.shallow_calls > 0
+
+
+def test_a_call_that_raises_mid_way_leaves_the_unet_and_the_guide_as_they_were(guided_pipe):
+    """Autoguidance, per-image evaluation of the UNet and of the guide, and bf16 are all on when the step
+    callback raises in an autoguided step: every wrapper is gone after it, and the next image is the plain one."""
+    from t2i import speed
+    from t2i.speed.hooks import hook_names
+
+    def state(module):
+        return type(module), sorted(module.__dict__), [n for n, m in module.named_modules() if "forward" in m.__dict__]
+
+    unet, guide = guided_pipe.pipe.unet, guided_pipe.guide
+    before, plain = (state(unet), state(guide)), guided_pipe("a red circle", seed=1, batch=2, progress=False)
+
+    seen = []
+
+    def interrupt(i):
+        if i == 2:  # the third of four steps: below autoguidance_below, so the guide has run
+            seen.append((hook_names(unet), hook_names(guide)))
+            raise KeyboardInterrupt
+
+    guided_pipe.on_step = interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt), speed.apply(guided_pipe, speed.SpeedOptions.parse("bf16")):
+            guided_pipe("a red circle", seed=1, batch=2, progress=False)
+    finally:
+        guided_pipe.on_step = None
+    assert seen == [(["autoguidance", "per_image", "bf16"], ["per_image"])]
+    assert (state(unet), state(guide)) == before
+    again = guided_pipe("a red circle", seed=1, batch=2, progress=False)
+    assert [a.tobytes() for a in again.images] == [p.tobytes() for p in plain.images]
 
 
 def test_bench_compares_stock_without_autoguidance_and_prices_it_in_a_row_of_its_own(guided_pipe):

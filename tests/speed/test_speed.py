@@ -104,13 +104,9 @@ def test_a_shallow_call_right_after_a_full_one_rebuilds_the_full_output_at_every
     n = len(unet.up_blocks[-1].resnets)
     for layers in range(n + 1):
         cache = speed.FeatureCache(unet, 2, layers=layers)
-        handle = cache.hook_target().register_forward_hook(cache.keep)
-        try:
-            with torch.no_grad():
-                full = unet(sample, 500, context, **added).sample
-                shallow = cache.shallow(sample, torch.tensor(500), context, **added).sample
-        finally:
-            handle.remove()
+        with torch.no_grad(), cache.keeping():
+            full = unet(sample, 500, context, **added).sample
+            shallow = cache.shallow(sample, torch.tensor(500), context, **added).sample
         assert torch.allclose(shallow, full, atol=1e-5), (which, layers, (shallow - full).abs().max())
     with pytest.raises(UsageError, match="last up block has"):
         speed.FeatureCache(unet, 2, layers=n + 1)
