@@ -13,7 +13,7 @@ every UNet call (bf16 autocast, feature caching, torch.compile) it wraps the
 UNet's forward through `hooks.hooked`, the one mechanism, in its fixed order.
 After the block the pipeline makes its plain images again, bit for bit (tested).
 `t2i bench --options ...` measures each switch against stock diffusers and
-against t2i's plain path; the README has the numbers.
+against t2i's plain path; docs/benchmarks.md has the numbers.
 """
 
 from __future__ import annotations
