@@ -75,7 +75,7 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speed", metavar="OPTS", default="",
                    help="speed options, comma-separated (see t2i bench): batched (a batch in one UNet call: image i "
                         "equals the single run with seed+i to within rounding, not bit for bit), cacheN (feature "
-                        "reuse every N steps: ~2x faster at N=3, changes the images), cacheN:K (reuse deeper: only "
+                        "reuse every N steps: faster, changes the images), cacheN:K (reuse deeper: only "
                         "the last K layers run between; cache3:1 is DeepCache's default), channels_last, bf16, compile, "
                         "attention_slicing, vae_tiling, cpu_offload, tiny_vae[=PATH] (decode with a small TAESD-style "
                         "decoder: the model's own vae_tiny/, or PATH). Default: none (exact). Recorded in the PNG; "

@@ -46,12 +46,11 @@ def cpu_has_bf16() -> bool:
 class SpeedOptions:
     """Which switches `apply` turns on. `SpeedOptions()` is the set measured safe and faster on CPU.
 
-    The defaults, from `t2i bench` on a 2-core AVX2 CPU (no bf16 instructions): `batched` (same
-    image at batch 1, 2.5x faster at batch 16 than exact per-image rows), `sdpa` (diffusers' own
-    default; the classic processor is ~10% slower), bf16 only where the CPU has it (forced on
-    AVX2 it is 12x slower). Off: channels_last (~10% slower here), compile (about 2 minutes to
-    compile, no measurable gain), the feature cache (2x, but it changes the images), and the
-    memory options.
+    The defaults are the switches that measured faster at no cost to the images' quality on a CPU
+    (docs/benchmarks.md has the numbers): `batched` (one UNet call for a batch), `sdpa` (diffusers'
+    own default), and bf16 autocast only where the CPU has bf16 instructions (elsewhere it is
+    emulated, and slower). Off: channels_last and compile (no gain measured on a CPU), the feature
+    cache (it changes the images) and the memory options.
 
     batched            one UNet call for the whole batch (`exact_batch` off): images equal single runs
                        only to within float rounding, not bit for bit
