@@ -1,0 +1,181 @@
+"""The one training loop (train/loop.py) and the losses (train/losses.py), on a toy job in milliseconds: resume,
+accumulation, the non-finite skip, the time budget, Ctrl-C, the trackers and the loss curve."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from t2i.train import loop, losses
+from t2i.train.checkpoint import Checkpoints
+
+# --------------------------------------------------------------------------- losses
+
+
+def test_min_snr_weights_are_hang_et_al_with_the_floor_under_the_x0_weight():
+    snr = torch.tensor([0.25, 1.0, 5.0, 20.0])
+    # Hang et al. 2023: min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v, min(SNR, gamma) for x0
+    eps = losses.min_snr_weight(snr, 5.0, "epsilon")
+    v = losses.min_snr_weight(snr, 5.0, "v_prediction")
+    x0 = losses.min_snr_weight(snr, 5.0, "sample")
+    torch.testing.assert_close(eps, torch.tensor([1.0, 1.0, 1.0, 0.25]))
+    torch.testing.assert_close(v, torch.tensor([0.2, 0.5, 5 / 6, 5 / 21]))
+    torch.testing.assert_close(x0, torch.tensor([0.25, 1.0, 5.0, 5.0]))
+    # the floor lifts the x0 weight of the noisiest steps: max(min(SNR, gamma), floor)
+    torch.testing.assert_close(losses.min_snr_weight(snr, 5.0, "v_prediction", floor=1.0),
+                               torch.tensor([0.8, 0.5, 5 / 6, 5 / 21]))
+    torch.testing.assert_close(losses.min_snr_weight(snr, 5.0, "epsilon", floor=1.0),
+                               torch.tensor([4.0, 1.0, 1.0, 0.25]))
+
+
+def test_the_diffusion_loss_weighs_each_samples_error_and_gamma_0_turns_weighting_off():
+    pred, target = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    target[1] *= 2  # per-sample squared errors 1 and 4
+    snr = torch.tensor([1.0, 10.0])
+    weighted = losses.diffusion_loss(pred, target, snr, "v_prediction", gamma=5.0)
+    assert float(weighted) == pytest.approx((1 * 0.5 + 4 * 5 / 11) / 2)
+    assert float(losses.diffusion_loss(pred, target, snr, "v_prediction", gamma=0.0)) == pytest.approx(2.5)
+
+
+def test_an_unknown_prediction_type_is_refused():
+    with pytest.raises(ValueError, match="prediction type 'flow'"):
+        losses.min_snr_weight(torch.ones(1), 5.0, "flow")
+
+
+# --------------------------------------------------------------------------- a toy job
+
+
+def _toy(root: Path, steps: int, every: int = 2, grad_accum: int = 1, poison=(), **kw) -> loop.Job:
+    """A linear model fitted to noisy targets; its data come from the global RNG, so a resume is only exact if
+    the loop restores it. `poison`: steps whose loss is NaN."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, loop.warmup(3))
+    truth = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+
+    def batches(start: int):
+        for _ in itertools.count(start):
+            x = torch.randn(8, 4)  # (8, 4)
+            y = x @ truth.T + 0.1 * torch.randn(8, 1)  # (8, 1)
+            yield from zip(x.chunk(grad_accum), y.chunk(grad_accum))
+
+    def loss(models, batch, step):
+        x, y = batch
+        err = torch.nn.functional.mse_loss(models["linear"](x), y)
+        return err * float("nan") if step + 1 in poison else err, {"mse": err.item()}
+
+    return loop.Job("toy", {"linear": model}, opt, sched, batches, loss, steps,
+                    Checkpoints(root / "checkpoints", keep=10), every, root / "toy_log.jsonl",
+                    ema={"linear": loop.EMA(model, 0.9)}, grad_accum=grad_accum, **kw)
+
+
+def _train(root: Path, steps: int, resume: str | None = None, **kw) -> loop.Job:
+    acc = loop.accelerator("no", root)
+    job = _toy(root, steps, **kw)
+    loop.train(acc, job, loop.resume(acc, job, resume))
+    return job
+
+
+def _log(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / "toy_log.jsonl").read_text().splitlines()]
+
+
+def _same(a: loop.Job, b: loop.Job) -> bool:
+    pairs = [(a.models["linear"], b.models["linear"]), (a.ema["linear"].shadow, b.ema["linear"].shadow)]
+    return all(torch.equal(p, q) for m, n in pairs for p, q in zip(m.parameters(), n.parameters()))
+
+
+def test_a_resumed_run_ends_with_the_weights_and_average_of_a_straight_one(tmp_path):
+    straight = _train(tmp_path / "straight", 6)
+    _train(tmp_path / "split", 3)
+    resumed = _train(tmp_path / "split", 6, resume="latest")
+    assert _same(straight, resumed)
+    assert [r["step"] for r in _log(tmp_path / "split") if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in Checkpoints(tmp_path / "split" / "checkpoints").all()] == [2, 3, 4, 6]
+
+
+def test_accumulated_half_batches_make_the_step_of_the_whole_batch(tmp_path):
+    whole, halves = _train(tmp_path / "whole", 4), _train(tmp_path / "halves", 4, grad_accum=2)
+    for p, q in zip(whole.models["linear"].parameters(), halves.models["linear"].parameters()):
+        torch.testing.assert_close(p, q)
+    assert [r["loss"] for r in _log(tmp_path / "whole")] == pytest.approx([r["loss"] for r in _log(tmp_path / "halves")])
+
+
+def test_a_non_finite_step_is_skipped_and_too_many_in_a_row_stop_the_run(tmp_path):
+    job = _train(tmp_path / "once", 4, poison={2})
+    assert [r["skipped"] for r in _log(tmp_path / "once") if "loss" in r] == [False, True, False, False]
+    assert all(torch.isfinite(p).all() for p in job.models["linear"].parameters())
+    with pytest.raises(loop.TrainingError, match=r"2 non-finite steps in a row at step 4.*\(step 2\)"):
+        _train(tmp_path / "always", 8, poison=set(range(3, 9)), max_bad_steps=2)
+    assert [s for s, _ in Checkpoints(tmp_path / "always" / "checkpoints").all()] == [2]
+
+
+def test_the_time_budget_stops_the_run_at_a_checkpoint(tmp_path):
+    with pytest.raises(loop.OutOfTime, match=r"toy: max_minutes \(1e-09\) ran out at step 2") as stop:
+        _train(tmp_path, 6, budget=loop.TimeBudget(1e-9))
+    assert stop.value.step == 2
+    assert [s for s, _ in Checkpoints(tmp_path / "checkpoints").all()] == [2]
+    assert (tmp_path / "toy_loss.png").is_file()  # drawn when a run stops, too
+
+
+def test_ctrl_c_saves_the_step_it_reached_and_puts_the_handlers_back(tmp_path):
+    before = signal.getsignal(signal.SIGINT)
+    job = _toy(tmp_path, 10, every=100)
+    forward = job.loss
+
+    def interrupted(models, batch, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # mid-step: the loop saves the last whole step, 2
+        return forward(models, batch, step)
+
+    job.loss = interrupted
+    acc = loop.accelerator("no", tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(acc, job, 0)
+    assert [s for s, _ in Checkpoints(tmp_path / "checkpoints").all()] == [2]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_metrics_also_go_to_tensorboard_when_it_is_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _train(tmp_path, 4)
+    (run,) = (tmp_path / "tensorboard").iterdir()
+    assert run.name == "toy"
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert {"loss", "mse", "lr"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------- the loss curve
+
+
+def test_the_loss_curve_draws_each_step_once_and_skips_what_is_not_a_loss(tmp_path):
+    log = tmp_path / "unet_log.jsonl"
+    records = [{"step": s, "loss": 2.0 / s} for s in range(1, 41)] + [{"step": 40, "val_psnr": 20.0}]
+    records += [{"step": 30, "loss": 0.01}]  # logged again by a run resumed from step 29: the last one counts
+    log.write_text("\n".join(map(json.dumps, records)) + '\n{"step": 41, "lo')  # a line cut short by a kill
+    png = loop.loss_curve(log, tmp_path / "unet_loss.png", "unet")
+    image = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    assert image.shape == (450, 800, 3)
+    curve = (abs(image - [25, 70, 160]).sum(axis=2) < 30)  # the moving average's colour
+    assert curve.sum() > 200
+    assert loop.loss_curve(tmp_path / "none.jsonl", tmp_path / "none.png", "none") is None
+    log.write_text(json.dumps({"step": 1, "mse": 0.5}) + "\n")
+    assert loop.loss_curve(log, tmp_path / "no_loss.png", "unet") is None and not (tmp_path / "no_loss.png").exists()
+
+
+def test_a_run_ends_with_its_loss_curve_beside_its_log(tmp_path):
+    _train(tmp_path, 4)
+    assert Image.open(tmp_path / "toy_loss.png").size == (800, 450)
