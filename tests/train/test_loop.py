@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from helpers import lora_cfg
-from t2i.train import lora, loop, losses
+from t2i.train import demo, lora, loop, losses
 from t2i.train.checkpoint import Checkpoints
 
 # --------------------------------------------------------------------------- losses
@@ -163,6 +164,23 @@ def test_a_signal_during_the_update_is_raised_once_the_step_is_whole():
         pass
 
 
+def test_warmup_then_cosine_settles_at_the_floor():
+    f = loop.warmup_cosine(warmup_steps=10, steps=110, floor=0.05)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.525) and f(110) == pytest.approx(0.05) and f(500) == pytest.approx(0.05)
+
+
+def test_a_resumed_optimizers_moments_follow_the_weights_to_their_device():
+    """Restored before accelerate moves the weights (to a GPU), Adam's moments must move with them."""
+    w = torch.nn.Parameter(torch.ones(3, device="meta"))  # where `prepare` put the weight (a stand-in device)
+    opt = torch.optim.AdamW([w])
+    opt.state[w] = {"step": torch.tensor(5.0), "exp_avg": torch.ones(3), "exp_avg_sq": torch.ones(3)}  # restored
+    loop._state_beside_weights(opt)
+    state = opt.state[w]
+    assert state["exp_avg"].device.type == "meta" and state["exp_avg_sq"].device.type == "meta"
+    assert state["step"].device.type == "cpu"  # Adam keeps its step count on the CPU
+
+
 def test_metrics_also_go_to_tensorboard_when_it_is_installed(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -200,6 +218,43 @@ def test_a_run_ends_with_its_loss_curve_beside_its_log(tmp_path):
 
 
 # --------------------------------------------------------------------------- what each trainer gained
+
+
+def _vae_log(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / "vae_log.jsonl").read_text().splitlines()]
+
+
+def test_a_demo_stage_skips_a_non_finite_step_and_stops_after_too_many(tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    from t2i.train.demo import vae_stages
+
+    calls, original = {"n": 0}, AutoencoderKL.decode
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training:  # the stage's steps, not its validation
+            calls["n"] += 1
+            if calls["n"] in poison:
+                out.sample = out.sample * float("nan")
+        return out
+
+    monkeypatch.setattr(AutoencoderKL, "decode", poisoned)
+    monkeypatch.setattr(vae_stages, "vae_psnr", lambda vae: 0.0)  # the held-out PSNR is not what this is about
+    poison = {2}
+    root = tmp_path / "once"
+    demo.run(str(demo.CONFIGS / "tiny.toml"), "vae", "latest", {"output_dir": str(root)})
+    assert [r["skipped"] for r in _vae_log(root) if "loss" in r] == [False, True, False, False]
+    weights = load_file(str(Checkpoints(root / "vae_checkpoints").latest() / "vae.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert (root / "vae" / "config.json").is_file()
+
+    calls["n"], poison = 0, set(range(3, 100))
+    root = tmp_path / "always"
+    with pytest.raises(loop.TrainingError, match=r"2 non-finite steps in a row at step 4"):
+        demo.run(str(demo.CONFIGS / "tiny.toml"), "vae", "latest", {"output_dir": str(root), "max_bad_steps": 2})
+    assert [s for s, _ in Checkpoints(root / "vae_checkpoints").all()] == [2]
+    assert not (root / "vae").exists()
 
 
 def test_the_lora_trainer_stops_at_a_checkpoint_when_its_time_is_up_and_goes_on(tiny_sd, data, tmp_path, caplog):
