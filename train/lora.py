@@ -7,47 +7,43 @@ The run, in order:
 3. Cache VAE latents (and text embeddings when the text encoder is frozen).
    Regularisation images (`reg_data`) train on their captions without the
    trigger, so prompts without it keep the base model's look.
-4. Train through accelerate: one CPU process, a GPU with mixed precision, or
-   several processes under `accelerate launch` with no code change.
-   Min-SNR weighting, noise offset, caption dropout, aspect-ratio buckets.
-5. Checkpoint atomically every N steps (train/checkpoint.py); render a
-   validation grid every M steps; Ctrl-C saves a checkpoint, then exits.
-6. Write the LoRA (diffusers layout or kohya's) with its training metadata,
+4. Train on the one training loop (train/loop.py): accelerate (one CPU process,
+   a GPU with mixed precision, several processes under `accelerate launch`),
+   atomic checkpoints every N steps with an exact resume, a validation grid every
+   M steps, non-finite steps skipped (`max_bad_steps` in a row stop the run),
+   Ctrl-C saves a checkpoint and exits, `max_minutes` stops at a checkpoint.
+   Min-SNR weighting (train/losses.py), noise offset, caption dropout,
+   aspect-ratio buckets.
+5. Write the LoRA (diffusers layout or kohya's) with its training metadata,
    and the final validation grid beside it.
-
-A step whose gradients are not finite is skipped with a warning (nothing
-non-finite is ever saved); `max_bad_steps` in a row stop the run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import itertools
 import json
+import logging
 import math
-import signal
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from t2i.errors import StorageError, T2IError, UsageError
-from t2i.train.checkpoint import Checkpoints, read_training_state, save_training_state
+from t2i.errors import UsageError
+from t2i.train import loop, losses
+from t2i.train.checkpoint import Checkpoints, read_training_state
 from t2i.train.config import load_config
 from t2i.train.data import BatchPlan, Dataset, bucket_sizes, fit, merge, scan, to_tensor, with_trigger
+from t2i.train.loop import TrainingError  # noqa: F401 - raised by the loop; part of this module's API
+
+log = logging.getLogger(__name__)
 
 ADAPTER = "t2i_lora"
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 FORMATS = ("diffusers", "kohya")
-
-
-class TrainingError(T2IError):
-    """The run cannot go on (e.g. too many non-finite steps in a row)."""
 
 
 @dataclass
@@ -82,6 +78,7 @@ class LoraTrainConfig:
     validation_prompts: list[str] = field(default_factory=list)  # default: the first captions of the data
     validation_seeds: list[int] = field(default_factory=lambda: [1, 2])
     max_bad_steps: int = 5
+    max_minutes: float = 0.0  # stop at the next checkpoint after this many minutes (0 = no limit); --resume latest goes on
     format: str = "diffusers"  # diffusers | kohya
     allow_pickle: bool = False
 
@@ -103,6 +100,8 @@ def check(cfg: LoraTrainConfig, resume: str | None) -> tuple[Dataset, Path]:
             raise UsageError(f"--{name} must be at least {low}, got {value}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise UsageError(f"--lr must be a positive number, got {cfg.lr}")
+    if not cfg.max_minutes >= 0:
+        raise UsageError(f"--max-minutes must be >= 0 (0: no limit), got {cfg.max_minutes:g}")
     if cfg.alpha < 0 or not 0 <= cfg.caption_dropout < 1 or cfg.noise_offset < 0:
         raise UsageError("--alpha and --noise-offset must be >= 0, caption_dropout in [0, 1)")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
@@ -160,47 +159,6 @@ def lora_state_dict(unet, text_encoder, rank: int, alpha: float, with_text: bool
     return out
 
 
-def _say(acc, message: str) -> None:
-    """Progress notes go to stderr (stdout carries only the written file's path), once per run."""
-    if acc.is_main_process:
-        tqdm.write(message, file=sys.stderr)
-
-
-_held = {"on": False, "pending": False}  # see _whole_step
-
-
-def _on_signal(signum, frame):
-    if _held["on"]:
-        _held["pending"] = True  # raised once the step is whole
-    else:
-        raise KeyboardInterrupt
-
-
-def _signals_to_interrupt():
-    """SIGINT (Ctrl-C) and SIGTERM (a cluster's preemption, `kill`): checkpoint, then exit.
-
-    SIGINT is set explicitly: a process started in the background by a non-interactive
-    shell inherits it as ignored, and `kill -INT` should still save and stop the run.
-    """
-    with contextlib.suppress(ValueError):  # not the main thread
-        signal.signal(signal.SIGTERM, _on_signal)
-        signal.signal(signal.SIGINT, _on_signal)
-
-
-@contextlib.contextmanager
-def _whole_step():
-    """An optimizer update and the step count that names it, as one: a signal between them is raised after.
-    Raised between, the interrupt saved step N's name on step N+1's weights, and the resumed run differed."""
-    _held["on"], _held["pending"] = True, False
-    try:
-        yield
-    finally:
-        _held["on"] = False
-    if _held["pending"]:
-        _held["pending"] = False
-        raise KeyboardInterrupt
-
-
 class Encoder:
     """Turns dataset items into (latents, text embeddings), from a cache when allowed."""
 
@@ -234,7 +192,8 @@ class Encoder:
                 out.append((i, to_tensor(fit(load_rgb(self.dataset.items[i].path), self.plan.bucket_of[i]))))
             except UsageError as e:
                 self.bad.add(i)
-                _say(self.acc, f"warning: skipping {e}")
+                if self.acc.is_main_process:
+                    log.warning("skipping %s", e)
         return out
 
     @torch.no_grad()
@@ -259,9 +218,10 @@ class Encoder:
                     self.embeds[i] = te(self.tokens([text]).to(self.acc.device))[0][0].float().cpu()  # (77, D)
                 self.empty = te(self.tokens([""]).to(self.acc.device))[0][0].float().cpu()
 
-    def batch(self, idx: list[int], gen: torch.Generator, text_encoder) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents (B, C, h, w) scaled for the UNet, conditioning (B, 77, D)); unreadable images are left out,
-        and a batch left empty takes the first readable image instead."""
+    def batch(self, idx: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents (B, C, h, w) scaled for the UNet, text): text is the cached embeddings (B, 77, D) when the
+        text encoder is frozen, else the token ids (B, 77) it encodes in the loss. Unreadable images are left
+        out, and a batch left empty takes the first readable image instead."""
         dev = self.acc.device
         if self.latents:
             idx = [i for i in idx if i in self.latents] or [next(iter(self.latents))]
@@ -276,23 +236,10 @@ class Encoder:
         latents = (mean + std * torch.randn(mean.shape, generator=gen)) * self.vae.config.scaling_factor
         drop = (torch.rand(len(idx), generator=gen) < self.cfg.caption_dropout).tolist()  # unconditional rows for CFG
         if self.embeds:
-            cond = torch.stack([self.empty if d else self.embeds[i] for i, d in zip(idx, drop)]).to(dev)
+            text = torch.stack([self.empty if d else self.embeds[i] for i, d in zip(idx, drop)])
         else:
-            ids = self.tokens(["" if d else self.captions[i] for i, d in zip(idx, drop)]).to(dev)
-            cond = text_encoder(ids)[0]
-        return latents.to(dev), cond
-
-
-def _accelerator(cfg: LoraTrainConfig):
-    """accelerate keeps one process-wide state: a second run in the same Python process (a notebook,
-    the tests) with another precision needs it cleared; the process group itself is kept."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision", cfg.mixed_precision) != cfg.mixed_precision:
-        AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+            text = self.tokens(["" if d else self.captions[i] for i, d in zip(idx, drop)])
+        return latents.to(dev), text.to(dev)
 
 
 def validation_grid(pipe, cfg: LoraTrainConfig, prompts: list[str], out: Path) -> Path:
@@ -323,7 +270,8 @@ def validation_grid(pipe, cfg: LoraTrainConfig, prompts: list[str], out: Path) -
 
 
 def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
-    """Run (or continue) a LoRA fine-tuning; returns the written LoRA file (None on processes other than the main)."""
+    """Run (or continue) a LoRA fine-tuning; returns the written LoRA file (None on processes other than the main,
+    and when max_minutes ran out first)."""
     from diffusers import DDPMScheduler
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -331,17 +279,22 @@ def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
     from t2i.lora import format as lora_format
 
     # 1. Check inputs, and read the checkpoint to resume (a damaged or hostile one is refused before a model loads)
+    budget = loop.TimeBudget(cfg.max_minutes)
     dataset, out = check(cfg, resume)
     ckpts = Checkpoints(out / "checkpoints", keep=cfg.keep_checkpoints)
     path = ckpts.resolve(resume)
     saved = read_training_state(path) if path is not None else None
-    acc = _accelerator(cfg)
-    _say(acc, f"data: {dataset.report()}")
+    acc = loop.accelerator(cfg.mixed_precision, out, cpu=not torch.cuda.is_available())
+    if acc.is_main_process:
+        log.info("data: %s", dataset.report())
 
     # 2. Load and freeze the base model; add the adapters
     pipe = Text2Image.from_pretrained(cfg.model or None, device="cpu", dtype="fp32", allow_pickle=cfg.allow_pickle)
     if pipe.model.arch == "sdxl":
         raise UsageError("LoRA training supports SD 1.x/2.x models so far, not SDXL")
+    noise_scheduler = DDPMScheduler.from_config(pipe.pipe.scheduler.config)
+    prediction = noise_scheduler.config.prediction_type
+    losses.check_prediction_type(prediction)
     pipe.pipe.to(acc.device)
     unet, vae, text_encoder = pipe.pipe.unet, pipe.pipe.vae, pipe.pipe.text_encoder
     for m in (unet, vae, text_encoder):
@@ -359,11 +312,12 @@ def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
         if cfg.train_text_encoder:
             enable = getattr(text_encoder, "activation_checkpointing_enable", None)  # transformers >= 5
             (enable or text_encoder.gradient_checkpointing_enable)()
-    params = {**_trainable(unet, "unet"), **(_trainable(text_encoder, "text_encoder") if cfg.train_text_encoder else {})}
+    models = {"unet": unet, **({"text_encoder": text_encoder} if cfg.train_text_encoder else {})}
+    params = {k: p for name, m in models.items() for k, p in _trainable(m, name).items()}
     for p in params.values():
         p.data = p.data.float()  # fp32 master weights, whatever the autocast dtype
 
-    # 3. Data: buckets, fixed order, caches
+    # 3. Data: buckets, a fixed order, caches
     factor = pipe.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)  # UNet needs sizes divisible by this
     resolution = cfg.resolution or unet.config.sample_size * pipe.vae_scale_factor
     buckets = bucket_sizes(resolution, factor) if cfg.buckets else None
@@ -373,6 +327,39 @@ def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
     encoder.cache()
     prompts = cfg.validation_prompts or list(dict.fromkeys(
         it.caption for it in dataset.items if it.caption and not it.reg))[:2] or [""]
+    snr = losses.snr(noise_scheduler).to(acc.device)  # (T,)
+
+    def batches(start: int):
+        """Micro-batch n of this process: a pure function of n, so a resumed run sees the data and noise a
+        straight run would."""
+        for n in itertools.count(start * cfg.grad_accum):
+            k = n * acc.num_processes + acc.process_index  # micro-batch k of the whole run
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
+            latents, text = encoder.batch(plan[k], gen)  # (B, C, h, w); (B, 77, D) embeddings or (B, 77) ids
+            noise = torch.randn(latents.shape, generator=gen)
+            if cfg.noise_offset:
+                noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
+            noise = noise.to(acc.device)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+            t = t.to(acc.device)
+            noisy = noise_scheduler.add_noise(latents, noise, t)  # (B, C, h, w)
+            yield noisy, t, losses.target(noise_scheduler, latents, noise, t), text
+
+    def loss(models, batch, step):
+        noisy, t, target, text = batch
+        cond = models["text_encoder"](text)[0] if cfg.train_text_encoder else text  # (B, 77, D)
+        pred = models["unet"](noisy, t, cond).sample  # (B, C, h, w)
+        return losses.diffusion_loss(pred, target, snr[t], prediction, cfg.min_snr_gamma), {}
+
+    def validate(step: int | None) -> Path:
+        unet.eval()
+        text_encoder.eval()
+        target = out / "samples" / f"step-{step:08d}.png" if step is not None else out / "validation.png"
+        return validation_grid(pipe, cfg, prompts, target)
+
+    def after_step(done: int) -> None:
+        if cfg.validation_every and done % cfg.validation_every == 0 and done != cfg.steps:
+            log.info("step %d: validation grid -> %s", done, validate(done))
 
     # 4. Optimizer, schedule, resume
     groups = [{"params": [p for k, p in params.items() if k.startswith("unet.")], "lr": cfg.lr}]
@@ -380,135 +367,38 @@ def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
         groups.append({"params": [p for k, p in params.items() if k.startswith("text_encoder.")],
                        "lr": cfg.text_encoder_lr or cfg.lr})
     opt = torch.optim.AdamW(groups, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) if cfg.warmup else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, loop.warmup(cfg.warmup))
     identity = {"base_model_hash": pipe.model.hash, "rank": cfg.rank, "alpha": alpha,
                 "train_text_encoder": cfg.train_text_encoder, "images": len(dataset.items),
                 "reg_images": sum(it.reg for it in dataset.items)}
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "train_log.jsonl"
+    job = loop.Job("lora", models, opt, sched, batches, loss, cfg.steps, ckpts, cfg.checkpoint_every, log_path,
+                   tensors=params, state={"identity": identity, "config": asdict(cfg)}, grad_accum=cfg.grad_accum,
+                   max_bad_steps=cfg.max_bad_steps, budget=budget, after_step=after_step)
     start = 0
     if saved is not None:
-        state, tensors = saved.state, saved.tensors
-        was = state.get("identity", {})
+        was = saved.state.get("identity", {})
         differs = {k: (was.get(k), v) for k, v in identity.items() if was.get(k) != v}
         if differs:
             k, (before, now) = next(iter(differs.items()))
             raise UsageError(f"checkpoint {saved.folder} was trained with {k}={before}, this run has {k}={now}; "
                              f"use the same settings or a new --output")
-        saved.restore({}, opt, sched)
-        if set(params) - set(tensors):
-            raise StorageError(f"checkpoint {saved.folder} lacks the LoRA weights "
-                               f"{sorted(set(params) - set(tensors))[0]}; resume from another with --resume PATH")
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(tensors[k])
-        start = state["step"]
-        _say(acc, f"resumed from {saved.folder} at step {start}")
-    elif resume == "latest":
-        _say(acc, f"no checkpoint in {out / 'checkpoints'} yet: starting at step 0")
-
-    noise_scheduler = DDPMScheduler.from_config(pipe.pipe.scheduler.config)
-    prediction = noise_scheduler.config.prediction_type
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(acc.device)
-    snr = alphas_cumprod / (1 - alphas_cumprod)  # (T,)
-    model = acc.prepare(unet)
-    te_model = acc.prepare(text_encoder) if cfg.train_text_encoder else text_encoder
-    opt, sched = acc.prepare(opt, sched)
-    trainable = list(params.values())
-
-    def save(step: int) -> None:
-        if not all(bool(torch.isfinite(p).all()) for p in trainable):
-            _say(acc, f"warning: weights at step {step} are not finite; checkpoint not written")
-            return
-        if acc.is_main_process:
-            tensors = {k: p.detach().cpu().contiguous() for k, p in params.items()}
-            ckpts.save(step, lambda d: {**save_training_state(d, {}, opt, sched, tensors), "identity": identity,
-                                        "config": asdict(cfg)})
-
-    def validate(step: int | None) -> Path | None:
-        if not acc.is_main_process:
-            return None
-        model.eval()
-        te_model.eval()
-        name = f"step-{step:08d}.png" if step is not None else "validation.png"
-        target = out / "samples" / name if step is not None else out / name
-        return validation_grid(pipe, cfg, prompts, target)
+        start = loop.restore(acc, job, saved)
+    elif resume == "latest" and acc.is_main_process:
+        log.info("no checkpoint in %s yet: starting at step 0", out / "checkpoints")
 
     # 5. Train
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "train_log.jsonl"
-    _signals_to_interrupt()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="lora", disable=not acc.is_main_process)
-    bad_in_row, done, last_saved = 0, start, start
     try:
-        for step in bar:
-            model.train()
-            te_model.train(cfg.train_text_encoder)
-            losses = []
-            for micro in range(cfg.grad_accum):
-                k = (step * cfg.grad_accum + micro) * acc.num_processes + acc.process_index
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
-                latents, cond = encoder.batch(plan[k], gen, te_model)  # (B, C, h, w), (B, 77, D)
-                noise = torch.randn(latents.shape, generator=gen)
-                if cfg.noise_offset:
-                    noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
-                noise = noise.to(acc.device)
-                t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-                t = t.to(acc.device)
-                noisy = noise_scheduler.add_noise(latents, noise, t)
-                target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
-                sync = acc.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
-                with sync, acc.autocast():
-                    pred = model(noisy, t, cond).sample  # (B, C, h, w)
-                    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                    if cfg.min_snr_gamma:
-                        w = torch.clamp(snr[t], max=cfg.min_snr_gamma)
-                        w = w / snr[t] if prediction == "epsilon" else w / (snr[t] + 1)
-                        per_sample = per_sample * w
-                    loss = per_sample.mean() / cfg.grad_accum
-                    acc.backward(loss)
-                losses.append(loss.detach() * cfg.grad_accum)
-            norm = acc.clip_grad_norm_(trainable, 1.0)  # all-reduced: the same on every rank
-            loss_value = float(torch.stack(losses).mean())
-            with _whole_step():
-                if not math.isfinite(float(norm)):
-                    opt.zero_grad(set_to_none=True)
-                    bad_in_row += 1
-                    _say(acc, f"warning: step {step + 1}: non-finite loss/gradients; step skipped ({bad_in_row} in a "
-                              "row)")
-                    if bad_in_row >= cfg.max_bad_steps:
-                        raise TrainingError(f"{bad_in_row} non-finite steps in a row at step {step + 1}; stopped. "
-                                            f"The last checkpoint (step {last_saved}) is intact: lower --lr or use "
-                                            f"--mixed-precision no, then --resume latest")
-                else:
-                    bad_in_row = 0
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                sched.step()
-                done = step + 1
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-            if acc.is_main_process:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": done, "loss": loss_value, "lr": sched.get_last_lr()[0],
-                                        "skipped": bad_in_row > 0, "t": time.time()}) + "\n")
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                save(done)
-                last_saved = done
-            if cfg.validation_every and done % cfg.validation_every == 0 and done != cfg.steps:
-                _say(acc, f"step {done}: validation grid -> {validate(done)}")
-            acc.wait_for_everyone()
-    except KeyboardInterrupt:
-        if done > last_saved:
-            save(done)
-        _say(acc, f"interrupted at step {done}: checkpoint saved in {out / 'checkpoints'}; continue with --resume latest")
-        raise
-    except OSError as e:  # the disk filled up (or went away) while writing the log or a grid
-        newest = ckpts.latest()
-        kept = (f"the newest checkpoint ({newest.name}) is intact; once that is fixed, --resume latest continues "
-                "from it") if newest else "no checkpoint was written yet"
-        raise StorageError(f"could not write {e.filename or out}: {e.strerror or e}; {kept}") from None
+        loop.train(acc, job, start)
+    except loop.OutOfTime as stop:
+        if acc.is_main_process:
+            log.info("%s; continue with --resume latest", stop)
+        return None
 
     # 6. Write the LoRA and the final grid
-    unwrapped_te = acc.unwrap_model(te_model) if cfg.train_text_encoder else text_encoder
-    sd = lora_state_dict(acc.unwrap_model(model), unwrapped_te, cfg.rank, alpha, cfg.train_text_encoder)
+    sd = lora_state_dict(acc.unwrap_model(unet), acc.unwrap_model(text_encoder), cfg.rank, alpha,
+                         cfg.train_text_encoder)
     digests = acc.gather(torch.tensor([int(_digest(params)[:15], 16)], device=acc.device))
     identical = len(set(digests.tolist())) == 1
     if not identical:
@@ -530,7 +420,7 @@ def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
         with open(log_path, "a") as f:
             f.write(json.dumps({"done": cfg.steps, "processes": acc.num_processes, "ranks_identical": identical,
                                 "weights_sha256": _digest(params), "lora": str(final)}) + "\n")
-        _say(acc, f"validation grid -> {validate(None)}")
+        log.info("validation grid -> %s", validate(None))
     acc.wait_for_everyone()
     return final if acc.is_main_process else None
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import sys
 
 from t2i.errors import UsageError
 from t2i.cli.common import Parser, number, positive_int
@@ -79,6 +82,8 @@ def _train_lora_parser(tsub) -> None:
     a("--validation-prompt", dest="validation_prompts", action="append", metavar="PROMPT",
       help="repeatable (default: the first two captions)")
     a("--max-bad-steps", type=positive_int, metavar="N", help="stop after this many non-finite steps in a row (default 5)")
+    a("--max-minutes", type=number, metavar="X",
+      help="stop at the next checkpoint after this many minutes (default 0: no limit); --resume latest goes on")
     a("--format", choices=["diffusers", "kohya"], help="layout of the LoRA file (default diffusers)")
     a("--resume", metavar="latest|PATH", help="continue from the newest (or this) checkpoint in --output")
     a("--allow-pickle", action="store_true", default=None, help="allow a pickle-based base model (trusted only)")
@@ -99,7 +104,8 @@ def cmd_train_demo(args) -> int:
             overrides[key.strip()] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             overrides[key.strip()] = value
-    demo.run(args.config or "demo", args.stage, None if args.resume == "none" else args.resume, overrides)
+    with _notices():
+        demo.run(args.config or "demo", args.stage, None if args.resume == "none" else args.resume, overrides)
     return 0
 
 
@@ -110,7 +116,8 @@ def cmd_train_lora(args) -> int:
 
     # each config key with a flag of the same name; None = flag not given, the file's value stays
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(lora.LoraTrainConfig) if hasattr(args, f.name)}
-    path = lora.run(args.config, flags, args.resume)
+    with _notices():
+        path = lora.run(args.config, flags, args.resume)
     if path is not None:  # the main process of a multi-process run
         print(path)
     return 0
@@ -122,3 +129,31 @@ def cmd_style_data(args) -> int:
     folder = write_dataset(args.out, args.style, args.n, args.seed)
     print(folder)
     return 0
+
+
+class _NoticeHandler(logging.Handler):
+    """A notice as one line on stderr, written past the progress bar; warnings say so."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm  # deferred: every t2i command imports this module
+
+        prefix = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+        try:
+            tqdm.write(prefix + record.getMessage(), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging's rule: a notice never breaks the run
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _notices():
+    """The trainers' notices (data, resumes, validation, warnings) on stderr while the command runs. t2i-wide
+    logging setup (t2i/log.py) takes this over once it exists."""
+    logger, handler = logging.getLogger("t2i.train"), _NoticeHandler()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -26,7 +26,7 @@ from PIL import Image
 
 from helpers import REPO, lora_args as _args, lora_cfg as _cfg, weights as _weights
 from t2i import metadata
-from t2i.train import lora
+from t2i.train import lora, loop
 from t2i.train.checkpoint import Checkpoints, read_training_state
 
 KILL_TRIALS = 20
@@ -44,7 +44,7 @@ import accelerate, peft, torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 import t2i.cli
 from t2i.pipelines import Text2Image
-from t2i.train import checkpoint, lora
+from t2i.train import checkpoint, loop
 
 def slow(write, before, after=0.0):
     def call(*args, **kwargs):
@@ -55,7 +55,7 @@ def slow(write, before, after=0.0):
     return call
 checkpoint.save_file = slow(checkpoint.save_file, 0.05)
 torch.save = slow(torch.save, 0.05)
-lora.save_training_state = slow(lora.save_training_state, 0.0, 0.1)
+loop.save_training_state = slow(loop.save_training_state, 0.0, 0.1)
 
 for line in sys.stdin:  # [argv, log file] -> prints the trainer's pid, then how it ended
     argv, log = json.loads(line)
@@ -188,7 +188,7 @@ def _full_disk_at(where: str, monkeypatch) -> None:
             opened["log"] += Path(file).name == "train_log.jsonl"
             return failing(open, lambda *a, **k: opened["log"] == 3)(file, *args, **kwargs)
 
-        monkeypatch.setattr(lora, "open", log_full, raising=False)  # shadows the builtin in train/lora.py only
+        monkeypatch.setattr(loop, "open", log_full, raising=False)  # shadows the builtin in train/loop.py only
 
 
 @pytest.mark.parametrize("where", ["weights", "optimizer state", "state.json", "fsync", "training log"])

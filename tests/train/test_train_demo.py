@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -83,12 +84,6 @@ def test_an_unknown_prediction_type_is_refused_before_any_work(tmp_path):
     assert not list(tmp_path.iterdir())  # not even the tokenizer stage ran
 
 
-def test_warmup_then_cosine_settles_at_the_floor():
-    f = demo._warmup_cosine(warmup=10, steps=110, floor=0.05)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    assert f(60) == pytest.approx(0.525) and f(110) == pytest.approx(0.05) and f(500) == pytest.approx(0.05)
-
-
 def test_the_small_decoder_ships_beside_the_model_and_decodes_its_latents(trained, run_cli, tmp_path):
     from diffusers import AutoencoderTiny
 
@@ -154,7 +149,7 @@ def test_model_card_reports_the_measured_numbers(trained, tmp_path):
     assert "Scheduler: Euler a" in card and "30 steps, Euler a," in card and "num_inference_steps=30" in card
 
 
-def test_export_makes_the_guide_from_an_earlier_checkpoint_of_the_run(trained, tmp_path, capsys):
+def test_export_makes_the_guide_from_an_earlier_checkpoint_of_the_run(trained, tmp_path, caplog):
     import shutil
 
     from t2i.models import guide
@@ -169,9 +164,9 @@ def test_export_makes_the_guide_from_an_earlier_checkpoint_of_the_run(trained, t
     assert (defaults["trained_unet_steps"], defaults["autoguidance"], defaults["autoguidance_below"]) == (4, 2.0, 500)
     pipe = Text2Image.from_pretrained(str(model), device="cpu", dtype="fp32")
     assert pipe.guide is not None and pipe.autoguidance == 2.0
-    capsys.readouterr()
+    caplog.set_level(logging.INFO, logger="t2i.train")
     _run(root, "export", **{"guide.step": 4})  # not an earlier step: no guide, and the old one goes
-    assert "no guide/ (not before the exported step" in capsys.readouterr().out
+    assert "no guide/ (not before the exported step" in caplog.text
     assert not (model / "guide").exists() and "autoguidance" not in json.loads((model / "t2i.json").read_text())
 
 
@@ -435,17 +430,6 @@ def test_the_continue_config_trains_the_bundled_model_further(tmp_path):
         demo.run(str(config), "vae", "latest", {"output_dir": str(tmp_path / "c")})
 
 
-def test_a_resumed_optimizers_moments_follow_the_weights_to_their_device():
-    """Restored before accelerate moves the weights (to a GPU), Adam's moments must move with them."""
-    w = torch.nn.Parameter(torch.ones(3, device="meta"))  # where `prepare` put the weight (a stand-in device)
-    opt = torch.optim.AdamW([w])
-    opt.state[w] = {"step": torch.tensor(5.0), "exp_avg": torch.ones(3), "exp_avg_sq": torch.ones(3)}  # restored
-    demo._state_beside_weights(opt)
-    state = opt.state[w]
-    assert state["exp_avg"].device.type == "meta" and state["exp_avg_sq"].device.type == "meta"
-    assert state["step"].device.type == "cpu"  # Adam keeps its step count on the CPU
-
-
 def test_scenes_rendered_ahead_by_workers_train_the_same_bits(tmp_path):
     """data_workers renders the coming steps' scenes in other processes: same batches, same losses, same
     weights as rendering them between steps; a resumed run's workers start at the resumed step."""
@@ -471,16 +455,18 @@ def test_a_negative_number_of_data_workers_is_refused(tmp_path):
         _run(tmp_path, "tokenizer", data_workers=-1)
 
 
-def test_max_minutes_stops_at_a_checkpoint_exports_and_the_same_command_goes_on(tmp_path, capsys):
+def test_max_minutes_stops_at_a_checkpoint_exports_and_the_same_command_goes_on(tmp_path, caplog):
     """For a lent machine: the time limit stops the running stage at its next checkpoint; a run of all stages
     still exports the newest UNet checkpoint; the same command then resumes from there."""
+    caplog.set_level(logging.INFO, logger="t2i.train")
     _run(tmp_path, "all", max_minutes=1e-9)  # out of time at the VAE's first checkpoint: no UNet to export
-    assert "vae: max_minutes (1e-09) ran out at step 2" in capsys.readouterr().out
+    assert "vae: max_minutes (1e-09) ran out at step 2" in caplog.text
     assert not (tmp_path / "vae" / "config.json").exists() and not (tmp_path / "model").exists()
     _run(tmp_path, "vae")  # the VAE goes on from step 2
     assert [r["step"] for r in map(json.loads, (tmp_path / "vae_log.jsonl").open()) if "mse" in r] == [1, 2, 3, 4]
+    caplog.clear()
     _run(tmp_path, "all", max_minutes=1e-9)  # the VAE is done; the UNet stops at its first checkpoint, exported
-    assert "unet: max_minutes (1e-09) ran out at step 2" in capsys.readouterr().out
+    assert "unet: max_minutes (1e-09) ran out at step 2" in caplog.text
     assert json.loads((tmp_path / "model" / "t2i.json").read_text())["trained_unet_steps"] == 2
     _run(tmp_path, "unet")
     assert [r["step"] for r in map(json.loads, (tmp_path / "unet_log.jsonl").open())] == [1, 2, 3, 4]
@@ -488,10 +474,11 @@ def test_max_minutes_stops_at_a_checkpoint_exports_and_the_same_command_goes_on(
         _run(tmp_path, "unet", max_minutes=-1)
 
 
-def test_continuing_a_model_without_the_text_stage_says_its_layout_head_is_new(trained, tmp_path, capsys):
+def test_continuing_a_model_without_the_text_stage_says_its_layout_head_is_new(trained, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="t2i.train")
     _run(tmp_path, "unet", **{"unet.init_from": str(trained / "model"), "unet.steps": 5, "unet.layout_weight": 1.0,
                               "text.layout_cells": 4})
-    assert "layout task's head starts untrained" in capsys.readouterr().out
+    assert "layout task's head starts untrained" in caplog.text
 
 
 def test_the_cli_finds_a_shipped_config_by_name(run_cli, tmp_path):
