@@ -27,8 +27,10 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
+from t2i.choices import BENCH_OPTIONS, BENCH_PROMPT
 
-PROMPT = "a red circle to the left of a blue square"
+
+PROMPT = BENCH_PROMPT
 STOCK, PLAIN = "stock diffusers", "t2i"
 
 
@@ -147,7 +149,7 @@ def stock_pipeline(pipe):
 
 
 def bench(pipe, steps: int | None = None, size: int | None = None, batch: int = 1, repeats: int = 3,
-          options: list[str] = ("batched",), prompt: str = PROMPT, seed: int = 0, shapeeval: bool = False,
+          options: list[str] = BENCH_OPTIONS, prompt: str = PROMPT, seed: int = 0, shapeeval: bool = False,
           flops: bool = False) -> Report:
     """Bench stock diffusers against t2i's variants on `pipe` (a Text2Image): rows in the table's order, and the
     report's context (sizes, threads; with flops=True, GFLOP/s against the matmul peak)."""

@@ -7,7 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from t2i.errors import UsageError
+from t2i.choices import DEVICES, DTYPES
+from t2i.errors import UsageError, did_you_mean
 from t2i.cli.startup import no_collections
 
 EXAMPLES = """examples:
@@ -22,10 +23,20 @@ EXAMPLES = """examples:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: `t2i generate: error: ... (see --help)`, exit code 2."""
+    """argparse with one-line errors: `t2i generate: error: ... (see --help)`, exit code 2; a mistyped choice
+    (a command, a --device) is answered with the closest ones."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def _check_value(self, action, value):  # argparse's check of `choices` (Python 3.14 suggests on its own)
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as e:
+            hint = did_you_mean(str(value), list(action.choices))
+            if not hint:
+                raise
+            raise argparse.ArgumentError(action, f"{e.message}; {hint}") from None
 
 
 def positive_int(text: str) -> int:
@@ -48,8 +59,8 @@ def model_args(p: argparse.ArgumentParser) -> None:
                    help="diffusers folder, .safetensors checkpoint or hub id (default: the bundled t2i-shapes)")
     g.add_argument("--model-config", metavar="DIR",
                    help="diffusers folder whose configs a single-file checkpoint uses (needed offline)")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default: auto")
-    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+    g.add_argument("--device", default="auto", choices=DEVICES, help="default: auto")
+    g.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="default: auto (fp16/bf16 on a GPU, fp32 on the CPU)")
     g.add_argument("--allow-pickle", action="store_true",
                    help="also load pickle-based weights (.ckpt/.bin/.pt); they can run code: trusted files only")

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 from pathlib import Path
 
+from t2i.choices import DEVICES, DTYPES
 from t2i.errors import UsageError
 from t2i.cli.common import progress_bar, load_pipeline, number, positive_int, set_autoguidance, speed_options
 
@@ -28,8 +29,8 @@ def add_parser(sub) -> None:
     e.add_argument("--through-vae", action="store_true",
                    help="with --ground-truth: pass the renders through the model's VAE (encode, decode) first, "
                         "the best score any UNet can reach with that VAE")
-    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    e.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    e.add_argument("--device", default="auto", choices=DEVICES)
+    e.add_argument("--dtype", default="auto", choices=DTYPES)
     e.add_argument("--allow-pickle", action="store_true", help=argparse.SUPPRESS)
     e.add_argument("--model-config", metavar="DIR", help=argparse.SUPPRESS)
     e.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

@@ -231,3 +231,39 @@ def test_main_in_process_leaves_the_garbage_collector_as_it_found_it(run_cli):
         assert not gc.isenabled()  # a caller's own choice is kept
     finally:
         gc.enable()
+
+
+# --------------------------------------------------------------------------- help, mistakes and interruptions
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    code = """
+import sys
+from t2i.cli import main
+for argv in (["--help"], ["generate", "--help"], ["bench", "--help"], ["eval", "--help"], ["train", "lora", "--help"],
+             ["generate", "a", "--steps", "many"], ["genrate", "a"], ["generate", "a", "--device", "cuad"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+print(sorted(m for m in ("torch", "diffusers", "transformers", "PIL", "tqdm") if m in sys.modules))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[-1] == "[]"
+
+
+def test_a_mistyped_command_or_choice_gets_a_did_you_mean(run_cli):
+    code, _, stderr = run_cli("genrate", "a red circle")
+    assert code == 2 and "did you mean 'generate'?" in one_line(stderr)
+    code, _, stderr = run_cli("generate", "a", "--device", "cuad")
+    assert code == 2 and "did you mean 'cuda'?" in one_line(stderr)
+    code, _, stderr = run_cli("train", "lroa")
+    assert code == 2 and "did you mean 'lora'?" in one_line(stderr)
+
+
+def test_a_mistyped_sampler_or_model_gets_a_did_you_mean(run_cli, sd_copy, tmp_path, no_model_load):
+    code, _, stderr = run_cli("generate", "a", "--model", sd_copy, "--sampler", "eulr a", "--out", tmp_path / "o")
+    assert code == 2 and "did you mean 'euler-a'" in one_line(stderr)
+    code, _, stderr = run_cli("generate", "a", "--model", tmp_path / "modle", "--out", tmp_path / "o")
+    assert code == 2 and f"did you mean '{sd_copy}'?" in one_line(stderr)
