@@ -25,6 +25,7 @@ from t2i.models.guide import GUIDE_FOLDER, load_guide
 from t2i.devices import dtype_name, resolve_device, resolve_dtype
 from t2i.errors import NumericalError, UsageError
 from t2i.lora.apply import LoraSet
+from t2i.progress import StepBar
 from t2i.samplers import DEFAULT_SAMPLER, get_sampler, make_scheduler
 from t2i.settings import LoraSpec, Settings
 
@@ -362,9 +363,7 @@ class BasePipeline:
             return None
         if progress is not True:
             return progress  # the caller's own bar (the CLI shares one across a job)
-        from tqdm.auto import tqdm
-
-        return tqdm(total=0, desc=self.task, unit="step", file=sys.stderr, leave=False)
+        return StepBar(self.task, leave=False)
 
     def _step_callback(self, bar) -> Callable:
         """After each step: stop at the first NaN/inf in the latents (not after all steps), advance the bar."""

@@ -13,6 +13,7 @@ from PIL import Image
 
 from t2i import metadata, speed
 from t2i.errors import UsageError
+from t2i.progress import StepBar
 
 
 @dataclass
@@ -108,11 +109,16 @@ def reproduce(image: str | Path, model: str | None = None, device: str | None = 
     # replay the whole call then, and keep the image at its position.
     whole_call = options is not None and not options.exact and settings.batch_size > 1
     batch, index = (settings.batch_size, settings.batch_index) if whole_call else (1, 0)
-    with speed.apply(pipe, options) if options else contextlib.nullcontext():
-        result = pipe(settings.prompt, **inputs, negative_prompt=settings.negative_prompt, steps=settings.steps,
-                      guidance=settings.guidance, sampler=settings.sampler, seed=settings.seed - index,
-                      width=settings.width, height=settings.height, batch=batch, loras=settings.loras,
-                      progress=progress)
+    bar = StepBar("reproducing") if progress is True else progress
+    try:
+        with speed.apply(pipe, options) if options else contextlib.nullcontext():
+            result = pipe(settings.prompt, **inputs, negative_prompt=settings.negative_prompt, steps=settings.steps,
+                          guidance=settings.guidance, sampler=settings.sampler, seed=settings.seed - index,
+                          width=settings.width, height=settings.height, batch=batch, loras=settings.loras,
+                          progress=bar)
+    finally:
+        if bar and progress is True:
+            bar.close()
     result.images[:], result.settings[:] = [result.images[index]], [result.settings[index]]
     new = np.asarray(result.images[0].convert("RGB"), dtype=np.int16)
     with Image.open(image) as im:

@@ -121,11 +121,24 @@ def output_args(p: argparse.ArgumentParser) -> None:
 
 
 def progress_bar(args, desc: str):
+    """One bar over the job's steps on stderr, drawn from its first step (False with --quiet)."""
     if getattr(args, "quiet", False):
         return False
-    from tqdm.auto import tqdm
+    from t2i.progress import StepBar  # deferred: tqdm; --help must not import it
 
-    return tqdm(total=0, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+    return StepBar(desc)
+
+
+def print_paths(paths, bar) -> None:
+    """Written paths on stdout, each on a line of its own even while the bar is drawn in the same terminal."""
+    for path in paths:
+        if bar:
+            bar.write(f"{path}\n")
+        else:
+            # one write per line: processes sharing a pipe (accelerate launch runs them unbuffered, where
+            # print writes the text and its newline apart) would otherwise splice their lines
+            sys.stdout.write(f"{path}\n")
+            sys.stdout.flush()
 
 
 def set_autoguidance(pipe, args) -> None:

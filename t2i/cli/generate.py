@@ -11,6 +11,7 @@ from t2i.errors import UsageError
 from t2i.cli.common import (
     progress_bar,
     image_args,
+    print_paths,
     load_pipeline,
     model_args,
     output_args,
@@ -87,31 +88,28 @@ def cmd_generate(args) -> int:
         args.device = str(state.device) if args.device == "auto" else args.device
         args.quiet = args.quiet or not state.is_main_process
 
-    # 3. Load once, generate each prompt
+    # 3. Load once, generate each prompt (this process's share), one bar across them all
     pipe = load_pipeline(args, args.task)
     set_autoguidance(pipe, args)
     pipe.loras.lora_dir, pipe.loras.allow_pickle = vetting.lora_dir, args.allow_pickle
+    todo = [i for i in range(len(prompts)) if share is None or i in mine]
     bar = progress_bar(args, "generating")
     from t2i import speed
 
     try:
         with speed.apply(pipe, options) if options else contextlib.nullcontext():
-            for i, prompt in enumerate(prompts):
-                if share is not None and i not in mine:
-                    continue
-                result = pipe(prompt, **task_inputs, negative_prompt=args.negative_prompt, steps=args.steps,
+            for i in todo:
+                result = pipe(prompts[i], **task_inputs, negative_prompt=args.negative_prompt, steps=args.steps,
                               guidance=args.guidance, sampler=args.sampler, seed=seed, width=args.width,
                               height=args.height, batch=args.batch, loras=loras, progress=bar)
                 names = None
                 if share is not None:
                     names = [f"{first_number + i * args.batch + j:05d}-{s.seed}.png"
                              for j, s in enumerate(result.settings)]
-                for path in save_images(result.images, result.settings, args.out, overwrite=args.overwrite,
-                                        names=names):
-                    # one write per line: processes sharing a pipe (accelerate launch runs them unbuffered, where
-                    # print writes the text and its newline apart) would otherwise splice their lines
-                    sys.stdout.write(f"{path}\n")
-                    sys.stdout.flush()
+                paths = save_images(result.images, result.settings, args.out, overwrite=args.overwrite, names=names)
+                if bar and i == todo[-1]:
+                    bar.close()  # the finished bar first, the last paths below it
+                print_paths(paths, bar)
     finally:
         if bar:
             bar.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -231,6 +232,43 @@ def test_main_in_process_leaves_the_garbage_collector_as_it_found_it(run_cli):
         assert not gc.isenabled()  # a caller's own choice is kept
     finally:
         gc.enable()
+
+
+# --------------------------------------------------------------------------- the terminal
+
+
+def test_written_paths_start_their_own_lines_after_the_finished_bar(tiny_sd, tmp_path, monkeypatch):
+    """In a terminal stdout and stderr are one stream: each path must start a line (not follow the bar's
+    last refresh on its line), the bar must have finished before the first path, and no empty `0step` bar
+    may be drawn before the total is known."""
+    import io
+
+    from t2i.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue star\n")
+    terminal = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    code = main(["generate", "--prompts-file", str(prompts), "--model", str(tiny_sd), "--steps", "3", "--seed", "1",
+                 "--out", str(tmp_path / "out")])
+    monkeypatch.undo()
+    text = terminal.getvalue()
+    assert code == 0, text
+    lines = text.replace("\r", "\n").split("\n")
+    paths = [str(p) for p in _pngs(tmp_path / "out")]
+    assert len(paths) == 2 and all(p in lines for p in paths), text  # whole lines, nothing glued on
+    assert not re.search(r"(?<![\d.])0step", text)  # no bar drawn with an unknown total ("generating: 0step")
+    last = text.index(paths[1])
+    assert "6/6" in text[:last] and "generating" not in text[last:], text  # the finished bar, then the last path
+
+
+def test_reproduce_labels_its_bar_by_what_it_does(run_cli, tiny_sd, tmp_path):
+    target = tmp_path / "r.png"
+    assert run_cli("generate", "a", "--model", tiny_sd, "--steps", 2, "--seed", 3, "--out", target, "-q")[0] == 0
+    code, stdout, stderr = run_cli("reproduce", target)
+    assert code == 0 and "bit for bit" in stdout
+    assert "reproducing" in stderr and "text2image" not in stderr and not re.search(r"(?<![\d.])0step", stderr)
 
 
 # --------------------------------------------------------------------------- help, mistakes and interruptions
