@@ -46,6 +46,7 @@ def add_parser(sub) -> None:
 def cmd_generate(args) -> int:
     from t2i import guards
     from t2i.lora import parse_lora_arg
+    from t2i.prompts import extract_loras
     from t2i.output import plan_paths, save_images
 
     # 1. Everything checkable without the model, before loading it
@@ -78,6 +79,8 @@ def cmd_generate(args) -> int:
 
     vetting = LoraSet(None, args.lora_dir, args.allow_pickle)
     loras = [vetting.spec(l) for l in loras]
+    for prompt in prompts:  # <lora:NAME:W> in a prompt names a file of --lora-dir: found and vetted now
+        vetting.tagged(extract_loras(prompt)[1])
     options = speed_options(args)
 
     # 2. Under `accelerate launch`/torchrun: this process's share of the prompts, named as one process would
