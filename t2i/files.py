@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
@@ -41,16 +42,45 @@ def is_pickle_file(path: str | Path) -> bool:
     return len(head) >= 2 and head[0] == 0x80 and head[1] in range(2, 6)
 
 
+_SIGNATURES = {  # how other files begin: what a broken .safetensors really is, and what to do
+    b"\x89PNG\r\n\x1a\n": ("a PNG image", ""),
+    b"\xff\xd8\xff": ("a JPEG image", ""),
+    b"GIF8": ("a GIF image", ""),
+    b"%PDF-": ("a PDF document", ""),
+    b"\x1f\x8b": ("a gzip archive", "; unpack it first"),
+    b"7z\xbc\xaf\x27\x1c": ("a 7-Zip archive", "; unpack it first"),
+    b"Rar!\x1a\x07": ("a RAR archive", "; unpack it first"),
+}
+_SAVED_IN_PLACE = "; download the file itself"
+
+
+def what_file(lead: bytes) -> str | None:
+    """What a file that is not safetensors is, from its first bytes ("a PNG image; ..."), or None if unknown."""
+    for magic, (what, advice) in _SIGNATURES.items():
+        if lead.startswith(magic):
+            return what + advice
+    if lead[:4] == b"RIFF" and lead[8:12] == b"WEBP":
+        return "a WebP image"
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(lead)  # a cut last character is fine
+    if "\ufffd" in text or not text.strip() or not all(c.isprintable() or c in "\r\n\t" for c in text):
+        return None
+    if text.lstrip().lower().startswith(("<!doctype html", "<html")):
+        return "an HTML page (a sign-in or error page saved in its place?)" + _SAVED_IN_PLACE
+    first = text.strip().splitlines()[0][:60]
+    return f"a text file (it begins {first!r}: an error message saved in its place?)" + _SAVED_IN_PLACE
+
+
 def check_safetensors(path: str | Path) -> dict:
     """Validate a safetensors file's header without loading tensors; return the header.
 
-    Refuses pickles with a .safetensors name, Git LFS pointers, HTML pages,
-    truncated files and headers that claim more data than the file has.
+    Refuses pickles with a .safetensors name, Git LFS pointers, other kinds of file (an image, an HTML
+    page, a text, an archive: named in the error), truncated files and headers that claim more data than
+    the file has.
     """
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
-        lead = f.read(64)  # enough to recognise a Git LFS pointer, which 8 bytes are not
+        lead = f.read(256)  # enough to recognise a Git LFS pointer or a text, which 8 bytes are not
         head = lead[:8]
         f.seek(8)
         if len(head) < 8:
@@ -61,6 +91,9 @@ def check_safetensors(path: str | Path) -> dict:
             raise UnsafeFileError(f"{path} is a pickle file named .safetensors; refused (pickles can run code)")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER or n + 8 > size:
+            what = what_file(lead)
+            if what:
+                raise ModelLoadError(f"{path} is not a valid safetensors file: it is {what}")
             raise ModelLoadError(f"{path} is not a valid safetensors file (truncated or bad header); download it again")
         try:
             header = json.loads(f.read(n))
