@@ -45,6 +45,13 @@ def add_parser(sub) -> None:
 
 
 def cmd_eval(args) -> int:
+    from t2i.output import tidy_folders
+
+    with tidy_folders(args.out) if args.out else contextlib.nullcontext():  # no new empty --out left behind
+        return _eval(args)
+
+
+def _eval(args) -> int:
     from t2i import guards
 
     if args.through_vae and not args.ground_truth:

@@ -44,6 +44,13 @@ def add_parser(sub) -> None:
 
 
 def cmd_generate(args) -> int:
+    from t2i.output import tidy_folders
+
+    with tidy_folders(args.out):  # a run stopped before its first image leaves no new empty folder
+        return _generate(args)
+
+
+def _generate(args) -> int:
     from t2i import guards
     from t2i.lora import parse_lora_arg
     from t2i.prompts import extract_loras

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from t2i.choices import DEVICES, DTYPES
 
 
@@ -25,10 +27,12 @@ def add_parser(sub) -> None:
 
 
 def cmd_reproduce(args) -> int:
+    from t2i.output import tidy_folders
     from t2i.reproduce import reproduce
 
-    report = reproduce(args.image, model=args.model, device=args.device, dtype=args.dtype,
-                       allow_pickle=args.allow_pickle, out=args.out, overwrite=args.overwrite,
-                       progress=not args.quiet, model_config=args.model_config, init=args.init, mask=args.mask)
+    with tidy_folders(args.out) if args.out else contextlib.nullcontext():  # no new empty folder left behind
+        report = reproduce(args.image, model=args.model, device=args.device, dtype=args.dtype,
+                           allow_pickle=args.allow_pickle, out=args.out, overwrite=args.overwrite,
+                           progress=not args.quiet, model_config=args.model_config, init=args.init, mask=args.mask)
     print(report.summary())
     return 0 if report.identical else 1

@@ -305,3 +305,21 @@ def test_a_mistyped_sampler_or_model_gets_a_did_you_mean(run_cli, sd_copy, tmp_p
     assert code == 2 and "did you mean 'euler-a'" in one_line(stderr)
     code, _, stderr = run_cli("generate", "a", "--model", tmp_path / "modle", "--out", tmp_path / "o")
     assert code == 2 and f"did you mean '{sd_copy}'?" in one_line(stderr)
+
+
+def test_an_interrupted_or_failed_run_leaves_no_empty_folder_it_made(run_cli, tiny_sd, tmp_path, monkeypatch):
+    from t2i.cli import generate
+    from t2i.errors import ModelLoadError
+
+    for stop, code in ((KeyboardInterrupt, 130), (ModelLoadError("the model broke"), 2)):
+        def load(*args, **kwargs):
+            raise stop
+
+        monkeypatch.setattr(generate, "load_pipeline", load)
+        new, kept = tmp_path / "new" / "deeper", tmp_path / "kept"
+        kept.mkdir(exist_ok=True)
+        assert run_cli("generate", "a", "--model", tiny_sd, "--out", new, "-q")[0] == code
+        assert run_cli("generate", "a", "--model", tiny_sd, "--out", kept, "-q")[0] == code
+        assert run_cli("generate", "a", "--model", tiny_sd, "--out", tmp_path / "png" / "one.png", "-q")[0] == code
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]  # made by the run and empty: gone
+        assert list(kept.iterdir()) == []
