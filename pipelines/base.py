@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -28,6 +28,8 @@ from t2i.lora.apply import LoraSet
 from t2i.progress import StepBar
 from t2i.samplers import DEFAULT_SAMPLER, get_sampler, make_scheduler
 from t2i.settings import LoraSpec, Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -329,10 +331,6 @@ class BasePipeline:
         """One CPU generator per image, seeded with its own seed: noise drawn on the CPU, the same on any device."""
         return [torch.Generator("cpu").manual_seed(s.seed) for s in settings]
 
-    @staticmethod
-    def _notice(message: str) -> None:
-        print(f"note: {message}", file=sys.stderr)
-
     def _latent_shape(self, s: Settings) -> tuple[int, ...]:
         f = self.vae_scale_factor
         return (1, self.pipe.unet.config.in_channels, s.height // f, s.width // f)
@@ -352,9 +350,8 @@ class BasePipeline:
         vae = self.decoder if self.decoder is not None else self.pipe.vae
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         latents = latents / vae.config.scaling_factor + shift  # (B, C, h, w)
-        notice = lambda m: print(m, file=sys.stderr)  # noqa: E731
         # One image at a time: the decoder's kernels then see the same shapes as in a single run.
-        images = torch.cat([guards.decode_latents(vae, latents[i : i + 1], notice) for i in range(len(latents))])
+        images = torch.cat([guards.decode_latents(vae, latents[i : i + 1]) for i in range(len(latents))])
         return self.pipe.image_processor.postprocess(images, output_type="pil")
 
     def _progress(self, progress, total_calls: int):

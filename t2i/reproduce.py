@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +14,8 @@ from PIL import Image
 from t2i import metadata, speed
 from t2i.errors import UsageError
 from t2i.progress import StepBar
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -97,7 +99,7 @@ def reproduce(image: str | Path, model: str | None = None, device: str | None = 
                                       dtype=dtype or settings.dtype, allow_pickle=allow_pickle,
                                       model_config=model_config or settings.model_config or None)
     if pipe.model.hash != settings.model_hash:
-        print(f"note: model hash {pipe.model.hash} differs from the recorded {settings.model_hash}", file=sys.stderr)
+        log.warning("model hash %s differs from the recorded %s", pipe.model.hash, settings.model_hash)
     if settings.autoguidance and pipe.guide is None:
         raise UsageError(f"{image} was made with autoguidance, and the model {pipe.model.path} has no guide/ UNet; "
                          "give the model it was made with (--model)")

@@ -323,3 +323,36 @@ def test_an_interrupted_or_failed_run_leaves_no_empty_folder_it_made(run_cli, ti
         assert run_cli("generate", "a", "--model", tiny_sd, "--out", tmp_path / "png" / "one.png", "-q")[0] == code
         assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]  # made by the run and empty: gone
         assert list(kept.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- errors and notices
+
+
+def test_debug_shows_the_traceback_behind_the_one_line_error(run_cli, tmp_path, monkeypatch):
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    code, _, stderr = run_cli("info", plain)
+    assert code == 2 and "Traceback" not in stderr
+    for argv, env in ((["--debug", "info", plain], None), (["info", plain], "1")):
+        if env:
+            monkeypatch.setenv("T2I_DEBUG", env)
+        code, _, stderr = run_cli(*argv)
+        assert code == 2
+        assert "Traceback (most recent call last)" in stderr and "cmd_info" in stderr
+        assert stderr.strip().splitlines()[-1].startswith("t2i: error:") and "no generation metadata" in stderr
+
+
+def test_notices_are_logged_and_the_cli_shows_them_as_notes(run_cli, tiny_sd, tmp_path, caplog):
+    init = tmp_path / "odd.png"
+    Image.new("RGB", (37, 30), (200, 40, 40)).save(init)
+    code, _, stderr = run_cli("img2img", "a", "--init", init, "--model", tiny_sd, "--steps", 2, "--seed", 1,
+                              "--out", tmp_path / "o", "-q")
+    assert code == 0
+    assert stderr.splitlines() == ["note: init image 37x30 resized to 38x30 (sides must be multiples of 2)"]
+    from t2i.pipelines import Image2Image
+
+    pipe = Image2Image.from_pretrained(str(tiny_sd), device="cpu")
+    with caplog.at_level("WARNING", logger="t2i"):
+        pipe("a", init, strength=0.5, steps=2, seed=1, progress=False)
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("t2i.pipelines.image2image", "init image 37x30 resized to 38x30 (sides must be multiples of 2)")]
