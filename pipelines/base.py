@@ -16,7 +16,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import diffusers
 import torch
+import transformers
 from PIL import Image
 
 from t2i import __version__, guards, prompts
@@ -25,6 +27,7 @@ from t2i.models.guide import GUIDE_FOLDER, load_guide
 from t2i.devices import dtype_name, resolve_device, resolve_dtype
 from t2i.errors import NumericalError, UsageError
 from t2i.lora.apply import LoraSet
+from t2i.output import save_images
 from t2i.progress import StepBar
 from t2i.samplers import DEFAULT_SAMPLER, get_sampler, make_scheduler
 from t2i.settings import LoraSpec, Settings
@@ -53,15 +56,10 @@ class Result:
 
     def save(self, out: str | Path, overwrite: bool = False) -> list[Path]:
         """Write PNGs with metadata: into a folder (numbered names) or to a .png path."""
-        from t2i.output import save_images
-
         return save_images(self.images, self.settings, out, overwrite=overwrite)
 
 
 def versions() -> dict[str, str]:
-    import diffusers
-    import transformers
-
     return {"t2i": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__}
 
@@ -138,8 +136,6 @@ class BasePipeline:
 
     @classmethod
     def _convert(cls, pipe, arch: str):
-        import diffusers
-
         wanted = cls.diffusers_classes.get(arch)
         if wanted is None or type(pipe).__name__ == wanted:
             return pipe

@@ -18,7 +18,10 @@ import json
 import os
 import struct
 import tempfile
+import warnings
 from pathlib import Path
+
+import torch
 
 from t2i.errors import ModelLoadError, StorageError, UnsafeFileError, first_line
 
@@ -133,10 +136,6 @@ def check_weight_file(path: str | Path, allow_pickle: bool = False) -> None:
 def load_pickled_weights(path: Path) -> dict:
     """A pickle-based weights file (only when pickles are allowed), read with torch.load(weights_only=True):
     tensors and plain containers only, never code. Anything else is a one-line ModelLoadError."""
-    import warnings
-
-    import torch
-
     try:
         with warnings.catch_warnings():  # torch's notes on pickle protocols: the error below says what matters
             warnings.simplefilter("ignore")

@@ -13,7 +13,6 @@ models) gets the mode a new file has under the user's umask: `give_usual_mode`.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import tempfile
@@ -43,24 +42,6 @@ def plan_paths(out: str | Path, count: int, overwrite: bool = False) -> tuple[Pa
     if out.suffix and not out.exists():
         raise UsageError(f"--out {out}: give a folder or a path ending in .png")
     return check_writable_folder(out), None
-
-
-@contextlib.contextmanager
-def tidy_folders(out: str | Path):
-    """Folders the block makes for `out` (plan_paths makes them) are removed again if the block stops with an
-    error or Ctrl-C and they are still empty. A folder that was there before is never removed."""
-    out = Path(out)
-    folder = out.parent if out.suffix.lower() == ".png" else out
-    new = [p for p in (folder, *folder.parents) if not p.exists()]  # the deepest first
-    try:
-        yield
-    except BaseException:
-        for p in new:
-            try:
-                p.rmdir()  # only an empty folder goes
-            except OSError:
-                break
-        raise
 
 
 def next_number(folder: Path) -> int:

@@ -13,6 +13,9 @@ from PIL import Image
 
 from t2i import metadata, speed
 from t2i.errors import UsageError
+from t2i.images import as_mask, pixel_hash, read_input, to_rgb
+from t2i.output import plan_paths, save_images
+from t2i.pipelines import Image2Image, Inpaint, Text2Image
 from t2i.progress import StepBar
 
 log = logging.getLogger(__name__)
@@ -40,8 +43,6 @@ class Report:
 
 def _input_image(recorded: str | None, given: str | None, want_hash: str | None, what: str, flag: str, convert):
     """The init image or mask to replay with: the recorded file (or `given`), checked against the recorded hash."""
-    from t2i.images import pixel_hash, read_input
-
     source = given or recorded
     if source is None:
         raise UsageError(f"the {what} was given in memory, not as a file; pass it with {flag}")
@@ -71,10 +72,6 @@ def reproduce(image: str | Path, model: str | None = None, device: str | None = 
     Images made by img2img or inpaint replay from their recorded init image and mask
     (or `init`/`mask` when the files moved), which must have the recorded pixels.
     """
-    from t2i.images import as_mask, to_rgb
-    from t2i.output import plan_paths, save_images
-    from t2i.pipelines import Image2Image, Inpaint, Text2Image
-
     _, settings = metadata.read(image)
     if settings is None:
         raise UsageError(f"{image} has no t2i settings to replay (A1111 text alone is not exact enough)")

@@ -33,7 +33,7 @@ class Sampler:
 
     @property
     def scheduler(self) -> type:
-        import diffusers
+        import diffusers  # deferred: reading a PNG's metadata (`t2i info`) checks sampler names without diffusers
 
         return getattr(diffusers, self.scheduler_class)
 

@@ -47,9 +47,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def cmd_bench(args) -> int:
     """`t2i bench`: arguments checked before loading, then the bench, the table, and --json."""
+    # deferred: torch and diffusers; --help must not import them
+    import torch
+
     from t2i import guards, models
     from t2i.bench.core import bench, header, table, variants
     from t2i.bench.random_models import random_pipeline
+    from t2i.pipelines import Text2Image
 
     if args.steps is not None:
         guards.check_steps(args.steps)
@@ -63,16 +67,12 @@ def cmd_bench(args) -> int:
     variants(options)  # unknown names fail here, before loading
     if args.json and Path(args.json).is_dir():
         raise UsageError(f"--json {args.json} is a folder; give a file name")
-    import torch
-
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.arch:
         pipe = random_pipeline(args.arch, args.device, args.dtype, tiny_vae="tiny_vae" in options)
     else:
         models.resolve(args.model)
-        from t2i.pipelines import Text2Image
-
         pipe = Text2Image.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                           allow_pickle=args.allow_pickle, model_config=args.model_config)
     report = bench(pipe, args.steps, args.size, args.batch, args.repeats, options, args.prompt, args.seed,

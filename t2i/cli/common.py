@@ -4,6 +4,7 @@ the progress bar, and the speed options' checks."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -141,6 +142,24 @@ def print_paths(paths, bar) -> None:
             sys.stdout.flush()
 
 
+@contextlib.contextmanager
+def tidy_folders(out: str | Path):
+    """Folders the block makes for `out` (plan_paths makes them) are removed again if the block stops with an
+    error or Ctrl-C and they are still empty. A folder that was there before is never removed."""
+    out = Path(out)
+    folder = out.parent if out.suffix.lower() == ".png" else out
+    new = [p for p in (folder, *folder.parents) if not p.exists()]  # the deepest first
+    try:
+        yield
+    except BaseException:
+        for p in new:
+            try:
+                p.rmdir()  # only an empty folder goes
+            except OSError:
+                break
+        raise
+
+
 def set_autoguidance(pipe, args) -> None:
     """--autoguidance S (the pipeline refuses S > 0 without a guide/ UNet, before any image)."""
     if args.autoguidance is not None:
@@ -150,12 +169,12 @@ def set_autoguidance(pipe, args) -> None:
 def speed_options(args):
     """--speed as t2i.speed.SpeedOptions (None: the plain, exact path); refused before loading if it cannot run,
     also when tiny_vae's small decoder is missing from args.model."""
+    # deferred: torch and diffusers; --help must not import them
     from t2i import models
+    from t2i.speed import SpeedOptions
 
     options = None
     if getattr(args, "speed", ""):
-        from t2i.speed import SpeedOptions
-
         options = SpeedOptions.parse(args.speed)
         if options.cpu_offload and args.device in ("cpu", "mps"):
             raise UsageError(f"--speed cpu_offload needs a CUDA device, not --device {args.device}; leave it off")
@@ -166,13 +185,14 @@ def speed_options(args):
 def check_tiny_vae(options, source) -> None:
     """--speed tiny_vae[=PATH]: the small decoder exists, checked before the model loads."""
     if options is not None and options.tiny_vae is not None:
-        from t2i.models import tiny_vae
+        from t2i.models import tiny_vae  # deferred: diffusers; --help must not import it
 
         tiny_vae.tiny_vae_folder(options.tiny_vae, Path(source.location) if source.kind != "hub" else None)
 
 
 def load_pipeline(args, task: str = "text2image"):
     with no_collections():
+        # deferred: imported here with collections off; --help must not import them
         from t2i.pipelines import Image2Image, Inpaint, Text2Image
 
         cls = {"text2image": Text2Image, "image2image": Image2Image, "inpaint": Inpaint}[task]

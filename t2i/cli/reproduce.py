@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 from t2i.choices import DEVICES, DTYPES
+from t2i.cli.common import tidy_folders
 
 
 def add_parser(sub) -> None:
@@ -27,8 +28,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_reproduce(args) -> int:
-    from t2i.output import tidy_folders
-    from t2i.reproduce import reproduce
+    from t2i.reproduce import reproduce  # deferred: torch and diffusers; --help must not import them
 
     with tidy_folders(args.out) if args.out else contextlib.nullcontext():  # no new empty folder left behind
         report = reproduce(args.image, model=args.model, device=args.device, dtype=args.dtype,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import tomllib
 
 from t2i.errors import UsageError
 from t2i.cli.common import Parser, number, positive_int
@@ -86,9 +88,7 @@ def _train_lora_parser(tsub) -> None:
 
 
 def cmd_train_demo(args) -> int:
-    import tomllib
-
-    from t2i.train import demo
+    from t2i.train import demo  # deferred: torch and diffusers; --help must not import them
 
     overrides = {"output_dir": args.output_dir, "export_dir": args.export_dir}
     for item in args.set:
@@ -104,9 +104,7 @@ def cmd_train_demo(args) -> int:
 
 
 def cmd_train_lora(args) -> int:
-    import dataclasses
-
-    from t2i.train import lora
+    from t2i.train import lora  # deferred: torch and diffusers; --help must not import them
 
     # each config key with a flag of the same name; None = flag not given, the file's value stays
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(lora.LoraTrainConfig) if hasattr(args, f.name)}
@@ -117,7 +115,7 @@ def cmd_train_lora(args) -> int:
 
 
 def cmd_style_data(args) -> int:
-    from t2i.demo.styles import write_dataset
+    from t2i.demo.styles import write_dataset  # deferred: numpy and PIL; --help must not import them
 
     folder = write_dataset(args.out, args.style, args.n, args.seed)
     print(folder)

@@ -15,8 +15,11 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from t2i.errors import ModelLoadError, UsageError, did_you_mean
 from t2i.files import WEIGHT_SUFFIXES, check_weight_file, file_sha256
+from t2i.lora.format import read_lora, to_diffusers
 from t2i.settings import LoraSpec
 
 _SCALE = re.compile(r"^(.*):([+-]?(?:\d+\.?\d*|\.\d+))$")
@@ -102,8 +105,6 @@ class LoraSet:
 
     def _load(self, adapter: str, spec: LoraSpec) -> None:
         """Load one file (either layout) as `adapter`, only if every module of it fits this model."""
-        from t2i.lora.format import read_lora, to_diffusers
-
         state_dict, metadata = read_lora(spec.path, self.allow_pickle)
         components = lora_components(self.pipe)
         names = [f"{c}.{n}" for c, m in components.items() for n, _ in m.named_modules()]
@@ -139,8 +140,6 @@ def match_lora(state_dict: dict, components: dict) -> tuple[int, int, list[str]]
 
     Returns (matched, total, why each unmatched one failed).
     """
-    import torch
-
     modules = sorted(k[: -len(".lora_A.weight")] for k in state_dict if k.endswith(".lora_A.weight"))
     misses = []
     for name in modules:
