@@ -176,10 +176,9 @@ def file_sha256(path: str | Path, skip_safetensors_header: bool = False) -> str:
     known[key] = digest
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known))
-        os.replace(tmp, cache)
-    except OSError:
+        with atomic_write(cache) as tmp:
+            tmp.write_text(json.dumps(known))
+    except (OSError, StorageError):
         pass  # a read-only home only costs a re-hash next time
     return digest
 
@@ -209,10 +208,11 @@ def atomic_write(path: str | Path, overwrite: bool = True, errors: tuple[type[Ba
     one of `errors`, e.g. a library's own I/O error) becomes one StorageError line.
     """
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = None
     try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
         yield tmp
         give_usual_mode(tmp)
         if overwrite:
@@ -225,4 +225,5 @@ def atomic_write(path: str | Path, overwrite: bool = True, errors: tuple[type[Ba
         kept = "the existing file is unchanged" if path.exists() else "nothing was written"
         raise StorageError(f"could not write {path}: {getattr(e, 'strerror', None) or e}; {kept}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)

@@ -17,7 +17,6 @@ same to every loader, and a diffusers -> kohya -> diffusers round trip is bit fo
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,8 +27,8 @@ import safetensors.torch  # save_file through the module: tests replace it with 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from t2i.errors import ModelLoadError, NumericalError, StorageError, UsageError
-from t2i.files import check_weight_file, give_usual_mode, load_pickled_weights
+from t2i.errors import ModelLoadError, NumericalError, UsageError
+from t2i.files import atomic_write, check_weight_file, load_pickled_weights
 
 FORMATS = ("diffusers", "kohya")
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -316,16 +315,12 @@ def save_lora(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: d
     header["format"] = "pt"
     out = {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        safetensors.torch.save_file(out, str(tmp), metadata=header)
-        give_usual_mode(tmp)
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as e:  # disk full, quota, permissions (safetensors wraps its I/O errors)
-        kept = "the existing file is unchanged" if path.exists() else "nothing was written"
-        raise StorageError(f"could not write {path}: {getattr(e, 'strerror', None) or e}; {kept}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        # safetensors wraps its own I/O errors (a full disk) in SafetensorError
+        with atomic_write(path, overwrite=overwrite, errors=(SafetensorError,)) as tmp:
+            safetensors.torch.save_file(out, str(tmp), metadata=header)
+    except FileExistsError:  # made while the LoRA was being written
+        raise UsageError(f"{path} exists; pass --overwrite (overwrite=True) to replace it") from None
     return path
 
 

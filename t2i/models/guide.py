@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from t2i.errors import ModelLoadError, UsageError, first_line
-from t2i.files import check_safetensors
+from t2i.files import atomic_write, check_safetensors
 from t2i.guards import check_autoguidance
 from t2i.models.loading import check_component, from_vetted_folder, quiet_loading
 
@@ -244,9 +244,8 @@ def _read_defaults(path: Path) -> dict:
 
 def _set_defaults(path: Path, scale: float, below: int) -> None:
     values = _read_defaults(path) | {"autoguidance": scale, "autoguidance_below": below}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(values, indent=1) + "\n")
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(values, indent=1) + "\n")
 
 
 GUIDE_FOLDER = "guide"  # a model folder's weaker UNet for autoguidance (the bundled model ships one)
