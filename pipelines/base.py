@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import diffusers
 import torch
+import transformers
 from PIL import Image
 
 from t2i import __version__, guards, prompts
@@ -25,9 +27,13 @@ from t2i.models.guide import GUIDE_FOLDER, load_guide
 from t2i.devices import dtype_name, resolve_device, resolve_dtype
 from t2i.errors import NumericalError, UsageError
 from t2i.lora.apply import LoraSet
+from t2i.output import save_images
 from t2i.pipelines.unet_calls import autoguided_unet, per_image_unet
+from t2i.progress import StepBar
 from t2i.samplers import DEFAULT_SAMPLER, get_sampler, make_scheduler
 from t2i.settings import LoraSpec, Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,15 +57,10 @@ class Result:
 
     def save(self, out: str | Path, overwrite: bool = False) -> list[Path]:
         """Write PNGs with metadata: into a folder (numbered names) or to a .png path."""
-        from t2i.output import save_images
-
         return save_images(self.images, self.settings, out, overwrite=overwrite)
 
 
 def versions() -> dict[str, str]:
-    import diffusers
-    import transformers
-
     return {"t2i": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__}
 
@@ -136,8 +137,6 @@ class BasePipeline:
 
     @classmethod
     def _convert(cls, pipe, arch: str):
-        import diffusers
-
         wanted = cls.diffusers_classes.get(arch)
         if wanted is None or type(pipe).__name__ == wanted:
             return pipe
@@ -329,10 +328,6 @@ class BasePipeline:
         """One CPU generator per image, seeded with its own seed: noise drawn on the CPU, the same on any device."""
         return [torch.Generator("cpu").manual_seed(s.seed) for s in settings]
 
-    @staticmethod
-    def _notice(message: str) -> None:
-        print(f"note: {message}", file=sys.stderr)
-
     def _latent_shape(self, s: Settings) -> tuple[int, ...]:
         f = self.vae_scale_factor
         return (1, self.pipe.unet.config.in_channels, s.height // f, s.width // f)
@@ -352,9 +347,8 @@ class BasePipeline:
         vae = self.decoder if self.decoder is not None else self.pipe.vae
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         latents = latents / vae.config.scaling_factor + shift  # (B, C, h, w)
-        notice = lambda m: print(m, file=sys.stderr)  # noqa: E731
         # One image at a time: the decoder's kernels then see the same shapes as in a single run.
-        images = torch.cat([guards.decode_latents(vae, latents[i : i + 1], notice) for i in range(len(latents))])
+        images = torch.cat([guards.decode_latents(vae, latents[i : i + 1]) for i in range(len(latents))])
         return self.pipe.image_processor.postprocess(images, output_type="pil")
 
     def _progress(self, progress, total_calls: int):
@@ -363,9 +357,7 @@ class BasePipeline:
             return None
         if progress is not True:
             return progress  # the caller's own bar (the CLI shares one across a job)
-        from tqdm.auto import tqdm
-
-        return tqdm(total=0, desc=self.task, unit="step", file=sys.stderr, leave=False)
+        return StepBar(self.task, leave=False)
 
     def _step_callback(self, bar) -> Callable:
         """After each step: stop at the first NaN/inf in the latents (not after all steps), advance the bar."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from PIL import Image
@@ -12,6 +13,8 @@ from t2i.images import pixel_hash, read_input, snap_size
 from t2i.settings import LoraSpec
 
 from t2i.pipelines.base import BasePipeline, Result
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STRENGTH = 0.75  # A1111's default denoising strength
 
@@ -88,5 +91,5 @@ class Image2Image(BasePipeline):
         f = self.vae_scale_factor
         snapped = snap_size(*image.size, f) == (s.width, s.height)
         why = f"sides must be multiples of {f}" if snapped else "the output size asked for"
-        self._notice(f"{what} {image.width}x{image.height} resized to {s.width}x{s.height} ({why})")
+        log.warning("%s %dx%d resized to %dx%d (%s)", what, image.width, image.height, s.width, s.height, why)
         return image.resize((s.width, s.height), Image.LANCZOS)

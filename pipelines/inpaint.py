@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from PIL import Image, ImageFilter, ImageOps
@@ -12,6 +13,8 @@ from t2i.settings import LoraSpec
 
 from t2i.pipelines.base import Result
 from t2i.pipelines.image2image import DEFAULT_STRENGTH, Image2Image
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MASK_BLUR = 4  # A1111's default, in pixels
 
@@ -65,8 +68,8 @@ class Inpaint(Image2Image):
             loras, mask_image=mask_path, mask_image_hash=pixel_hash(mask_img), mask_blur=mask_blur,
             invert_mask=bool(invert_mask))
         if mask_img.size != init.size:
-            self._notice(f"mask {mask_img.width}x{mask_img.height} resized to the init image's "
-                         f"{init.width}x{init.height}")
+            log.warning("mask %dx%d resized to the init image's %dx%d", mask_img.width, mask_img.height,
+                        init.width, init.height)
             mask_img = mask_img.resize(init.size, Image.BILINEAR)  # no ringing past the edge
         if invert_mask:
             mask_img = ImageOps.invert(mask_img)

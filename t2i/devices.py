@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from t2i.choices import DEVICES, DTYPES
 from t2i.errors import UsageError
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # DTYPES but "auto"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -46,11 +46,11 @@ def resolve_dtype(name: str | torch.dtype = "auto", device: torch.device | None 
         if device.type == "mps":
             return torch.float16
         return torch.float32
-    if name not in DTYPES:
-        raise UsageError(f"unknown dtype {name!r}; use one of: auto, {', '.join(DTYPES)}")
+    if name not in TORCH_DTYPES:
+        raise UsageError(f"unknown dtype {name!r}; use one of: {', '.join(DTYPES)}")
     if name == "fp16" and device.type == "cpu":
         raise UsageError("--dtype fp16 is not supported on the CPU (slow and overflow-prone); use fp32 or bf16")
-    return DTYPES[name]
+    return TORCH_DTYPES[name]
 
 
 def _is_ampere_or_newer() -> bool:
@@ -58,4 +58,4 @@ def _is_ampere_or_newer() -> bool:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
+    return {v: k for k, v in TORCH_DTYPES.items()}.get(dtype, str(dtype))

@@ -4,6 +4,8 @@ Every one carries a one-line message that says what was wrong and what to do.
 The CLI prints it as `t2i: error: ...` and exits with code 2, no traceback.
 """
 
+import difflib
+
 
 class T2IError(Exception):
     """Base class: a problem the user can fix from the message alone."""
@@ -42,3 +44,13 @@ def causes(e: BaseException):
         seen.add(id(e))
         yield e
         e = e.__cause__ or e.__context__
+
+
+def did_you_mean(word: str, names) -> str:
+    """"did you mean 'x'?" naming the names closest to a mistyped one (difflib), or "" when none is close.
+
+    `names` may be a dict from spellings to what to suggest (e.g. folded sampler names to t2i's names).
+    """
+    names = names if isinstance(names, dict) else {str(n): str(n) for n in names}
+    close = dict.fromkeys(names[k] for k in difflib.get_close_matches(word, names, n=3, cutoff=0.6))
+    return f"did you mean {' or '.join(map(repr, close))}?" if close else ""

@@ -11,13 +11,17 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
 import os
 import struct
 import tempfile
+import warnings
 from pathlib import Path
+
+import torch
 
 from t2i.errors import ModelLoadError, StorageError, UnsafeFileError, first_line
 
@@ -41,16 +45,45 @@ def is_pickle_file(path: str | Path) -> bool:
     return len(head) >= 2 and head[0] == 0x80 and head[1] in range(2, 6)
 
 
+_SIGNATURES = {  # how other files begin: what a broken .safetensors really is, and what to do
+    b"\x89PNG\r\n\x1a\n": ("a PNG image", ""),
+    b"\xff\xd8\xff": ("a JPEG image", ""),
+    b"GIF8": ("a GIF image", ""),
+    b"%PDF-": ("a PDF document", ""),
+    b"\x1f\x8b": ("a gzip archive", "; unpack it first"),
+    b"7z\xbc\xaf\x27\x1c": ("a 7-Zip archive", "; unpack it first"),
+    b"Rar!\x1a\x07": ("a RAR archive", "; unpack it first"),
+}
+_SAVED_IN_PLACE = "; download the file itself"
+
+
+def what_file(lead: bytes) -> str | None:
+    """What a file that is not safetensors is, from its first bytes ("a PNG image; ..."), or None if unknown."""
+    for magic, (what, advice) in _SIGNATURES.items():
+        if lead.startswith(magic):
+            return what + advice
+    if lead[:4] == b"RIFF" and lead[8:12] == b"WEBP":
+        return "a WebP image"
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(lead)  # a cut last character is fine
+    if "\ufffd" in text or not text.strip() or not all(c.isprintable() or c in "\r\n\t" for c in text):
+        return None
+    if text.lstrip().lower().startswith(("<!doctype html", "<html")):
+        return "an HTML page (a sign-in or error page saved in its place?)" + _SAVED_IN_PLACE
+    first = text.strip().splitlines()[0][:60]
+    return f"a text file (it begins {first!r}: an error message saved in its place?)" + _SAVED_IN_PLACE
+
+
 def check_safetensors(path: str | Path) -> dict:
     """Validate a safetensors file's header without loading tensors; return the header.
 
-    Refuses pickles with a .safetensors name, Git LFS pointers, HTML pages,
-    truncated files and headers that claim more data than the file has.
+    Refuses pickles with a .safetensors name, Git LFS pointers, other kinds of file (an image, an HTML
+    page, a text, an archive: named in the error), truncated files and headers that claim more data than
+    the file has.
     """
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
-        lead = f.read(64)  # enough to recognise a Git LFS pointer, which 8 bytes are not
+        lead = f.read(256)  # enough to recognise a Git LFS pointer or a text, which 8 bytes are not
         head = lead[:8]
         f.seek(8)
         if len(head) < 8:
@@ -61,6 +94,9 @@ def check_safetensors(path: str | Path) -> dict:
             raise UnsafeFileError(f"{path} is a pickle file named .safetensors; refused (pickles can run code)")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER or n + 8 > size:
+            what = what_file(lead)
+            if what:
+                raise ModelLoadError(f"{path} is not a valid safetensors file: it is {what}")
             raise ModelLoadError(f"{path} is not a valid safetensors file (truncated or bad header); download it again")
         try:
             header = json.loads(f.read(n))
@@ -100,10 +136,6 @@ def check_weight_file(path: str | Path, allow_pickle: bool = False) -> None:
 def load_pickled_weights(path: Path) -> dict:
     """A pickle-based weights file (only when pickles are allowed), read with torch.load(weights_only=True):
     tensors and plain containers only, never code. Anything else is a one-line ModelLoadError."""
-    import warnings
-
-    import torch
-
     try:
         with warnings.catch_warnings():  # torch's notes on pickle protocols: the error below says what matters
             warnings.simplefilter("ignore")
@@ -144,10 +176,9 @@ def file_sha256(path: str | Path, skip_safetensors_header: bool = False) -> str:
     known[key] = digest
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known))
-        os.replace(tmp, cache)
-    except OSError:
+        with atomic_write(cache) as tmp:
+            tmp.write_text(json.dumps(known))
+    except (OSError, StorageError):
         pass  # a read-only home only costs a re-hash next time
     return digest
 
@@ -177,10 +208,11 @@ def atomic_write(path: str | Path, overwrite: bool = True, errors: tuple[type[Ba
     one of `errors`, e.g. a library's own I/O error) becomes one StorageError line.
     """
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = None
     try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
         yield tmp
         give_usual_mode(tmp)
         if overwrite:
@@ -193,4 +225,5 @@ def atomic_write(path: str | Path, overwrite: bool = True, errors: tuple[type[Ba
         kept = "the existing file is unchanged" if path.exists() else "nothing was written"
         raise StorageError(f"could not write {path}: {getattr(e, 'strerror', None) or e}; {kept}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)

@@ -6,14 +6,16 @@ to do; the CLI turns it into exit code 2 without a traceback.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 from t2i.errors import NumericalError, UsageError
+
+log = logging.getLogger(__name__)
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64-1
 
@@ -144,11 +146,11 @@ def is_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def decode_latents(vae, latents: torch.Tensor, notice=None) -> torch.Tensor:
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Decode with the VAE; on NaN/inf (the fp16 overflow behind black images) retry in fp32.
 
     `latents` are already unscaled (divided by the scaling factor). Returns the
-    decoded images in [-1, 1] as float32, shape (B, 3, H, W). Raises
+    decoded images in [-1, 1] as float32, shape (B, 3, H, W); a retry is logged. Raises
     NumericalError when the latents themselves are not finite or the fp32
     retry fails too.
     """
@@ -161,7 +163,7 @@ def decode_latents(vae, latents: torch.Tensor, notice=None) -> torch.Tensor:
             images = vae.decode(latents.to(dtype)).sample  # (B, 3, H, W)
         if is_finite(images):
             return images.float()
-        (notice or _stderr)(f"note: the VAE overflowed in {str(dtype).replace('torch.', '')}; decoding again in fp32")
+        log.warning("the VAE overflowed in %s; decoding again in fp32", str(dtype).replace("torch.", ""))
     with torch.no_grad():
         vae.to(torch.float32)
         try:
@@ -171,7 +173,3 @@ def decode_latents(vae, latents: torch.Tensor, notice=None) -> torch.Tensor:
     if not is_finite(images):
         raise NumericalError("the VAE decoded NaN/inf even in fp32; the model or its VAE is broken")
     return images
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr)

@@ -6,6 +6,7 @@ an image is a one-line `UsageError`; nothing here guesses silently.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +70,6 @@ def as_mask(img: Image.Image) -> Image.Image:
 
 def pixel_hash(img: Image.Image) -> str:
     """SHA-256 (16 hex) of an image's size, mode and pixels: the same picture gives the same hash in any file."""
-    import hashlib
-
     h = hashlib.sha256(f"{img.mode} {img.width}x{img.height}\n".encode())
     h.update(img.tobytes())
     return h.hexdigest()[:16]

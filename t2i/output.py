@@ -1,7 +1,7 @@
 """Writing PNGs: numbered names in a folder, never overwriting, safe across processes.
 
 Each image is written to a temporary file first and then linked to its final
-name with `os.link`, which fails if the name exists: two `t2i generate`
+name with `os.link` (`t2i.files.atomic_write`), which fails if the name exists: two `t2i generate`
 processes writing into one folder can never replace each other's files, and
 a crash never leaves a half-written PNG under a real name. A number is kept
 only if no other file holds it once ours is in place, so two processes that
@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from PIL import Image
 
 from t2i import metadata
-from t2i.errors import StorageError, UsageError
-from t2i.files import give_usual_mode
+from t2i.errors import UsageError
+from t2i.files import atomic_write
 from t2i.guards import check_writable_folder
 from t2i.settings import Settings
 
@@ -59,26 +58,12 @@ def write_png(image: Image.Image, settings: Settings, path: Path, overwrite: boo
 
     A failed write (disk full, permissions) is a one-line StorageError and leaves `path` as it was.
     """
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".t2i-", suffix=".png", dir=path.parent)
-        os.close(fd)
-        give_usual_mode(tmp)
-        image.save(tmp, pnginfo=metadata.png_info(settings))
-        if overwrite:
-            os.replace(tmp, path)
-            return True
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        return True
-    except OSError as e:
-        kept = "the existing file is unchanged" if path.exists() else "nothing was written"
-        raise StorageError(f"could not write {path}: {e.strerror or e}; {kept}") from None
-    finally:
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
+        with atomic_write(path, overwrite=overwrite) as tmp:
+            image.save(tmp, format="PNG", pnginfo=metadata.png_info(settings))  # the name ends in .tmp
+    except FileExistsError:
+        return False
+    return True
 
 
 def _number_free(folder: Path, number: int, mine: Path) -> bool:

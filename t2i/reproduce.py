@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +13,12 @@ from PIL import Image
 
 from t2i import metadata, speed
 from t2i.errors import UsageError
+from t2i.images import as_mask, pixel_hash, read_input, to_rgb
+from t2i.output import plan_paths, save_images
+from t2i.pipelines import Image2Image, Inpaint, Text2Image
+from t2i.progress import StepBar
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,8 +43,6 @@ class Report:
 
 def _input_image(recorded: str | None, given: str | None, want_hash: str | None, what: str, flag: str, convert):
     """The init image or mask to replay with: the recorded file (or `given`), checked against the recorded hash."""
-    from t2i.images import pixel_hash, read_input
-
     source = given or recorded
     if source is None:
         raise UsageError(f"the {what} was given in memory, not as a file; pass it with {flag}")
@@ -68,10 +72,6 @@ def reproduce(image: str | Path, model: str | None = None, device: str | None = 
     Images made by img2img or inpaint replay from their recorded init image and mask
     (or `init`/`mask` when the files moved), which must have the recorded pixels.
     """
-    from t2i.images import as_mask, to_rgb
-    from t2i.output import plan_paths, save_images
-    from t2i.pipelines import Image2Image, Inpaint, Text2Image
-
     _, settings = metadata.read(image)
     if settings is None:
         raise UsageError(f"{image} has no t2i settings to replay (A1111 text alone is not exact enough)")
@@ -96,7 +96,7 @@ def reproduce(image: str | Path, model: str | None = None, device: str | None = 
                                       dtype=dtype or settings.dtype, allow_pickle=allow_pickle,
                                       model_config=model_config or settings.model_config or None)
     if pipe.model.hash != settings.model_hash:
-        print(f"note: model hash {pipe.model.hash} differs from the recorded {settings.model_hash}", file=sys.stderr)
+        log.warning("model hash %s differs from the recorded %s", pipe.model.hash, settings.model_hash)
     if settings.autoguidance and pipe.guide is None:
         raise UsageError(f"{image} was made with autoguidance, and the model {pipe.model.path} has no guide/ UNet; "
                          "give the model it was made with (--model)")
@@ -108,11 +108,16 @@ def reproduce(image: str | Path, model: str | None = None, device: str | None = 
     # replay the whole call then, and keep the image at its position.
     whole_call = options is not None and not options.exact and settings.batch_size > 1
     batch, index = (settings.batch_size, settings.batch_index) if whole_call else (1, 0)
-    with speed.apply(pipe, options) if options else contextlib.nullcontext():
-        result = pipe(settings.prompt, **inputs, negative_prompt=settings.negative_prompt, steps=settings.steps,
-                      guidance=settings.guidance, sampler=settings.sampler, seed=settings.seed - index,
-                      width=settings.width, height=settings.height, batch=batch, loras=settings.loras,
-                      progress=progress)
+    bar = StepBar("reproducing") if progress is True else progress
+    try:
+        with speed.apply(pipe, options) if options else contextlib.nullcontext():
+            result = pipe(settings.prompt, **inputs, negative_prompt=settings.negative_prompt, steps=settings.steps,
+                          guidance=settings.guidance, sampler=settings.sampler, seed=settings.seed - index,
+                          width=settings.width, height=settings.height, batch=batch, loras=settings.loras,
+                          progress=bar)
+    finally:
+        if bar and progress is True:
+            bar.close()
     result.images[:], result.settings[:] = [result.images[index]], [result.settings[index]]
     new = np.asarray(result.images[0].convert("RGB"), dtype=np.int16)
     with Image.open(image) as im:

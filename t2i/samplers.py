@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from t2i.errors import UsageError
+from t2i.errors import UsageError, did_you_mean
 
 # torchsde complains about float rounding of the first Brownian-tree query on every
 # DPM++ SDE run; the result is correct and a user cannot act on it.
@@ -33,7 +33,7 @@ class Sampler:
 
     @property
     def scheduler(self) -> type:
-        import diffusers
+        import diffusers  # deferred: reading a PNG's metadata (`t2i info`) checks sampler names without diffusers
 
         return getattr(diffusers, self.scheduler_class)
 
@@ -85,7 +85,9 @@ def get_sampler(name: str) -> Sampler:
     """Look a sampler up by t2i name or A1111 display name (case and spaces ignored)."""
     found = ALIASES.get(_key(name))
     if found is None:
-        raise UsageError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)} (or A1111 names, see `t2i samplers`)")
+        hint = did_you_mean(_key(name), ALIASES)
+        raise UsageError(f"unknown sampler {name!r}{f' ({hint})' if hint else ''}; valid: {', '.join(SAMPLERS)} "
+                         "(or A1111 names, see `t2i samplers`)")
     return SAMPLERS[found]
 
 

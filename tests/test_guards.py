@@ -98,6 +98,27 @@ def test_missing_lora_is_refused_before_loading(refused, tmp_path):
     assert "not a folder" in refused("--lora-dir", tmp_path / "nope")
 
 
+def test_a_lora_scale_that_is_not_a_number_is_named_as_the_problem(refused, lora_file):
+    line = refused("--lora", f"{lora_file}:abc")
+    assert "the scale 'abc' is not a number" in line and f"{lora_file}:0.8" in line and "does not exist" not in line
+    assert "no scale after the ':'" in refused("--lora", f"{lora_file}:")
+
+
+def test_a_prompt_lora_is_found_before_loading(run_cli, tiny_sd, lora_file, tmp_path, no_model_load):
+    """<lora:NAME:W> names NAME.safetensors in --lora-dir: a missing one is one line before the model loads,
+    in a prompt or in a prompts file."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue star <lora:gone:1>\n")
+    common = ["--model", tiny_sd, "--out", tmp_path / "out", "-q"]
+    for argv, words in ((["a red circle <lora:inc:0.8>", "--lora-dir", lora_file.parent],
+                         f"<lora:inc:...>: no inc.safetensors in {lora_file.parent}; did you mean 'ink'?"),
+                        (["--prompts-file", prompts, "--lora-dir", lora_file.parent], "no gone.safetensors"),
+                        (["a <lora:ink:1>"], "no LoRA folder is set; pass --lora-dir DIR")):
+        code, stdout, stderr = run_cli("generate", *argv, *common)
+        assert code == 2 and stdout == ""
+        assert words in one_line(stderr)
+
+
 # --------------------------------------------------------------------------- the functions
 
 

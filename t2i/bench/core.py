@@ -27,8 +27,18 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
+import diffusers
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-PROMPT = "a red circle to the left of a blue square"
+from t2i import speed
+from t2i.choices import BENCH_OPTIONS, BENCH_PROMPT
+from t2i.demo import shapeeval
+from t2i.samplers import make_scheduler
+
+
+PROMPT = BENCH_PROMPT
 STOCK, PLAIN = "stock diffusers", "t2i"
 
 
@@ -90,8 +100,6 @@ class _PeakMemory:
             return int(f.read().split()[1]) * 4096
 
     def __enter__(self):
-        import torch
-
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -109,8 +117,6 @@ class _PeakMemory:
         return self
 
     def __exit__(self, *exc):
-        import torch
-
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
@@ -123,8 +129,6 @@ class _PeakMemory:
 def variants(names: list[str]) -> dict[str, list[str]]:
     """The t2i variants to bench: plain t2i, each named option alone, and all of them together (one cache
     interval: the last named). Unknown names raise UsageError before anything loads."""
-    from t2i import speed
-
     for n in names:
         speed.option_fields(n)
     out = {PLAIN: []} | {f"{PLAIN} + {n}": [n] for n in names}
@@ -137,8 +141,6 @@ def variants(names: list[str]) -> dict[str, list[str]]:
 
 def stock_pipeline(pipe):
     """Diffusers' plain pipeline over the same modules (no t2i code runs in its call)."""
-    import diffusers
-
     cls = getattr(diffusers, "StableDiffusionXLPipeline" if pipe.model.arch == "sdxl" else "StableDiffusionPipeline")
     keys = cls._get_signature_keys(cls)[0]
     stock = cls(**{k: v for k, v in pipe.pipe.components.items() if k in keys})
@@ -147,13 +149,10 @@ def stock_pipeline(pipe):
 
 
 def bench(pipe, steps: int | None = None, size: int | None = None, batch: int = 1, repeats: int = 3,
-          options: list[str] = ("batched",), prompt: str = PROMPT, seed: int = 0, shapeeval: bool = False,
+          options: list[str] = BENCH_OPTIONS, prompt: str = PROMPT, seed: int = 0, shapeeval: bool = False,
           flops: bool = False) -> Report:
     """Bench stock diffusers against t2i's variants on `pipe` (a Text2Image): rows in the table's order, and the
     report's context (sizes, threads; with flops=True, GFLOP/s against the matmul peak)."""
-    import numpy as np
-    import torch
-
     d = pipe.defaults
     steps, guidance, sampler = steps or d.steps, d.guidance, d.sampler
     width = height = size or d.width
@@ -203,8 +202,6 @@ def _step_time(start: float, end: float, times: list[float]) -> float:
 @contextlib.contextmanager
 def _options(pipe, row: Row):
     """The row's speed options and autoguidance on `pipe` for the block (nothing for stock diffusers)."""
-    from t2i import speed
-
     if row.options is None:
         yield
         return
@@ -220,10 +217,6 @@ def _generate(pipe, stock, row: Row, prompt: str, seed: int, steps: int, guidanc
               height: int, batch: int = 1, times: list[float] | None = None) -> list:
     """One call of the row's variant (stock diffusers' plain call, or t2i's under `_options`): its PIL images.
     `times` gets a perf_counter reading after each denoising step."""
-    import torch
-
-    from t2i.samplers import make_scheduler
-
     clock = (lambda: times.append(time.perf_counter())) if times is not None else (lambda: None)
     if row.options is None:
         def on_step_end(_pipe, i, t, kwargs):
@@ -244,10 +237,6 @@ def _generate(pipe, stock, row: Row, prompt: str, seed: int, steps: int, guidanc
 
 def _shapeeval(pipe, stock, rows, steps, guidance, sampler, seeds=(0, 1)) -> None:
     """ShapeEval accuracy of each variant on a fixed subset (every 12th prompt: 13 prompts x 2 seeds)."""
-    import numpy as np
-
-    from t2i.demo import shapeeval
-
     prompts = shapeeval.build_prompts()[::12]
     size = pipe.defaults.width, pipe.defaults.height
     for row in rows:
@@ -265,11 +254,6 @@ def _shapeeval(pipe, stock, rows, steps, guidance, sampler, seeds=(0, 1)) -> Non
 
 def unet_flops(pipe, width: int, height: int, rows: int) -> int:
     """FLOPs of one UNet call on `rows` latents (classic attention, so its matmuls are counted too)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from t2i import speed
-
     unet, f = pipe.pipe.unet, pipe.vae_scale_factor
     sample = torch.zeros(rows, unet.config.in_channels, height // f, width // f, device=pipe.device,
                          dtype=pipe.dtype)  # (rows, C, h, w)
@@ -286,8 +270,6 @@ def unet_flops(pipe, width: int, height: int, rows: int) -> int:
 
 def matmul_peak(device, n: int = 2048, repeats: int = 5) -> float:
     """The machine's fp32 matmul rate in GFLOP/s: the best of a few n x n products, as a practical peak."""
-    import torch
-
     a, b = (torch.randn(n, n, device=device) for _ in range(2))
     best = float("inf")
     for _ in range(repeats + 1):  # the first warms up

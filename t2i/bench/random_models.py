@@ -3,9 +3,21 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from pathlib import Path
 
+import diffusers
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from t2i import models
+from t2i.devices import resolve_device, resolve_dtype
 from t2i.errors import UsageError
+from t2i.models.tiny_vae import TINY_VAE_FOLDER
+from t2i.pipelines import Text2Image
+from t2i.pipelines.base import LoadedModel
 
 
 # Random models of the real architectures' sizes (diffusers' / transformers' configs of SD 1.5 and SDXL 1.0).
@@ -52,16 +64,6 @@ def random_pipeline(arch: str, device: str = "auto", dtype: str = "auto", seed: 
     """A Text2Image over a randomly initialised model of `arch`'s real size (ARCHS), built in memory. With
     `tiny_vae` its folder (a temporary one, removed at exit) holds a random TAESD-sized vae_tiny/ for the
     speed option of that name."""
-    import diffusers
-    import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from t2i import models
-    from t2i.models.tiny_vae import TINY_VAE_FOLDER
-    from t2i.devices import resolve_device, resolve_dtype
-    from t2i.pipelines import Text2Image
-    from t2i.pipelines.base import LoadedModel
-
     if arch not in ARCHS:
         raise UsageError(f"unknown --arch {arch!r}; choose from: {', '.join(ARCHS)}")
     config = ARCHS[arch]
@@ -89,10 +91,6 @@ def random_pipeline(arch: str, device: str = "auto", dtype: str = "auto", seed: 
     name = f"random-{arch}"
     folder = Path(f"<{name}>")
     if tiny_vae:
-        import atexit
-        import shutil
-        import tempfile
-
         folder = Path(tempfile.mkdtemp(prefix=f"t2i-{name}-"))
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         tiny = diffusers.AutoencoderTiny(**config.get("tiny_vae", {}))  # default: TAESD's own layout

@@ -4,10 +4,12 @@ the progress bar, and the speed options' checks."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
-from t2i.errors import UsageError
+from t2i.choices import DEVICES, DTYPES
+from t2i.errors import UsageError, did_you_mean
 from t2i.cli.startup import no_collections
 
 EXAMPLES = """examples:
@@ -22,10 +24,20 @@ EXAMPLES = """examples:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: `t2i generate: error: ... (see --help)`, exit code 2."""
+    """argparse with one-line errors: `t2i generate: error: ... (see --help)`, exit code 2; a mistyped choice
+    (a command, a --device) is answered with the closest ones."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def _check_value(self, action, value):  # argparse's check of `choices` (Python 3.14 suggests on its own)
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as e:
+            hint = did_you_mean(str(value), list(action.choices))
+            if not hint:
+                raise
+            raise argparse.ArgumentError(action, f"{e.message}; {hint}") from None
 
 
 def positive_int(text: str) -> int:
@@ -48,8 +60,8 @@ def model_args(p: argparse.ArgumentParser) -> None:
                    help="diffusers folder, .safetensors checkpoint or hub id (default: the bundled t2i-shapes)")
     g.add_argument("--model-config", metavar="DIR",
                    help="diffusers folder whose configs a single-file checkpoint uses (needed offline)")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default: auto")
-    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+    g.add_argument("--device", default="auto", choices=DEVICES, help="default: auto")
+    g.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="default: auto (fp16/bf16 on a GPU, fp32 on the CPU)")
     g.add_argument("--allow-pickle", action="store_true",
                    help="also load pickle-based weights (.ckpt/.bin/.pt); they can run code: trusted files only")
@@ -110,11 +122,42 @@ def output_args(p: argparse.ArgumentParser) -> None:
 
 
 def progress_bar(args, desc: str):
+    """One bar over the job's steps on stderr, drawn from its first step (False with --quiet)."""
     if getattr(args, "quiet", False):
         return False
-    from tqdm.auto import tqdm
+    from t2i.progress import StepBar  # deferred: tqdm; --help must not import it
 
-    return tqdm(total=0, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+    return StepBar(desc)
+
+
+def print_paths(paths, bar) -> None:
+    """Written paths on stdout, each on a line of its own even while the bar is drawn in the same terminal."""
+    for path in paths:
+        if bar:
+            bar.write(f"{path}\n")
+        else:
+            # one write per line: processes sharing a pipe (accelerate launch runs them unbuffered, where
+            # print writes the text and its newline apart) would otherwise splice their lines
+            sys.stdout.write(f"{path}\n")
+            sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def tidy_folders(out: str | Path):
+    """Folders the block makes for `out` (plan_paths makes them) are removed again if the block stops with an
+    error or Ctrl-C and they are still empty. A folder that was there before is never removed."""
+    out = Path(out)
+    folder = out.parent if out.suffix.lower() == ".png" else out
+    new = [p for p in (folder, *folder.parents) if not p.exists()]  # the deepest first
+    try:
+        yield
+    except BaseException:
+        for p in new:
+            try:
+                p.rmdir()  # only an empty folder goes
+            except OSError:
+                break
+        raise
 
 
 def set_autoguidance(pipe, args) -> None:
@@ -126,12 +169,12 @@ def set_autoguidance(pipe, args) -> None:
 def speed_options(args):
     """--speed as t2i.speed.SpeedOptions (None: the plain, exact path); refused before loading if it cannot run,
     also when tiny_vae's small decoder is missing from args.model."""
+    # deferred: torch and diffusers; --help must not import them
     from t2i import models
+    from t2i.speed import SpeedOptions
 
     options = None
     if getattr(args, "speed", ""):
-        from t2i.speed import SpeedOptions
-
         options = SpeedOptions.parse(args.speed)
         if options.cpu_offload and args.device in ("cpu", "mps"):
             raise UsageError(f"--speed cpu_offload needs a CUDA device, not --device {args.device}; leave it off")
@@ -142,13 +185,14 @@ def speed_options(args):
 def check_tiny_vae(options, source) -> None:
     """--speed tiny_vae[=PATH]: the small decoder exists, checked before the model loads."""
     if options is not None and options.tiny_vae is not None:
-        from t2i.models import tiny_vae
+        from t2i.models import tiny_vae  # deferred: diffusers; --help must not import it
 
         tiny_vae.tiny_vae_folder(options.tiny_vae, Path(source.location) if source.kind != "hub" else None)
 
 
 def load_pipeline(args, task: str = "text2image"):
     with no_collections():
+        # deferred: imported here with collections off; --help must not import them
         from t2i.pipelines import Image2Image, Inpaint, Text2Image
 
         cls = {"text2image": Text2Image, "image2image": Image2Image, "inpaint": Inpaint}[task]

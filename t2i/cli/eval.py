@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
 from pathlib import Path
 
+from t2i.choices import DEVICES, DTYPES
+from t2i.cli.common import (
+    load_pipeline,
+    number,
+    positive_int,
+    progress_bar,
+    set_autoguidance,
+    speed_options,
+    tidy_folders,
+)
 from t2i.errors import UsageError
-from t2i.cli.common import progress_bar, load_pipeline, number, positive_int, set_autoguidance, speed_options
 
 
 def add_parser(sub) -> None:
@@ -28,8 +39,8 @@ def add_parser(sub) -> None:
     e.add_argument("--through-vae", action="store_true",
                    help="with --ground-truth: pass the renders through the model's VAE (encode, decode) first, "
                         "the best score any UNet can reach with that VAE")
-    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    e.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    e.add_argument("--device", default="auto", choices=DEVICES)
+    e.add_argument("--dtype", default="auto", choices=DTYPES)
     e.add_argument("--allow-pickle", action="store_true", help=argparse.SUPPRESS)
     e.add_argument("--model-config", metavar="DIR", help=argparse.SUPPRESS)
     e.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -44,7 +55,15 @@ def add_parser(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from t2i import guards
+    with tidy_folders(args.out) if args.out else contextlib.nullcontext():  # no new empty --out left behind
+        return _eval(args)
+
+
+def _eval(args) -> int:
+    # deferred: torch and diffusers; --help must not import them
+    from t2i import guards, speed
+    from t2i.demo.evaluation import run_eval
+    from t2i.samplers import get_sampler
 
     if args.through_vae and not args.ground_truth:
         raise UsageError("--through-vae scores ground-truth renders; add --ground-truth")
@@ -57,26 +76,18 @@ def cmd_eval(args) -> int:
     if args.autoguidance is not None:
         guards.check_autoguidance(args.autoguidance)
     if args.sampler:
-        from t2i.samplers import get_sampler
-
         get_sampler(args.sampler)
     if args.out:
         guards.check_writable_folder(args.out)
-    from t2i.demo.evaluation import run_eval
-
     if args.style:
         return _style_eval(args)
     options = speed_options(args)
     if options is not None:  # eval batches the seeds of a prompt whatever else is on
-        import dataclasses
-
         options = dataclasses.replace(options, batched=True)
     pipe = load_pipeline(args)
     set_autoguidance(pipe, args)
     pipe.exact_batch = False  # seeds of a prompt batched: images equal single runs to within rounding
     bar = progress_bar(args, "shapeeval")
-    from t2i import speed
-
     try:
         with speed.apply(pipe, options) if options else contextlib.nullcontext():
             run = run_eval(pipe, args.steps, args.sampler, args.guidance, seeds=range(args.seeds), out=args.out,
@@ -91,12 +102,13 @@ def cmd_eval(args) -> int:
 
 
 def _ground_truth_eval(args) -> int:
-    from t2i.demo import shapeeval
+    from t2i.demo import shapeeval  # deferred: numpy and PIL; --help must not import them
 
     if not args.through_vae:
         acc = shapeeval.ground_truth_accuracy(n_per_prompt=args.seeds)
         print("checker accuracy on ground-truth renders")
     else:
+        # deferred: torch and diffusers; the checker's accuracy alone needs neither
         from t2i import speed
         from t2i.demo.evaluation import vae_round_trip
 
@@ -111,9 +123,10 @@ def _ground_truth_eval(args) -> int:
 
 
 def _style_eval(args) -> int:
+    # deferred: torch and diffusers; --help must not import them
     from t2i import models
-    from t2i.lora import LoraSet, parse_lora_arg
     from t2i.demo.styles import STYLES, style_eval, style_table, transfer_eval
+    from t2i.lora import LoraSet, parse_lora_arg
 
     if args.style not in STYLES:
         raise UsageError(f"unknown style {args.style!r}; use one of: {', '.join(STYLES)}")
@@ -131,8 +144,6 @@ def _style_eval(args) -> int:
         rows = style_eval(pipe, spec.path, args.style, args.trigger, seeds=seeds, scale=spec.scale)
     print(style_table(rows))
     if args.out:
-        import json
-
         Path(args.out).mkdir(parents=True, exist_ok=True)
         name = "style-transfer.json" if strengths else "style-eval.json"
         (Path(args.out) / name).write_text(json.dumps(rows, indent=1))
@@ -140,7 +151,7 @@ def _style_eval(args) -> int:
 
 
 def _strengths(text: str) -> list[float]:
-    from t2i import guards
+    from t2i import guards  # deferred: torch; --help must not import it
 
     try:
         values = [float(x) for x in text.split(",") if x.strip()]

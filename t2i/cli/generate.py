@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from t2i.errors import UsageError
 from t2i.cli.common import (
-    progress_bar,
     image_args,
     load_pipeline,
     model_args,
     output_args,
+    print_paths,
+    progress_bar,
     prompt_args,
     sampling_args,
     set_autoguidance,
     speed_options,
+    tidy_folders,
 )
+from t2i.cli.startup import no_collections
+from t2i.errors import UsageError
 
 
 def add_parser(sub) -> None:
@@ -42,10 +46,35 @@ def add_parser(sub) -> None:
 
 
 
+@dataclass
+class _Job:
+    """A checked run with its model loaded: what each call of this process gets."""
+
+    pipe: object
+    prompts: list[str]
+    todo: list[int]  # the indices of this process's prompts
+    inputs: dict  # the task's own arguments: init image, mask, strength
+    loras: list
+    options: object  # t2i.speed.SpeedOptions, or None for the plain path
+    seed: int | None
+    share: tuple | None  # (state, prompt indices, first file number, seed) under several processes
+
+
 def cmd_generate(args) -> int:
+    with tidy_folders(args.out):  # a run stopped before its first image leaves no new empty folder
+        with no_collections():  # imports and loading make millions of lasting objects: no collections over them
+            job = _prepare(args)
+        _generate(args, job)
+    return 0
+
+
+def _prepare(args) -> _Job:
+    # deferred: torch and diffusers; --help must not import them
     from t2i import guards
-    from t2i.lora import parse_lora_arg
-    from t2i.output import plan_paths, save_images
+    from t2i.lora import LoraSet, parse_lora_arg
+    from t2i.output import plan_paths
+    from t2i.prompts import extract_loras
+    from t2i.samplers import get_sampler
 
     # 1. Everything checkable without the model, before loading it
     if bool(args.prompt is not None) == bool(args.prompts_file):
@@ -62,10 +91,8 @@ def cmd_generate(args) -> int:
         guards.check_seed(args.seed)
     if args.width is not None or args.height is not None:
         guards.check_size(args.width or 8, args.height or 8)
-    task_inputs = _check_image_inputs(args)
+    inputs = _check_image_inputs(args)
     if args.sampler:
-        from t2i.samplers import get_sampler
-
         get_sampler(args.sampler)
     if len(prompts) > 1 and Path(args.out).suffix.lower() == ".png":
         raise UsageError("--prompts-file writes several images; give a folder as --out")
@@ -73,51 +100,57 @@ def cmd_generate(args) -> int:
     loras = [parse_lora_arg(x) for x in args.lora]
     if args.lora_dir and not Path(args.lora_dir).is_dir():
         raise UsageError(f"--lora-dir {args.lora_dir} is not a folder")
-    from t2i.lora import LoraSet
-
     vetting = LoraSet(None, args.lora_dir, args.allow_pickle)
     loras = [vetting.spec(l) for l in loras]
+    for prompt in prompts:  # <lora:NAME:W> in a prompt names a file of --lora-dir: found and vetted now
+        vetting.tagged(extract_loras(prompt)[1])
     options = speed_options(args)
 
     # 2. Under `accelerate launch`/torchrun: this process's share of the prompts, named as one process would
     share = _distributed_share(args, len(prompts))
     seed = None if args.seed == -1 else args.seed
+    todo = list(range(len(prompts)))
     if share is not None:
-        state, mine, first_number, seed = share
+        state, mine, _, seed = share
+        todo = [i for i in todo if i in mine]
         args.device = str(state.device) if args.device == "auto" else args.device
         args.quiet = args.quiet or not state.is_main_process
 
-    # 3. Load once, generate each prompt
+    # 3. Load once
     pipe = load_pipeline(args, args.task)
     set_autoguidance(pipe, args)
     pipe.loras.lora_dir, pipe.loras.allow_pickle = vetting.lora_dir, args.allow_pickle
-    bar = progress_bar(args, "generating")
-    from t2i import speed
+    return _Job(pipe, prompts, todo, inputs, loras, options, seed, share)
 
+
+def _generate(args, job: _Job) -> None:
+    """4. Each prompt of this process, one bar across them all; written paths on stdout."""
+    # deferred: torch; --help must not import it
+    from t2i import speed
+    from t2i.output import save_images
+
+    bar = progress_bar(args, "generating")
     try:
-        with speed.apply(pipe, options) if options else contextlib.nullcontext():
-            for i, prompt in enumerate(prompts):
-                if share is not None and i not in mine:
-                    continue
-                result = pipe(prompt, **task_inputs, negative_prompt=args.negative_prompt, steps=args.steps,
-                              guidance=args.guidance, sampler=args.sampler, seed=seed, width=args.width,
-                              height=args.height, batch=args.batch, loras=loras, progress=bar)
+        with speed.apply(job.pipe, job.options) if job.options else contextlib.nullcontext():
+            for i in job.todo:
+                result = job.pipe(job.prompts[i], **job.inputs, negative_prompt=args.negative_prompt,
+                                  steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=job.seed,
+                                  width=args.width, height=args.height, batch=args.batch, loras=job.loras,
+                                  progress=bar)
                 names = None
-                if share is not None:
+                if job.share is not None:
+                    first_number = job.share[2]
                     names = [f"{first_number + i * args.batch + j:05d}-{s.seed}.png"
                              for j, s in enumerate(result.settings)]
-                for path in save_images(result.images, result.settings, args.out, overwrite=args.overwrite,
-                                        names=names):
-                    # one write per line: processes sharing a pipe (accelerate launch runs them unbuffered, where
-                    # print writes the text and its newline apart) would otherwise splice their lines
-                    sys.stdout.write(f"{path}\n")
-                    sys.stdout.flush()
+                paths = save_images(result.images, result.settings, args.out, overwrite=args.overwrite, names=names)
+                if bar and i == job.todo[-1]:
+                    bar.close()  # the finished bar first, the last paths below it
+                print_paths(paths, bar)
     finally:
         if bar:
             bar.close()
-    if share is not None:
-        share[0].wait_for_everyone()
-    return 0
+    if job.share is not None:
+        job.share[0].wait_for_everyone()
 
 
 def _distributed_share(args, n_prompts: int):
@@ -127,10 +160,9 @@ def _distributed_share(args, n_prompts: int):
     Prompt i goes to process i % N, and its images get the numbers and seeds a single
     process would give them, so the folder ends up the same as after one process.
     """
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    # deferred: torch and accelerate; --help must not import them
     import torch
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
@@ -152,6 +184,7 @@ def _distributed_share(args, n_prompts: int):
 
 def _check_image_inputs(args) -> dict:
     """img2img/inpaint: the init image and mask decode, strength and blur are in range; the pipeline's arguments."""
+    # deferred: torch and PIL; --help must not import them
     from t2i import guards
     from t2i.images import as_mask, check_mask, read_input
 

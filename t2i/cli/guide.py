@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_guide(args) -> int:
-    from t2i.models import guide
+    from t2i.models import guide  # deferred: torch and diffusers; --help must not import them
 
     model, source = Path(args.model).expanduser(), Path(args.source).expanduser()
     folder, kept = guide.make(model, source, args.bits, args.scale, args.below, args.overwrite)

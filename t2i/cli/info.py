@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from t2i.errors import UsageError
 
 
@@ -14,9 +16,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_info(args) -> int:
-    import json
-
-    from t2i import metadata
+    from t2i import metadata  # deferred: PIL; --help must not import it
 
     text, settings = metadata.read(args.image)
     if text is None and settings is None:

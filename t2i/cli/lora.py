@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_lora_convert(args) -> int:
-    from t2i.lora.format import convert_lora
+    from t2i.lora.format import convert_lora  # deferred: torch; --help must not import it
 
     print(convert_lora(args.input, args.output, args.format, overwrite=args.overwrite,
                        allow_pickle=args.allow_pickle))
@@ -39,7 +39,7 @@ def cmd_lora_convert(args) -> int:
 
 
 def cmd_lora_info(args) -> int:
-    from t2i.lora.format import lora_info
+    from t2i.lora.format import lora_info  # deferred: torch; --help must not import it
 
     print(lora_info(args.file, allow_pickle=args.allow_pickle).summary())
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from t2i.samplers import DEFAULT_SAMPLER, SAMPLERS
+
 
 def add_parser(sub) -> None:
     s = sub.add_parser("samplers", help="list sampler names and their A1111 names")
@@ -10,8 +12,6 @@ def add_parser(sub) -> None:
 
 
 def cmd_samplers(args) -> int:
-    from t2i.samplers import DEFAULT_SAMPLER, SAMPLERS
-
     width = max(len(n) for n in SAMPLERS)
     print(f"{'name':<{width}}  A1111 name")
     for name, s in SAMPLERS.items():

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
-import sys
+import tomllib
 
 from t2i.errors import UsageError
 from t2i.cli.common import Parser, number, positive_int
@@ -91,9 +92,7 @@ def _train_lora_parser(tsub) -> None:
 
 
 def cmd_train_demo(args) -> int:
-    import tomllib
-
-    from t2i.train import demo
+    from t2i.train import demo  # deferred: torch and diffusers; --help must not import them
 
     overrides = {"output_dir": args.output_dir, "export_dir": args.export_dir}
     for item in args.set:
@@ -110,9 +109,7 @@ def cmd_train_demo(args) -> int:
 
 
 def cmd_train_lora(args) -> int:
-    import dataclasses
-
-    from t2i.train import lora
+    from t2i.train import lora  # deferred: torch and diffusers; --help must not import them
 
     # each config key with a flag of the same name; None = flag not given, the file's value stays
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(lora.LoraTrainConfig) if hasattr(args, f.name)}
@@ -124,36 +121,21 @@ def cmd_train_lora(args) -> int:
 
 
 def cmd_style_data(args) -> int:
-    from t2i.demo.styles import write_dataset
+    from t2i.demo.styles import write_dataset  # deferred: numpy and PIL; --help must not import them
 
     folder = write_dataset(args.out, args.style, args.n, args.seed)
     print(folder)
     return 0
 
 
-class _NoticeHandler(logging.Handler):
-    """A notice as one line on stderr, written past the progress bar; warnings say so."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        from tqdm.auto import tqdm  # deferred: every t2i command imports this module
-
-        prefix = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
-        try:
-            tqdm.write(prefix + record.getMessage(), file=sys.stderr)
-        except Exception:  # noqa: BLE001 - logging's rule: a notice never breaks the run
-            self.handleError(record)
-
-
 @contextlib.contextmanager
 def _notices():
-    """The trainers' notices (data, resumes, validation, warnings) on stderr while the command runs. t2i-wide
-    logging setup (t2i/log.py) takes this over once it exists."""
-    logger, handler = logging.getLogger("t2i.train"), _NoticeHandler()
+    """The trainers' progress notes (data, resumes, validation, exports) are notices too: shown at INFO, on stderr
+    through the CLI's one notice handler (t2i.log.notices_on_stderr)."""
+    logger = logging.getLogger("t2i.train")
     level = logger.level
-    logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
         yield
     finally:
-        logger.removeHandler(handler)
         logger.setLevel(level)

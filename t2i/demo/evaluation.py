@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from t2i.demo import shapeeval
 
 
@@ -37,8 +39,6 @@ def pipeline_generator(pipe, steps=None, sampler=None, guidance=None, progress=F
 def vae_round_trip(pipe):
     """Images -> the same images encoded (latent mean) and decoded by the pipeline's VAE (its small decoder when
     `--speed tiny_vae` set one): what the decoder makes of the best latents a UNet could hand it."""
-    import torch
-
     vae = pipe.pipe.vae
     shift = getattr(vae.config, "shift_factor", None) or 0.0
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from t2i.errors import UsageError
+from t2i.demo import shapeeval
 from t2i.demo.shapes import IMAGE_SIZE, Scene, render, sample_scene
+from t2i.errors import UsageError
 
 OUTLINE_WIDTH = 2  # pixels at 64 x 64
 
@@ -124,8 +125,7 @@ def style_eval(pipe, lora: str, style: str, trigger: str, prompts=None, seeds=(0
     Rows: `style data` (renders of the style itself), `base` (no LoRA), `base + trigger words`,
     `lora + trigger`, `lora, no trigger`, `lora at scale 0 + trigger` (must equal `base + trigger words`).
     """
-    from t2i.demo import shapeeval
-    from t2i.train.data import with_trigger  # the caption rule of training
+    from t2i.train.data import with_trigger  # deferred: torch; `t2i train style-data` renders with PIL alone
 
     prompts = list(prompts or shapeeval.build_prompts()[::12])
     scenes = [sample_scene(10**8 + 10**6 + i) for i in range(data_n)]
@@ -157,10 +157,9 @@ def transfer_eval(pipe, lora: str, style: str, trigger: str, strengths=(0.3, 0.5
     content itself, and the same scenes rendered in the style (what a perfect transfer
     would score), and img2img with the trigger words but no LoRA (what img2img alone does).
     """
+    # deferred: torch and diffusers; `t2i train style-data` renders with PIL alone
     from t2i.pipelines import Image2Image
-
-    from t2i.demo import shapeeval
-    from t2i.train.data import with_trigger
+    from t2i.train.data import with_trigger  # the caption rule of training
 
     img2img = Image2Image.from_pipe(pipe)  # the same loaded components
     prompts = list(prompts or shapeeval.build_prompts()[::12])

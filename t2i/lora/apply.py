@@ -15,8 +15,11 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from t2i.errors import ModelLoadError, UsageError
-from t2i.files import check_weight_file, file_sha256
+import torch
+
+from t2i.errors import ModelLoadError, UsageError, did_you_mean
+from t2i.files import WEIGHT_SUFFIXES, check_weight_file, file_sha256
+from t2i.lora.format import read_lora, to_diffusers
 from t2i.settings import LoraSpec
 
 _SCALE = re.compile(r"^(.*):([+-]?(?:\d+\.?\d*|\.\d+))$")
@@ -28,6 +31,11 @@ def parse_lora_arg(text: str) -> LoraSpec:
     path, scale = (m.group(1), float(m.group(2))) if m else (text, 1.0)
     if not path:
         raise UsageError(f"--lora {text!r}: give FILE or FILE:SCALE")
+    head, sep, tail = text.rpartition(":")
+    if not m and sep and head and not Path(text).expanduser().exists() and (
+            Path(head).expanduser().is_file() or Path(head).suffix.lower() in WEIGHT_SUFFIXES):
+        what = f"the scale {tail!r} is not a number" if tail else "no scale after the ':'"
+        raise UsageError(f"--lora {text!r}: {what}; use {head}:0.8, or {head} alone for scale 1")
     return LoraSpec(path=path, scale=scale)
 
 
@@ -64,15 +72,22 @@ class LoraSet:
         """`<lora:NAME:...>` -> NAME.safetensors in the LoRA folder."""
         if self.lora_dir is None:
             raise UsageError(f"the prompt uses <lora:{name}:...> but no LoRA folder is set; pass --lora-dir DIR")
-        for suffix in (".safetensors", *((".pt", ".ckpt", ".bin") if self.allow_pickle else ())):
+        suffixes = (".safetensors", *((".pt", ".ckpt", ".bin") if self.allow_pickle else ()))
+        for suffix in suffixes:
             p = self.lora_dir / f"{name}{suffix}"
             if p.is_file():
                 return p
-        raise UsageError(f"<lora:{name}:...>: no {name}.safetensors in {self.lora_dir}")
+        there = self.lora_dir.iterdir() if self.lora_dir.is_dir() else ()
+        hint = did_you_mean(name, [p.stem for p in there if p.suffix.lower() in suffixes])
+        raise UsageError(f"<lora:{name}:...>: no {name}.safetensors in {self.lora_dir}{f'; {hint}' if hint else ''}")
+
+    def tagged(self, tags: list[tuple[str, float]]) -> list[LoraSpec]:
+        """A prompt's `<lora:NAME:SCALE>` tags (see prompts.extract_loras) as vetted specs; no tensors loaded."""
+        return [self.spec(LoraSpec(str(self.resolve_name(n)), s, name=n)) for n, s in tags]
 
     def activate(self, specs: list[LoraSpec], tagged: list[tuple[str, float]] = ()) -> list[LoraSpec]:
         """Make exactly these LoRAs active at these scales (loading new ones, dropping others)."""
-        specs = list(specs) + [self.spec(LoraSpec(str(self.resolve_name(n)), s, name=n)) for n, s in tagged]
+        specs = list(specs) + self.tagged(tagged)
         wanted: dict[str, LoraSpec] = {}
         for s in specs:
             wanted[_adapter_name(s)] = s
@@ -90,8 +105,6 @@ class LoraSet:
 
     def _load(self, adapter: str, spec: LoraSpec) -> None:
         """Load one file (either layout) as `adapter`, only if every module of it fits this model."""
-        from t2i.lora.format import read_lora, to_diffusers
-
         state_dict, metadata = read_lora(spec.path, self.allow_pickle)
         components = lora_components(self.pipe)
         names = [f"{c}.{n}" for c, m in components.items() for n, _ in m.named_modules()]
@@ -127,8 +140,6 @@ def match_lora(state_dict: dict, components: dict) -> tuple[int, int, list[str]]
 
     Returns (matched, total, why each unmatched one failed).
     """
-    import torch
-
     modules = sorted(k[: -len(".lora_A.weight")] for k in state_dict if k.endswith(".lora_A.weight"))
     misses = []
     for name in modules:

@@ -17,17 +17,18 @@ same to every loader, and a diffusers -> kohya -> diffusers round trip is bit fo
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+import safetensors.torch  # save_file through the module: tests replace it with a full disk
 import torch
+from safetensors import SafetensorError, safe_open
 
-from t2i.errors import ModelLoadError, NumericalError, StorageError, UsageError
-from t2i.files import give_usual_mode
+from t2i.errors import ModelLoadError, NumericalError, UsageError
+from t2i.files import atomic_write, check_weight_file, load_pickled_weights
 
 FORMATS = ("diffusers", "kohya")
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -55,22 +56,16 @@ _COMPOUNDS = sorted((tuple(n.split("_")) for n in _COMPOUND_NAMES), key=len, rev
 
 def read_lora(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header metadata of a LoRA file, as stored (either layout); NaN/inf weights are refused."""
-    from t2i.files import check_weight_file
-
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"LoRA file {path} does not exist")
     check_weight_file(path, allow_pickle)
     metadata: dict[str, str] = {}
     if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
             sd = {k: f.get_tensor(k) for k in f.keys()}
     else:  # only reached when pickles were explicitly allowed
-        from t2i.files import load_pickled_weights
-
         sd = load_pickled_weights(path)
         sd = sd.get("state_dict", sd)
     if not isinstance(sd, dict) or not sd:
@@ -319,21 +314,13 @@ def save_lora(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: d
         out = diffusers_sd
     header["format"] = "pt"
     out = {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
-
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(out, str(tmp), metadata=header)
-        give_usual_mode(tmp)
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as e:  # disk full, quota, permissions (safetensors wraps its I/O errors)
-        kept = "the existing file is unchanged" if path.exists() else "nothing was written"
-        raise StorageError(f"could not write {path}: {getattr(e, 'strerror', None) or e}; {kept}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        # safetensors wraps its own I/O errors (a full disk) in SafetensorError
+        with atomic_write(path, overwrite=overwrite, errors=(SafetensorError,)) as tmp:
+            safetensors.torch.save_file(out, str(tmp), metadata=header)
+    except FileExistsError:  # made while the LoRA was being written
+        raise UsageError(f"{path} exists; pass --overwrite (overwrite=True) to replace it") from None
     return path
 
 

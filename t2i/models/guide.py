@@ -20,8 +20,13 @@ import shutil
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from t2i.errors import ModelLoadError, UsageError, first_line
+from t2i.files import atomic_write, check_safetensors
+from t2i.guards import check_autoguidance
 from t2i.models.loading import check_component, from_vetted_folder, quiet_loading
 
 DELTA_FILE = "delta.safetensors"
@@ -127,9 +132,6 @@ def decode(base: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], bits
 
 def read(folder: Path, base_file: Path) -> dict[str, torch.Tensor]:
     """A delta guide's weights (fp32) from its folder and the unet/ weights file it was made against."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     delta = folder / DELTA_FILE
     with safe_open(str(delta), "pt") as f:
         meta = f.metadata() or {}
@@ -156,10 +158,6 @@ def read(folder: Path, base_file: Path) -> dict[str, torch.Tensor]:
 def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
     """A UNet's weights from what training leaves: a `t2i train demo` checkpoint folder (its EMA UNet, the one
     that gets exported), a diffusers UNet folder, a model folder (its unet/), or a .safetensors file."""
-    from safetensors.torch import load_file
-
-    from t2i.models.loading import check_safetensors
-
     candidates = [path] if path.is_file() else [
         path / "ema_unet.safetensors", path / "unet.safetensors", path / UNET_FILE, path / "unet" / UNET_FILE]
     for file in candidates:
@@ -174,8 +172,6 @@ def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def check_request(model: Path, source: Path, bits: int, scale: float, below: int, overwrite: bool) -> Path:
     """The checks of `t2i guide` that need no weights; returns the model's unet/ weights file."""
-    from t2i.guards import check_autoguidance
-
     base_file = model / "unet" / UNET_FILE
     if not (model / "model_index.json").is_file():
         raise UsageError(f"{model} is not a diffusers model folder (no model_index.json); give the folder "
@@ -204,8 +200,6 @@ def make(model: Path, source: Path, bits: int = 3, scale: float = 3.0, below: in
     Returns the guide folder and the share of the difference's energy it keeps (1.0 for a whole UNet).
     Written beside the old guide and swapped in at the end, so a failure leaves the folder as it was.
     """
-    from safetensors.torch import load_file, save_file
-
     base_file = check_request(model, source, bits, scale, below, overwrite)
     base, weights = load_file(str(base_file)), checkpoint_weights(source)
     wrong = sorted(k for k in base if k not in weights or weights[k].shape != base[k].shape)
@@ -250,9 +244,8 @@ def _read_defaults(path: Path) -> dict:
 
 def _set_defaults(path: Path, scale: float, below: int) -> None:
     values = _read_defaults(path) | {"autoguidance": scale, "autoguidance_below": below}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(values, indent=1) + "\n")
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(values, indent=1) + "\n")
 
 
 GUIDE_FOLDER = "guide"  # a model folder's weaker UNet for autoguidance (the bundled model ships one)
@@ -268,8 +261,6 @@ def load_guide(model_path: Path | None, dtype, device, unet_config):
     folder = model_path / GUIDE_FOLDER if model_path is not None and model_path.is_dir() else None
     if folder is None or not (folder / "config.json").is_file():
         return None
-    from diffusers import UNet2DConditionModel
-
     config = check_component(folder, allow_pickle=False)
     kind = config.get("_class_name")
     if kind != "UNet2DConditionModel":

@@ -20,6 +20,11 @@ import pickle
 import warnings
 from pathlib import Path
 
+import diffusers
+from diffusers.utils import logging as dlogging
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+
 from t2i.errors import ModelLoadError, UnsafeFileError, UsageError, causes, first_line
 from t2i.files import WEIGHT_SUFFIXES, check_safetensors, check_weight_file, load_pickled_weights
 from t2i.models.sources import ModelSource, arch_of_folder, arch_of_keys
@@ -91,16 +96,13 @@ def check_component(folder: Path, allow_pickle: bool) -> dict:
 
 
 def _pipeline_class(arch: str):
-    import diffusers  # one pipeline module only: each costs import time
-
+    # diffusers imports a pipeline's module when first named: one of the two, each costs import time
     return diffusers.StableDiffusionXLPipeline if arch == "sdxl" else diffusers.StableDiffusionPipeline
 
 
 @contextlib.contextmanager
 def quiet_loading():
     """diffusers' loading bars and its `torch_dtype` rename notice say nothing a user can act on."""
-    from diffusers.utils import logging as dlogging
-
     dlogging.disable_progress_bar()
     level = dlogging.get_verbosity()
     dlogging.set_verbosity(dlogging.CRITICAL)  # its logged errors repeat what the raised error says
@@ -159,8 +161,6 @@ def from_vetted_folder(model_class, folder: Path, dtype, what: str):
 def _load_single_file(path: Path, dtype, allow_pickle: bool, model_config: str | None):
     check_weight_file(path, allow_pickle)
     if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             arch = arch_of_keys(f.keys())
     else:
@@ -213,8 +213,6 @@ def _load_hub(repo_id: str, dtype, allow_pickle: bool):
 def hub_snapshot(repo_id: str, allow_pickle: bool = False) -> Path:
     """A local copy of a hub repository's configs and weights (safetensors only, unless pickle is allowed)."""
     try:
-        from huggingface_hub import snapshot_download
-
         return Path(
             snapshot_download(
                 repo_id,

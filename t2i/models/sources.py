@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from t2i.errors import ModelLoadError, UsageError
+from t2i.errors import ModelLoadError, UsageError, did_you_mean
 from t2i.files import WEIGHT_SUFFIXES, file_sha256
 
 
@@ -68,8 +68,20 @@ def resolve(model: str | None) -> ModelSource:
     if path.is_file():
         return ModelSource("single_file", str(path), path.stem, model)
     if not is_hub_id(model):
-        raise UsageError(f"model {model} does not exist; give a diffusers folder, a .safetensors file or a hub id (org/name)")
+        near = {name: os.path.join(os.path.dirname(model), name) for name in _models_in(path.parent)}  # as typed
+        hint = did_you_mean(path.name, near)
+        raise UsageError(f"model {model} does not exist{f' ({hint})' if hint else ''}; give a diffusers folder, "
+                         "a .safetensors file or a hub id (org/name)")
     return ModelSource("hub", model, model.split("/")[-1], model)
+
+
+def _models_in(folder: Path) -> list[str]:
+    """Names of the model folders and weights files in a folder (none if it is not one)."""
+    try:
+        return [p.name for p in folder.iterdir()
+                if (p / "model_index.json").is_file() or p.suffix.lower() in WEIGHT_SUFFIXES]
+    except OSError:
+        return []
 
 
 def arch_of_folder(path: Path) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from diffusers import AutoencoderTiny
+
 from t2i.errors import ModelLoadError, UsageError
 from t2i.models.loading import check_component, from_vetted_folder, hub_snapshot
 from t2i.models.sources import is_hub_id
@@ -32,8 +34,6 @@ def tiny_vae_folder(value: str, model_path: Path | None) -> Path:
 
 def load_tiny_vae(folder: Path, dtype, device, latent_channels: int):
     """An AutoencoderTiny from a vetted folder (safetensors only, no code), checked against the UNet's latents."""
-    from diffusers import AutoencoderTiny
-
     kind = check_component(folder, allow_pickle=False).get("_class_name")
     if kind != "AutoencoderTiny":
         raise ModelLoadError(f"{folder} is not an AutoencoderTiny (its config says {kind or 'no _class_name'}); "

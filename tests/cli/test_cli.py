@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -231,3 +232,127 @@ def test_main_in_process_leaves_the_garbage_collector_as_it_found_it(run_cli):
         assert not gc.isenabled()  # a caller's own choice is kept
     finally:
         gc.enable()
+
+
+# --------------------------------------------------------------------------- the terminal
+
+
+def test_written_paths_start_their_own_lines_after_the_finished_bar(tiny_sd, tmp_path, monkeypatch):
+    """In a terminal stdout and stderr are one stream: each path must start a line (not follow the bar's
+    last refresh on its line), the bar must have finished before the first path, and no empty `0step` bar
+    may be drawn before the total is known."""
+    import io
+
+    from t2i.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue star\n")
+    terminal = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    code = main(["generate", "--prompts-file", str(prompts), "--model", str(tiny_sd), "--steps", "3", "--seed", "1",
+                 "--out", str(tmp_path / "out")])
+    monkeypatch.undo()
+    text = terminal.getvalue()
+    assert code == 0, text
+    lines = text.replace("\r", "\n").split("\n")
+    paths = [str(p) for p in _pngs(tmp_path / "out")]
+    assert len(paths) == 2 and all(p in lines for p in paths), text  # whole lines, nothing glued on
+    assert not re.search(r"(?<![\d.])0step", text)  # no bar drawn with an unknown total ("generating: 0step")
+    last = text.index(paths[1])
+    assert "6/6" in text[:last] and "generating" not in text[last:], text  # the finished bar, then the last path
+
+
+def test_reproduce_labels_its_bar_by_what_it_does(run_cli, tiny_sd, tmp_path):
+    target = tmp_path / "r.png"
+    assert run_cli("generate", "a", "--model", tiny_sd, "--steps", 2, "--seed", 3, "--out", target, "-q")[0] == 0
+    code, stdout, stderr = run_cli("reproduce", target)
+    assert code == 0 and "bit for bit" in stdout
+    assert "reproducing" in stderr and "text2image" not in stderr and not re.search(r"(?<![\d.])0step", stderr)
+
+
+# --------------------------------------------------------------------------- help, mistakes and interruptions
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    code = """
+import sys
+from t2i.cli import main
+for argv in (["--help"], ["generate", "--help"], ["bench", "--help"], ["eval", "--help"], ["train", "lora", "--help"],
+             ["generate", "a", "--steps", "many"], ["genrate", "a"], ["generate", "a", "--device", "cuad"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+print(sorted(m for m in ("torch", "diffusers", "transformers", "PIL", "tqdm") if m in sys.modules))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[-1] == "[]"
+
+
+def test_a_mistyped_command_or_choice_gets_a_did_you_mean(run_cli):
+    code, _, stderr = run_cli("genrate", "a red circle")
+    assert code == 2 and "did you mean 'generate'?" in one_line(stderr)
+    code, _, stderr = run_cli("generate", "a", "--device", "cuad")
+    assert code == 2 and "did you mean 'cuda'?" in one_line(stderr)
+    code, _, stderr = run_cli("train", "lroa")
+    assert code == 2 and "did you mean 'lora'?" in one_line(stderr)
+
+
+def test_a_mistyped_sampler_or_model_gets_a_did_you_mean(run_cli, sd_copy, tmp_path, no_model_load):
+    code, _, stderr = run_cli("generate", "a", "--model", sd_copy, "--sampler", "eulr a", "--out", tmp_path / "o")
+    assert code == 2 and "did you mean 'euler-a'" in one_line(stderr)
+    code, _, stderr = run_cli("generate", "a", "--model", tmp_path / "modle", "--out", tmp_path / "o")
+    assert code == 2 and f"did you mean '{sd_copy}'?" in one_line(stderr)
+
+
+def test_an_interrupted_or_failed_run_leaves_no_empty_folder_it_made(run_cli, tiny_sd, tmp_path, monkeypatch):
+    from t2i.cli import generate
+    from t2i.errors import ModelLoadError
+
+    for stop, code in ((KeyboardInterrupt, 130), (ModelLoadError("the model broke"), 2)):
+        def load(*args, **kwargs):
+            raise stop
+
+        monkeypatch.setattr(generate, "load_pipeline", load)
+        new, kept = tmp_path / "new" / "deeper", tmp_path / "kept"
+        kept.mkdir(exist_ok=True)
+        assert run_cli("generate", "a", "--model", tiny_sd, "--out", new, "-q")[0] == code
+        assert run_cli("generate", "a", "--model", tiny_sd, "--out", kept, "-q")[0] == code
+        assert run_cli("generate", "a", "--model", tiny_sd, "--out", tmp_path / "png" / "one.png", "-q")[0] == code
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]  # made by the run and empty: gone
+        assert list(kept.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- errors and notices
+
+
+def test_debug_shows_the_traceback_behind_the_one_line_error(run_cli, tmp_path, monkeypatch):
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    code, _, stderr = run_cli("info", plain)
+    assert code == 2 and "Traceback" not in stderr
+    for argv, env in ((["--debug", "info", plain], None), (["info", plain], "1")):
+        if env:
+            monkeypatch.setenv("T2I_DEBUG", env)
+        code, _, stderr = run_cli(*argv)
+        assert code == 2
+        assert "Traceback (most recent call last)" in stderr and "cmd_info" in stderr
+        assert stderr.strip().splitlines()[-1].startswith("t2i: error:") and "no generation metadata" in stderr
+
+
+def test_notices_are_logged_and_the_cli_shows_them_as_notes(run_cli, tiny_sd, tmp_path, caplog):
+    init = tmp_path / "odd.png"
+    Image.new("RGB", (37, 30), (200, 40, 40)).save(init)
+    code, _, stderr = run_cli("img2img", "a", "--init", init, "--model", tiny_sd, "--steps", 2, "--seed", 1,
+                              "--out", tmp_path / "o", "-q")
+    assert code == 0
+    assert stderr.splitlines() == ["note: init image 37x30 resized to 38x30 (sides must be multiples of 2)"]
+    from t2i.pipelines import Image2Image
+
+    pipe = Image2Image.from_pretrained(str(tiny_sd), device="cpu")
+    with caplog.at_level("WARNING", logger="t2i"):
+        pipe("a", init, strength=0.5, steps=2, seed=1, progress=False)
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("t2i.pipelines.image2image", "init image 37x30 resized to 38x30 (sides must be multiples of 2)")]

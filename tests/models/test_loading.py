@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from helpers import BROKEN, one_line
 from t2i import models
 from t2i.errors import ModelLoadError, UnsafeFileError, UsageError
+from t2i.files import check_safetensors
 
 
 def test_the_payload_really_runs_code(evil, marker, tmp_path):
@@ -85,6 +89,22 @@ def test_broken_safetensors_are_refused_in_one_line(run_cli, tiny_sd, tmp_path, 
     assert words in line.lower() and path.name in line
     code, _, stderr = run_cli("generate", "a", "--model", tiny_sd, "--lora", path, "--out", tmp_path / "o")
     assert code == 2 and words in one_line(stderr).lower()
+
+
+@pytest.mark.parametrize("kind, words", [("png", "it is a PNG image"), ("jpeg", "it is a JPEG image"),
+                                         ("html", "it is an HTML page"), ("text", "it is a text file (it begins 'Entry")])
+def test_a_file_of_another_kind_named_safetensors_is_named_for_what_it_is(run_cli, tiny_sd, tmp_path, kind, words):
+    path = tmp_path / f"{kind}.safetensors"
+    if kind in ("png", "jpeg"):
+        data = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(data, kind.upper())
+        path.write_bytes(data.getvalue())
+    else:
+        path.write_bytes(BROKEN["html"][0] if kind == "html" else b"Entry not found")
+    with pytest.raises(ModelLoadError, match="is not a valid safetensors file: " + re.escape(words)):
+        check_safetensors(path)
+    code, _, stderr = run_cli("generate", "a", "--model", tiny_sd, "--lora", path, "--out", tmp_path / "o")
+    assert code == 2 and words in one_line(stderr) and "download it again" not in stderr
 
 
 def test_truncated_weights_inside_a_folder_are_refused(run_cli, tiny_sd, sd_copy, tmp_path):

@@ -119,15 +119,18 @@ def test_init_files_of_any_mode_are_converted_to_rgb(img2img, tmp_path, mode):
     assert out.settings[0].init_image == str(path)
 
 
-def test_odd_sizes_are_snapped_with_a_notice(img2img, capsys):
+def test_odd_sizes_are_snapped_with_a_notice(img2img, caplog):
+    caplog.set_level("WARNING", logger="t2i")
     out = img2img("x", _picture((37, 30)), strength=0.5, steps=2, seed=1, progress=False)
     assert out.images[0].size == (38, 30)  # nearest multiples of the VAE factor (2 here, 8 for SD)
-    assert "init image 37x30 resized to 38x30" in capsys.readouterr().err
+    assert "init image 37x30 resized to 38x30" in caplog.text
+    caplog.clear()
     out = img2img("x", _picture((32, 32)), strength=0.5, steps=2, seed=1, width=48, progress=False)
     assert out.images[0].size == (48, 48)  # one side given: the aspect ratio is kept
-    assert "resized to 48x48" in capsys.readouterr().err
+    assert "resized to 48x48" in caplog.text
+    caplog.clear()
     img2img("x", _picture(), strength=0.5, steps=2, seed=1, progress=False)
-    assert capsys.readouterr().err == ""  # no notice when nothing is resized
+    assert caplog.records == []  # no notice when nothing is resized
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -192,12 +195,12 @@ def test_inverted_mask_repaints_the_other_side(inpaint):
     assert not np.array_equal(pixels(out)[:, 16:], pixels(init)[:, 16:])
 
 
-def test_a_mask_of_another_size_or_mode_is_resized_with_a_notice(inpaint, capsys):
+def test_a_mask_of_another_size_or_mode_is_resized_with_a_notice(inpaint, caplog):
     init = _picture()
     rgba = Image.new("RGBA", (64, 64), (0, 0, 0, 0))  # transparent counts as black (keep)
     ImageDraw.Draw(rgba).rectangle([0, 0, 31, 63], fill=(255, 255, 255, 255))
     out = inpaint("x", init, rgba, mask_blur=0, strength=1.0, steps=2, seed=2, progress=False).images[0]
-    assert "mask 64x64 resized to the init image's 32x32" in capsys.readouterr().err
+    assert "mask 64x64 resized to the init image's 32x32" in caplog.text
     assert np.array_equal(pixels(out)[:, 18:], pixels(init)[:, 18:])
 
 
@@ -249,7 +252,7 @@ def test_cli_inpaint_resizes_the_mask_and_reproduces(run_cli, tiny_sd, inputs):
                                    inputs / "mask.png", "--model", tiny_sd, "--steps", 4, "--seed", 3, "--out", out,
                                    "--mask-blur", 0, "--strength", 1)
     assert code == 0, stderr
-    assert "mask 18x16 resized to the init image's 36x32" in stderr
+    assert "note: mask 18x16 resized to the init image's 36x32" in stderr.splitlines()
     (path,) = stdout.split()
     init = to_rgb(Image.open(inputs / "init.png"))
     assert np.array_equal(pixels(Image.open(path))[:, 20:], pixels(init)[:, 20:])  # past the resized edge

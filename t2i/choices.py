@@ -1,0 +1,16 @@
+"""The names a user chooses from, as plain strings, so the CLI's parser (and `t2i --help`) lists them without
+importing torch. What each name does lives with the code that acts on it; tests keep the two in step.
+"""
+
+DEVICES = ("auto", "cpu", "cuda", "mps")  # t2i.devices.resolve_device (which also takes cuda:N)
+DTYPES = ("auto", "fp32", "fp16", "bf16")  # t2i.devices.resolve_dtype
+
+# t2i.speed's options (its OPTION_NAMES; SpeedOptions.parse reads them)
+SPEED_OPTIONS = ("batched", "channels_last", "sdpa", "no_sdpa", "bf16", "compile", "cacheN[:K]", "attention_slicing",
+                 "vae_tiling", "cpu_offload", "tiny_vae[=PATH]")
+
+# `t2i bench`: its prompt, its randomly initialised architectures (t2i.bench.random_models.ARCHS) and the
+# options it benches by default: SpeedOptions()'s switches but sdpa, which is how diffusers loads attention anyway
+BENCH_PROMPT = "a red circle to the left of a blue square"
+BENCH_ARCHS = ("sd15", "sdxl")
+BENCH_OPTIONS = ("batched",)
