@@ -146,8 +146,7 @@ def _loras(r: Request) -> list[LoraSpec]:
     vetting = LoraSet(None, r.lora_dir, r.allow_pickle)
     specs = [vetting.spec(parse_lora_arg(x) if isinstance(x, str) else x) for x in r.loras]
     for prompt in r.prompts:
-        for name, _ in extract_loras(prompt)[1]:
-            vetting.spec(str(vetting.resolve_name(name)))
+        vetting.tagged(extract_loras(prompt)[1])
     return specs
 
 

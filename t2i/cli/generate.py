@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 from t2i.cli.common import (
     image_args,
-    load_pipeline,
     model_args,
     output_args,
     print_paths,
     progress_bar,
     prompt_args,
     sampling_args,
-    set_autoguidance,
-    speed_options,
     tidy_folders,
 )
 from t2i.cli.startup import no_collections
@@ -46,111 +41,77 @@ def add_parser(sub) -> None:
 
 
 
-@dataclass
-class _Job:
-    """A checked run with its model loaded: what each call of this process gets."""
-
-    pipe: object
-    prompts: list[str]
-    todo: list[int]  # the indices of this process's prompts
-    inputs: dict  # the task's own arguments: init image, mask, strength
-    loras: list
-    options: object  # t2i.speed.SpeedOptions, or None for the plain path
-    seed: int | None
-    share: tuple | None  # (state, prompt indices, first file number, seed) under several processes
-
-
 def cmd_generate(args) -> int:
     with tidy_folders(args.out):  # a run stopped before its first image leaves no new empty folder
         with no_collections():  # imports and loading make millions of lasting objects: no collections over them
-            job = _prepare(args)
-        _generate(args, job)
+            job, share = _check(args)
+            from t2i import jobs  # deferred: torch and diffusers; --help must not import them
+
+            pipe = jobs.load(job)
+        _generate(args, job, pipe, share)
     return 0
 
 
-def _prepare(args) -> _Job:
+def _check(args):
+    """1. The request, checked whole before any model loads (t2i.jobs.check: the server's path too);
+    2. under `accelerate launch`/torchrun, this process's share of the prompts."""
     # deferred: torch and diffusers; --help must not import them
-    from t2i import guards
-    from t2i.lora import LoraSet, parse_lora_arg
+    from t2i import guards, jobs
     from t2i.output import plan_paths
-    from t2i.prompts import extract_loras
-    from t2i.samplers import get_sampler
 
-    # 1. Everything checkable without the model, before loading it
     if bool(args.prompt is not None) == bool(args.prompts_file):
         raise UsageError("give a prompt or --prompts-file (one of them)")
     prompts = guards.read_prompts_file(args.prompts_file) if args.prompts_file else [args.prompt]
-    if args.steps is not None:
-        guards.check_steps(args.steps)
-    if args.guidance is not None:
-        guards.check_guidance(args.guidance)
-    if args.autoguidance is not None:
-        guards.check_autoguidance(args.autoguidance)
-    guards.check_batch(args.batch)
-    if args.seed != -1:
-        guards.check_seed(args.seed)
-    if args.width is not None or args.height is not None:
-        guards.check_size(args.width or 8, args.height or 8)
-    inputs = _check_image_inputs(args)
-    if args.sampler:
-        get_sampler(args.sampler)
     if len(prompts) > 1 and Path(args.out).suffix.lower() == ".png":
         raise UsageError("--prompts-file writes several images; give a folder as --out")
-    plan_paths(args.out, args.batch, args.overwrite)
-    loras = [parse_lora_arg(x) for x in args.lora]
     if args.lora_dir and not Path(args.lora_dir).is_dir():
         raise UsageError(f"--lora-dir {args.lora_dir} is not a folder")
-    vetting = LoraSet(None, args.lora_dir, args.allow_pickle)
-    loras = [vetting.spec(l) for l in loras]
-    for prompt in prompts:  # <lora:NAME:W> in a prompt names a file of --lora-dir: found and vetted now
-        vetting.tagged(extract_loras(prompt)[1])
-    options = speed_options(args)
+    if args.task == "inpaint" and args.mask_blur < 0:
+        raise UsageError(f"--mask-blur must be 0 or more pixels, got {args.mask_blur}")
+    image = {} if args.task == "text2image" else {"init_image": args.init, "strength": args.strength}
+    if args.task == "inpaint":
+        image |= {"mask": args.mask, "mask_blur": args.mask_blur, "invert_mask": args.invert_mask}
+    request = jobs.Request(prompts, task=args.task, negative_prompt=args.negative_prompt, steps=args.steps,
+                           guidance=args.guidance, sampler=args.sampler, seed=args.seed, width=args.width,
+                           height=args.height, batch=args.batch, loras=args.lora, lora_dir=args.lora_dir,
+                           autoguidance=args.autoguidance, speed=args.speed, model=args.model,
+                           model_config=args.model_config, device=args.device, dtype=args.dtype,
+                           allow_pickle=args.allow_pickle, **image)
+    job = jobs.check(request)
+    plan_paths(args.out, args.batch, args.overwrite)
 
-    # 2. Under `accelerate launch`/torchrun: this process's share of the prompts, named as one process would
     share = _distributed_share(args, len(prompts))
-    seed = None if args.seed == -1 else args.seed
-    todo = list(range(len(prompts)))
     if share is not None:
-        state, mine, _, seed = share
-        todo = [i for i in todo if i in mine]
-        args.device = str(state.device) if args.device == "auto" else args.device
+        state, _, _, seed = share
+        request.seed = seed  # every process draws from the seed process 0 chose
+        request.device = str(state.device) if args.device == "auto" else args.device
         args.quiet = args.quiet or not state.is_main_process
-
-    # 3. Load once
-    pipe = load_pipeline(args, args.task)
-    set_autoguidance(pipe, args)
-    pipe.loras.lora_dir, pipe.loras.allow_pickle = vetting.lora_dir, args.allow_pickle
-    return _Job(pipe, prompts, todo, inputs, loras, options, seed, share)
+    return job, share
 
 
-def _generate(args, job: _Job) -> None:
-    """4. Each prompt of this process, one bar across them all; written paths on stdout."""
-    # deferred: torch; --help must not import it
-    from t2i import speed
+def _generate(args, job, pipe, share) -> None:
+    """3. Each prompt of this process, one bar across them all; written paths on stdout."""
+    from t2i import jobs  # deferred: torch; --help must not import it
     from t2i.output import save_images
 
+    mine = (lambda i: i in share[1]) if share is not None else None
+    last = max((i for i in range(len(job.request.prompts)) if mine is None or mine(i)), default=-1)
     bar = progress_bar(args, "generating")
     try:
-        with speed.apply(job.pipe, job.options) if job.options else contextlib.nullcontext():
-            for i in job.todo:
-                result = job.pipe(job.prompts[i], **job.inputs, negative_prompt=args.negative_prompt,
-                                  steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=job.seed,
-                                  width=args.width, height=args.height, batch=args.batch, loras=job.loras,
-                                  progress=bar)
-                names = None
-                if job.share is not None:
-                    first_number = job.share[2]
-                    names = [f"{first_number + i * args.batch + j:05d}-{s.seed}.png"
-                             for j, s in enumerate(result.settings)]
-                paths = save_images(result.images, result.settings, args.out, overwrite=args.overwrite, names=names)
-                if bar and i == job.todo[-1]:
-                    bar.close()  # the finished bar first, the last paths below it
-                print_paths(paths, bar)
+        for i, result in zip((i for i in range(len(job.request.prompts)) if mine is None or mine(i)),
+                             jobs.run(pipe, job, progress=bar, only=mine)):
+            names = None
+            if share is not None:  # the names one process would give them
+                names = [f"{share[2] + i * args.batch + j:05d}-{s.seed}.png" for j, s in enumerate(result.settings)]
+            paths = save_images(result.images, result.settings, args.out, overwrite=args.overwrite, names=names)
+            if bar and i == last:
+                bar.close()  # the finished bar first, the last paths below it
+            print_paths(paths, bar)
     finally:
         if bar:
             bar.close()
-    if job.share is not None:
-        job.share[0].wait_for_everyone()
+    if share is not None:
+        share[0].wait_for_everyone()
 
 
 def _distributed_share(args, n_prompts: int):
@@ -180,25 +141,3 @@ def _distributed_share(args, n_prompts: int):
     state.wait_for_everyone()
     mine = set(range(state.process_index, n_prompts, state.num_processes))
     return state, mine, agreed[0], agreed[1]
-
-
-def _check_image_inputs(args) -> dict:
-    """img2img/inpaint: the init image and mask decode, strength and blur are in range; the pipeline's arguments."""
-    # deferred: torch and PIL; --help must not import them
-    from t2i import guards
-    from t2i.images import as_mask, check_mask, read_input
-
-    if args.task == "text2image":
-        return {}
-    read_input(args.init, "--init")
-    guards.check_strength(args.strength)
-    if args.steps is not None and int(args.steps * args.strength) < 1:
-        raise UsageError(f"--strength {args.strength:g} of {args.steps} steps runs no denoising step; "
-                         f"use --strength {1 / args.steps:.2g} or more, or more --steps")
-    inputs = {"init_image": args.init, "strength": args.strength}
-    if args.task == "inpaint":
-        check_mask(read_input(args.mask, "--mask", convert=as_mask)[0], args.invert_mask)
-        if args.mask_blur < 0:
-            raise UsageError(f"--mask-blur must be 0 or more pixels, got {args.mask_blur}")
-        inputs |= {"mask": args.mask, "mask_blur": args.mask_blur, "invert_mask": args.invert_mask}
-    return inputs

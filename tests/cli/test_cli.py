@@ -308,14 +308,14 @@ def test_a_mistyped_sampler_or_model_gets_a_did_you_mean(run_cli, sd_copy, tmp_p
 
 
 def test_an_interrupted_or_failed_run_leaves_no_empty_folder_it_made(run_cli, tiny_sd, tmp_path, monkeypatch):
-    from t2i.cli import generate
+    from t2i import jobs
     from t2i.errors import ModelLoadError
 
     for stop, code in ((KeyboardInterrupt, 130), (ModelLoadError("the model broke"), 2)):
         def load(*args, **kwargs):
             raise stop
 
-        monkeypatch.setattr(generate, "load_pipeline", load)
+        monkeypatch.setattr(jobs, "load", load)
         new, kept = tmp_path / "new" / "deeper", tmp_path / "kept"
         kept.mkdir(exist_ok=True)
         assert run_cli("generate", "a", "--model", tiny_sd, "--out", new, "-q")[0] == code
