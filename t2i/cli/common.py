@@ -1,5 +1,5 @@
-"""What the commands share: one-line argument errors, argument types and groups, device and model loading,
-the progress bar, and the speed options' checks."""
+"""What the commands share: one-line argument errors (with a "did you mean"), argument types and groups, device
+and model loading, the progress bar and written paths, output folders left tidy, and the speed options' checks."""
 
 from __future__ import annotations
 
