@@ -10,6 +10,7 @@ PNGs are written with the same metadata: an API request and the matching
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -77,6 +78,7 @@ class Output:
     saved: list[str] = field(default_factory=list)
     interrupted: bool = False
     skipped: int = 0  # iterations skipped
+    save_error: str | None = None  # why --out has not got every image (the images are still answered)
 
 
 def decode_image(data: bytes, what: str, mask: bool = False) -> Image.Image:
@@ -241,9 +243,20 @@ class Engine:
             for image, settings in result:
                 out.pngs.append(jobs.png_bytes(image, settings))
                 out.settings.append(settings)
-            if req.save and self.out is not None:
-                out.saved += [str(p) for p in save_images(result.images, result.settings, self.out)]
+            if req.save and self.out is not None and out.save_error is None:
+                self._save(result, out)
         return out
+
+    def _save(self, result, out: Output) -> None:
+        """Write each image into --out (atomically: a full disk leaves no half-written PNG). A failure stops the
+        saving, is logged once and said in the answer; the images still go to the client: nothing is lost."""
+        for image, settings in result:
+            try:
+                out.saved += [str(p) for p in save_images([image], [settings], self.out)]
+            except (T2IError, OSError) as e:
+                out.save_error = f"not saved into --out: {e}"
+                logging.getLogger("t2i.server").warning(out.save_error)
+                return
 
     def request(self, req: GenRequest) -> jobs.Request:
         """The server's job as t2i's `Request`: what `t2i generate` is asked with the same settings."""
@@ -253,6 +266,25 @@ class Engine:
                             init_image=req.init_image, strength=req.strength, mask=req.mask,
                             mask_blur=req.mask_blur, invert_mask=req.invert_mask, model=self.location,
                             device=self.device)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA, MPS), the CPU allocator's RuntimeError, or Python's MemoryError."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(e, (oom, MemoryError)) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def free_memory(device: str) -> None:
+    """Give cached device memory back after a failed job (a no-op on the CPU)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and not str(device).startswith(("cpu", "mps")):
+        torch.cuda.empty_cache()
 
 
 def sampler_entries() -> list[tuple[str, str, dict]]:
