@@ -563,7 +563,7 @@ async def progress(request: Request, skip_current_image: bool = False, id_task: 
     if id_task is not None:
         job = server.queue.get(id_task)
         if job is None:
-            raise HTTPException(404, f"no job {id_task!r} (unknown, or finished long ago)")
+            raise HTTPException(404, f"no job id_task={id_task!r} (unknown, or finished long ago)")
     else:
         job = server.queue.current
         if job is not None and job.kind != "generate":

@@ -29,7 +29,7 @@ router = APIRouter(prefix="/t2i/v1", tags=["t2i"])
 def _job(request: Request, job_id: str):
     job = request.app.state.server.queue.get(job_id)
     if job is None or job.kind != "generate":
-        raise HTTPException(404, f"no job {job_id!r} (unknown, or finished long ago)")
+        raise HTTPException(404, f"no job job_id={job_id!r} (unknown, or finished long ago)")
     return job
 
 
