@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,15 +21,21 @@ from PIL import Image, UnidentifiedImageError
 from t2i import jobs, metadata, models, prompts
 from t2i.files import check_safetensors
 from t2i.models import tiny_vae
-from t2i.errors import ModelLoadError, T2IError, UsageError
+from t2i.errors import ModelLoadError, T2IError, UnsafeFileError, UsageError
 from t2i.images import as_mask, check_mask, to_rgb
 from t2i.output import save_images
 from t2i.samplers import SAMPLERS, get_sampler
 from t2i.settings import Settings
 
 __all__ = ["Engine", "GenRequest", "Interrupted", "Skipped", "T2IError", "UsageError", "ModelLoadError",
+           "UnsafeFileError",
            "check_mask", "decode_image", "read_png_text", "SAMPLERS", "get_sampler", "metadata", "prompts",
            "models", "Settings"]
+
+# One model load at a time in a process: diffusers builds modules on the meta device through accelerate's
+# init_empty_weights, which patches torch.nn.Module for the whole process while it runs; two workers loading
+# at once (--devices a,b at start) would each build the other's modules empty ("Cannot copy out of meta tensor").
+_LOADING = threading.Lock()
 
 MAX_UPLOAD_PIXELS = 4096 * 4096  # a decoded upload larger than this is refused before it is converted
 
@@ -141,7 +148,8 @@ class Engine:
         self._pipes = {}
         self.loaded = None
         self._preview_decoder = None
-        pipe = Text2Image.from_pretrained(location, device=self.device, dtype="auto", allow_pickle=False)
+        with _LOADING:
+            pipe = Text2Image.from_pretrained(location, device=self.device, dtype="auto", allow_pickle=False)
         self._instrument(pipe)
         self._pipes["text2image"] = pipe
         self.loaded, self.location = name, location
@@ -151,7 +159,8 @@ class Engine:
 
         if task not in self._pipes:
             cls = {"image2image": Image2Image, "inpaint": Inpaint}[task]
-            self._pipes[task] = cls.from_pipe(self._pipes["text2image"])
+            with _LOADING:
+                self._pipes[task] = cls.from_pipe(self._pipes["text2image"])
             self._instrument(self._pipes[task])
         pipe = self._pipes[task]
         # as `t2i generate --lora-dir` sets it; pickles never load here, whatever the CLI allows

@@ -20,6 +20,7 @@ import collections
 import concurrent.futures
 import io
 import logging
+import re
 import secrets
 import threading
 import time
@@ -279,8 +280,11 @@ class JobQueue:
                 self._finish(job, FAILED, error=e)
             except core.T2IError as e:
                 usage = isinstance(e, core.UsageError)
-                self._finish(job, FAILED, error=JobError(422 if usage else 500,
-                                                         str(e) if usage else f"{type(e).__name__}: {e}"))
+                message = str(e) if usage else f"{type(e).__name__}: {e}"
+                if isinstance(e, core.UnsafeFileError):  # the CLI's way out is not the server's
+                    message = re.sub(r"[,;]? (or )?pass (allow_pickle / )?--allow-pickle[^;)]*", "", message)
+                    message += " (t2i serve never loads pickles)"
+                self._finish(job, FAILED, error=JobError(422 if usage else 500, message))
             except Exception as e:  # the worker must live on; the client gets the one line
                 self._finish(job, FAILED, error=job_error(e, engine))
             finally:
