@@ -54,6 +54,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--queue", type=_queue, default=16, metavar="N",
                    help="jobs that may wait behind the running one; more get 503 (default 16)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default: auto")
+    s.add_argument("--devices", metavar="DEV,DEV,...",
+                   help="one worker per device, each with its own copy of the model, taking jobs from one queue "
+                        "(e.g. cuda:0,cuda:1; cpu,cpu runs two CPU workers); overrides --device")
+    s.add_argument("--cors-allow-origins", metavar="ORIGIN[,ORIGIN2]",
+                   help="web origins whose pages may call this API from a browser (e.g. http://localhost:3000); "
+                        "default: none, no cross-origin headers are sent")
     s.add_argument("--log-prompts", action="store_true", help="write prompts into the request log")
     s.set_defaults(func=cmd_serve)
     return s
@@ -87,11 +93,46 @@ def config_from_args(args):
         from t2i.devices import resolve_device
 
         resolve_device(args.device)
+    devices = _devices(args.devices) if args.devices is not None else None
+    origins = _origins(args.cors_allow_origins) if args.cors_allow_origins is not None else []
     return ServerConfig(model=args.model, host=args.host, port=args.port,
                         api_auth=parse_credentials(args.api_auth) if args.api_auth is not None else [],
                         model_dir=_folder(args.model_dir, "--model-dir"), lora_dir=_folder(args.lora_dir, "--lora-dir"),
                         embedding_dir=_folder(args.embedding_dir, "--embedding-dir"), out=out, queue=args.queue,
-                        device=args.device, log_prompts=args.log_prompts)
+                        device=args.device, devices=devices, cors_allow_origins=origins,
+                        log_prompts=args.log_prompts)
+
+
+def _devices(text: str) -> list[str]:
+    """'cuda:0,cuda:1' -> ['cuda:0', 'cuda:1'], each one that exists (one-line ConfigError otherwise)."""
+    import torch
+
+    from t2i.devices import resolve_device
+    from t2i.server.errors import ConfigError
+
+    names = [d.strip() for d in text.split(",")]
+    if not all(names):
+        raise ConfigError(f"--devices takes a comma-separated list such as cuda:0,cuda:1, got {text!r}")
+    for name in names:
+        device = resolve_device(name)
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--devices {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return names
+
+
+def _origins(text: str) -> list[str]:
+    """'http://a:3000,https://b' -> the origins, each scheme://host[:port] (or '*', which needs saying)."""
+    from urllib.parse import urlsplit
+
+    from t2i.server.errors import ConfigError
+
+    origins = [o.strip().rstrip("/") for o in text.split(",")]
+    for origin in origins:
+        parts = urlsplit(origin)
+        if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path):
+            raise ConfigError(f"--cors-allow-origins {origin!r} is not an origin; give scheme://host[:port], "
+                              "e.g. http://localhost:3000")
+    return origins
 
 
 class _Stderr(logging.StreamHandler):
@@ -108,6 +149,9 @@ class _Stderr(logging.StreamHandler):
 
 def cmd_serve(args) -> int:
     config = config_from_args(args)
+    if "*" in config.cors_allow_origins:
+        print("t2i: warning: --cors-allow-origins '*' lets any web page a visitor opens call this server",
+              file=sys.stderr)
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_auth:
         print(f"t2i: warning: serving on {config.host} without --api-auth: anyone who can reach this machine "
               "can use it", file=sys.stderr)

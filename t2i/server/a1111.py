@@ -355,6 +355,10 @@ def build_request(server, req: _Request, task: str, images=None) -> tuple[core.G
     check_limits(server, checkpoint, width, height, req.steps, req.batch_size * req.n_iter)
     if req.seed != -1 and not 0 <= req.seed <= 2**64 - 1 - req.batch_size * req.n_iter:
         raise _field_error("seed", f"seed {req.seed} is out of range; use 0 .. 2**64-1 (or -1 for a random seed)")
+    for field in ("prompt", "negative_prompt"):
+        if len(getattr(req, field)) > server.limits.max_prompt:
+            raise _field_error(field, f"{field} is {len(getattr(req, field))} characters; this server takes at most "
+                                      f"{server.limits.max_prompt}", status=413)
     check_loras(server, req.prompt)
     check_loras(server, req.negative_prompt)
     if req.save_images and server.config.out is None:
@@ -461,7 +465,7 @@ def result(server, job: Job) -> dict:
         "clip_skip": 1, "is_using_inpainting_conditioning": False, "version": f"t2i {core_version()}",
         # t2i's own
         "task_id": job.id, "interrupted": out.interrupted, "skipped_iterations": out.skipped,
-        "saved": out.saved, "comments": job.meta.get("comments", []),
+        "saved": out.saved, "save_error": out.save_error, "comments": job.meta.get("comments", []),
     }
     send = echo.get("send_images", True)
     images = [b64(p) for p in out.pngs] if send else []
@@ -559,7 +563,7 @@ async def progress(request: Request, skip_current_image: bool = False, id_task: 
     if id_task is not None:
         job = server.queue.get(id_task)
         if job is None:
-            raise HTTPException(404, f"no job {id_task!r} (unknown, or finished long ago)")
+            raise HTTPException(404, f"no job id_task={id_task!r} (unknown, or finished long ago)")
     else:
         job = server.queue.current
         if job is not None and job.kind != "generate":
@@ -625,8 +629,9 @@ async def set_options(body: dict[str, Any], request: Request):
         if checkpoint is None:
             raise _field_error("sd_model_checkpoint", f"unknown checkpoint {wanted!r}; GET /sdapi/v1/sd-models lists "
                                                       "those this server has", status=404)
-        job = submit(server, Job(new_id(), "load", checkpoint))
-        await wait_for(server, job, None)
+        loads = [submit(server, job) for job in server.load_jobs(checkpoint)]  # every worker loads it
+        for job in loads:
+            await wait_for(server, job, None)
         server.selected = checkpoint.name
     return None
 

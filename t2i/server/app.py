@@ -38,6 +38,7 @@ class Limits:
     max_images: int = 16  # batch_size * n_iter (OpenAI: n)
     max_pixel_steps: int = 1024 * 1024 * 50 * 4  # width * height * steps * images
     max_body: int = 64 * 1024 * 1024  # bytes of one request body (base64 images included)
+    max_prompt: int = 20_000  # characters of a prompt or negative prompt (each is encoded whole, in chunks)
 
 
 @dataclass
@@ -52,6 +53,8 @@ class ServerConfig:
     out: Path | None = None
     queue: int = 16  # jobs waiting (beyond the running one)
     device: str = "auto"
+    devices: list[str] | None = None  # one worker per device (--devices cuda:0,cuda:1); None: [device]
+    cors_allow_origins: list[str] = field(default_factory=list)  # none: no cross-origin headers at all
     log_prompts: bool = False
     limits: Limits = field(default_factory=Limits)
     history: int = 64  # finished jobs remembered (status, and async results until fetched or evicted)
@@ -64,7 +67,13 @@ class ServerConfig:
                 "lora_dir": str(self.lora_dir) if self.lora_dir else None,
                 "embedding_dir": str(self.embedding_dir) if self.embedding_dir else None,
                 "out": str(self.out) if self.out else None, "queue": self.queue, "device": self.device,
+                "devices": self.worker_devices, "cors_allow_origins": list(self.cors_allow_origins),
                 "log_prompts": self.log_prompts, "api": True, "nowebui": False, "listen": self.host != "127.0.0.1"}
+
+
+    @property
+    def worker_devices(self) -> list[str]:
+        return list(self.devices) if self.devices else [self.device]
 
 
 class Server:
@@ -74,9 +83,10 @@ class Server:
         self.config = config
         self.limits = config.limits
         self.registry = Registry(config.model, config.model_dir, config.lora_dir, config.embedding_dir)
-        self.engine = core.Engine(config.device, config.lora_dir, config.out)
+        self.engines = [core.Engine(device, config.lora_dir, config.out) for device in config.worker_devices]
+        self.engine = self.engines[0]
         self.models: dict[str, dict] = {}  # name -> model_info of checkpoints loaded so far
-        self.queue = JobQueue(self.engine, config.queue, config.history, self._loaded, config.preview_every)
+        self.queue = JobQueue(self.engines, config.queue, config.history, self._loaded, config.preview_every)
         self.selected = self.registry.default
         self.started = time.time()
 
@@ -89,14 +99,19 @@ class Server:
         return self.models.get(name) or {"width": 512, "height": 512, "steps": 20, "guidance": 7.0,
                                          "vae_scale_factor": 8}
 
-    def start(self) -> None:
-        """Load the selected checkpoint as the first job, so the first request does not pay for it."""
+    def load_jobs(self, checkpoint) -> list:
+        """One job per worker that loads `checkpoint` on its device."""
         from t2i.server.queue import Job, new_id
 
+        return [Job(new_id(), "load", checkpoint, worker=i) for i in range(len(self.engines))]
+
+    def start(self) -> None:
+        """Load the selected checkpoint on every worker as its first job, so the first request does not pay."""
         self.queue.start()
         checkpoint = self.registry.checkpoints.get(self.selected)
         if checkpoint is not None:
-            self.queue.submit(Job(new_id(), "load", checkpoint))
+            for job in self.load_jobs(checkpoint):
+                self.queue.submit(job)
 
     def stop(self) -> None:
         self.queue.stop()
@@ -157,8 +172,9 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     app = FastAPI(title="t2i", version=core_version(),
                   description="t2i's server: AUTOMATIC1111's API (/sdapi/v1), jobs by id (/t2i/v1), "
                               "OpenAI's images API (/v1/images/generations) and a page at /.",
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)  # /docs below, from package files
     app.state.server = server
+    add_docs(app)
 
     from t2i.server import a1111, openai, t2iapi
 
@@ -177,12 +193,63 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     async def t2i_error(request: Request, exc: core.T2IError):
         return JSONResponse({"detail": str(exc)}, status_code=422 if isinstance(exc, core.UsageError) else 500)
 
-    # outermost last: the log sees every answer, auth comes before any route reads the body
+    @app.exception_handler(RecursionError)
+    async def too_deep(request: Request, exc: RecursionError):
+        # json.loads of a body nested thousands deep stops at Python's recursion limit: the client's doing
+        return JSONResponse({"detail": [{"loc": ["body"], "msg": "the JSON body is nested too deep",
+                                         "type": "value_error.t2i"}]}, status_code=400)
+
+    # outermost last: the log sees every answer, CORS answers preflights (which carry no credentials) and
+    # adds its headers only for --cors-allow-origins, auth comes before any route reads the body
     app.add_middleware(BodyLimit, max_bytes=config.limits.max_body)
     if config.api_auth:
         app.add_middleware(BasicAuth, credentials=config.api_auth)
+    if config.cors_allow_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_allow_origins),
+                           allow_credentials="*" not in config.cors_allow_origins,
+                           allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(RequestLog, log_prompts=config.log_prompts)
     return app
+
+
+def swagger_files() -> Path | None:
+    """Swagger UI's files from the swagger-ui-bundle-v2 package (a copy of swagger-ui-dist), if installed."""
+    try:
+        import swagger_ui_bundle
+    except ImportError:
+        return None
+    folder = Path(str(swagger_ui_bundle.swagger_ui_path))
+    return folder if (folder / "swagger-ui-bundle.js").is_file() else None
+
+
+def add_docs(app: FastAPI) -> None:
+    """GET /docs: FastAPI's Swagger page with its script and style served from package files, so it works
+    offline (FastAPI's own page loads them from a CDN). Without the package, /docs says how to get it."""
+    from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+    from fastapi.responses import HTMLResponse
+
+    files = swagger_files()
+    if files is not None:
+        app.mount("/docs/files", StaticFiles(directory=files), name="swagger-ui")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        if files is None:
+            return HTMLResponse("<!doctype html><title>t2i API</title><p>The API page needs the "
+                                "<code>swagger-ui-bundle-v2</code> package (<code>pip install swagger-ui-bundle-v2"
+                                "</code>); the schema itself is at <a href='/openapi.json'>/openapi.json</a>.",
+                                status_code=200)
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="t2i API",
+                                   swagger_js_url="/docs/files/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs/files/swagger-ui.css",
+                                   swagger_favicon_url="/docs/files/favicon-32x32.png",
+                                   oauth2_redirect_url="/docs/oauth2-redirect")
+
+    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    async def docs_redirect():
+        return get_swagger_ui_oauth2_redirect_html()
 
 
 def core_version() -> str:

@@ -10,6 +10,8 @@ PNGs are written with the same metadata: an API request and the matching
 from __future__ import annotations
 
 import io
+import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,15 +21,21 @@ from PIL import Image, UnidentifiedImageError
 from t2i import jobs, metadata, models, prompts
 from t2i.files import check_safetensors
 from t2i.models import tiny_vae
-from t2i.errors import ModelLoadError, T2IError, UsageError
+from t2i.errors import ModelLoadError, T2IError, UnsafeFileError, UsageError
 from t2i.images import as_mask, check_mask, to_rgb
 from t2i.output import save_images
 from t2i.samplers import SAMPLERS, get_sampler
 from t2i.settings import Settings
 
 __all__ = ["Engine", "GenRequest", "Interrupted", "Skipped", "T2IError", "UsageError", "ModelLoadError",
+           "UnsafeFileError",
            "check_mask", "decode_image", "read_png_text", "SAMPLERS", "get_sampler", "metadata", "prompts",
            "models", "Settings"]
+
+# One model load at a time in a process: diffusers builds modules on the meta device through accelerate's
+# init_empty_weights, which patches torch.nn.Module for the whole process while it runs; two workers loading
+# at once (--devices a,b at start) would each build the other's modules empty ("Cannot copy out of meta tensor").
+_LOADING = threading.Lock()
 
 MAX_UPLOAD_PIXELS = 4096 * 4096  # a decoded upload larger than this is refused before it is converted
 
@@ -77,6 +85,7 @@ class Output:
     saved: list[str] = field(default_factory=list)
     interrupted: bool = False
     skipped: int = 0  # iterations skipped
+    save_error: str | None = None  # why --out has not got every image (the images are still answered)
 
 
 def decode_image(data: bytes, what: str, mask: bool = False) -> Image.Image:
@@ -139,7 +148,8 @@ class Engine:
         self._pipes = {}
         self.loaded = None
         self._preview_decoder = None
-        pipe = Text2Image.from_pretrained(location, device=self.device, dtype="auto", allow_pickle=False)
+        with _LOADING:
+            pipe = Text2Image.from_pretrained(location, device=self.device, dtype="auto", allow_pickle=False)
         self._instrument(pipe)
         self._pipes["text2image"] = pipe
         self.loaded, self.location = name, location
@@ -149,7 +159,8 @@ class Engine:
 
         if task not in self._pipes:
             cls = {"image2image": Image2Image, "inpaint": Inpaint}[task]
-            self._pipes[task] = cls.from_pipe(self._pipes["text2image"])
+            with _LOADING:
+                self._pipes[task] = cls.from_pipe(self._pipes["text2image"])
             self._instrument(self._pipes[task])
         pipe = self._pipes[task]
         # as `t2i generate --lora-dir` sets it; pickles never load here, whatever the CLI allows
@@ -241,9 +252,20 @@ class Engine:
             for image, settings in result:
                 out.pngs.append(jobs.png_bytes(image, settings))
                 out.settings.append(settings)
-            if req.save and self.out is not None:
-                out.saved += [str(p) for p in save_images(result.images, result.settings, self.out)]
+            if req.save and self.out is not None and out.save_error is None:
+                self._save(result, out)
         return out
+
+    def _save(self, result, out: Output) -> None:
+        """Write each image into --out (atomically: a full disk leaves no half-written PNG). A failure stops the
+        saving, is logged once and said in the answer; the images still go to the client: nothing is lost."""
+        for image, settings in result:
+            try:
+                out.saved += [str(p) for p in save_images([image], [settings], self.out)]
+            except (T2IError, OSError) as e:
+                out.save_error = f"not saved into --out: {e}"
+                logging.getLogger("t2i.server").warning(out.save_error)
+                return
 
     def request(self, req: GenRequest) -> jobs.Request:
         """The server's job as t2i's `Request`: what `t2i generate` is asked with the same settings."""
@@ -253,6 +275,25 @@ class Engine:
                             init_image=req.init_image, strength=req.strength, mask=req.mask,
                             mask_blur=req.mask_blur, invert_mask=req.invert_mask, model=self.location,
                             device=self.device)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA, MPS), the CPU allocator's RuntimeError, or Python's MemoryError."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(e, (oom, MemoryError)) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def free_memory(device: str) -> None:
+    """Give cached device memory back after a failed job (a no-op on the CPU)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and not str(device).startswith(("cpu", "mps")):
+        torch.cuda.empty_cache()
 
 
 def sampler_entries() -> list[tuple[str, str, dict]]:

@@ -57,13 +57,16 @@ def _size(text: str | None) -> tuple[int | None, int | None]:
     return int(w), int(h)
 
 
-@router.post("/v1/images/generations")
+@router.post("/v1/images/generations", openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": ImageGenerationRequest.model_json_schema()}}}})
 async def generations(request: Request):
     """Generate `n` images; answers `b64_json` (a `url` answer would need storage t2i does not keep)."""
     try:
         body = ImageGenerationRequest.model_validate(await request.json())
     except ValidationError as e:
         first = e.errors()[0]
+        if not first["loc"]:  # not an object at all
+            return _error(422, f"the body must be a JSON object: {first['msg']}", "body")
         return _error(422, f"{'.'.join(str(x) for x in first['loc'])}: {first['msg']}", str(first["loc"][0]))
     except ValueError:
         return _error(400, "the body must be JSON")

@@ -1,5 +1,9 @@
 """The job queue: one worker thread per device runs jobs in the order they came.
 
+With `--devices cuda:0,cuda:1` there are two workers, each with its own engine
+(its own copy of the model on its own device), taking jobs from the one queue:
+two jobs run at once, and each gives the pixels it would give alone.
+
 Routes never generate on the event loop: they submit a `Job` and await its
 future. The worker reports each denoising step into the job (progress, the
 latents for a live preview) and checks the job's interrupt and skip flags there,
@@ -16,6 +20,7 @@ import collections
 import concurrent.futures
 import io
 import logging
+import re
 import secrets
 import threading
 import time
@@ -65,6 +70,8 @@ class Job:
     error: JobError | None = None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     version: int = 0  # bumped on every change, for the event stream
+    worker: int | None = None  # a job for one worker only (the per-device loads); None: whichever is free
+    device: str | None = None  # where it ran
     _latents: Any = None
 
     @property
@@ -97,11 +104,11 @@ def new_id() -> str:
 
 
 class JobQueue:
-    """Jobs waiting (at most `max_waiting`), the running one, and a short history of finished ones."""
+    """Jobs waiting (at most `max_waiting`), the running ones (one per worker), and a short history."""
 
-    def __init__(self, engine: core.Engine, max_waiting: int = 16, history: int = 64,
+    def __init__(self, engines: core.Engine | list[core.Engine], max_waiting: int = 16, history: int = 64,
                  on_loaded: Callable[[str, dict], None] | None = None, preview_every: float = 1.0):
-        self.engine = engine
+        self.engines = engines if isinstance(engines, list) else [engines]
         self.max_waiting = max_waiting
         self.history = history
         self.on_loaded = on_loaded
@@ -109,15 +116,33 @@ class JobQueue:
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._jobs: dict[str, Job] = {}  # live and recent jobs by id, oldest first
-        self.current: Job | None = None
+        self._running: dict[int, Job] = {}  # worker -> its job
         self._stop = False
         self._durations: collections.deque[float] = collections.deque(maxlen=20)
-        self._thread = threading.Thread(target=self._work, name="t2i-worker", daemon=True)
+        self._threads = [threading.Thread(target=self._work, args=(i,), name=f"t2i-worker-{i}", daemon=True)
+                         for i in range(len(self.engines))]
+
+    @property
+    def engine(self) -> core.Engine:
+        return self.engines[0]
+
+    @property
+    def running(self) -> list[Job]:
+        """The running jobs, oldest first."""
+        with self._cond:
+            return sorted(self._running.values(), key=lambda j: j.started or 0)
+
+    @property
+    def current(self) -> Job | None:
+        """The oldest running job (A1111 has one; with several workers, its progress is this one's)."""
+        running = self.running
+        return running[0] if running else None
 
     def start(self) -> None:
-        """Start the worker thread (the app does, when it starts serving)."""
-        if not self._thread.is_alive():
-            self._thread.start()
+        """Start the worker threads (the app does, when it starts serving)."""
+        for thread in self._threads:
+            if not thread.is_alive():
+                thread.start()
 
     # ------------------------------------------------------------------ clients' side
 
@@ -137,7 +162,7 @@ class JobQueue:
 
     def retry_after(self) -> int:
         typical = sorted(self._durations)[len(self._durations) // 2] if self._durations else 5.0
-        return max(1, int(typical * (len(self._waiting) + 1) + 0.5))
+        return max(1, int(typical * (len(self._waiting) + 1) / len(self.engines) + 0.5))
 
     def get(self, job_id: str) -> Job | None:
         with self._cond:
@@ -169,15 +194,16 @@ class JobQueue:
             job.interrupted = True
 
     def interrupt(self, job: Job | None = None) -> None:
-        job = job or self.current
-        if job is not None and job.state == RUNNING:
-            job.interrupted = True
-            job.version += 1
+        """Interrupt `job`, or (A1111's /interrupt, which names no job) every running one."""
+        for job in [job] if job is not None else self.running:
+            if job.state == RUNNING:
+                job.interrupted = True
+                job.version += 1
 
     def skip(self) -> None:
-        job = self.current
-        if job is not None and job.state == RUNNING:
-            job.skipped = True
+        for job in self.running:
+            if job.state == RUNNING:
+                job.skipped = True
 
     def release(self, job: Job) -> None:
         """The client has what it asked for: forget the images (the status stays in the history)."""
@@ -194,10 +220,11 @@ class JobQueue:
                 self._finish(job, CANCELLED, error=JobError(503, "the server is shutting down"))
             self._waiting.clear()
             self._cond.notify_all()
-        if self.current is not None:
-            self.current.interrupted = True
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
+        for job in self.running:
+            job.interrupted = True
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=30)
 
     # ------------------------------------------------------------------ live preview
 
@@ -206,7 +233,7 @@ class JobQueue:
         job.preview_wanted = True
         return job.preview_png
 
-    def _maybe_preview(self, job: Job, task: str) -> None:
+    def _maybe_preview(self, job: Job, task: str, engine: core.Engine) -> None:
         if not job.preview_wanted or job._latents is None or job.preview_step == job.step:
             return
         # at most one decode per `preview_every` seconds, and never more than a sixth of the job's time
@@ -215,7 +242,7 @@ class JobQueue:
             return
         t0 = time.time()
         try:
-            image = self.engine.preview(task, job._latents)
+            image = engine.preview(task, job._latents)
         except Exception:  # a preview is a courtesy: never fail the job for it
             return
         job.meta["_preview_cost"] = time.time() - t0
@@ -228,38 +255,50 @@ class JobQueue:
 
     # ------------------------------------------------------------------ worker
 
-    def _work(self) -> None:
+    def _next(self, worker: int) -> Job | None:
+        """The first waiting job this worker may take (unpinned, or pinned to it); called under the lock."""
+        for job in self._waiting:
+            if job.worker is None or job.worker == worker:
+                self._waiting.remove(job)
+                return job
+        return None
+
+    def _work(self, worker: int) -> None:
+        engine = self.engines[worker]
         while True:
             with self._cond:
-                while not self._waiting and not self._stop:
+                while not self._stop and (job := self._next(worker)) is None:
                     self._cond.wait()
                 if self._stop:
                     return
-                job = self._waiting.popleft()
-                job.state, job.started = RUNNING, time.time()
-                self.current = job
+                job.state, job.started, job.device = RUNNING, time.time(), engine.device
+                self._running[worker] = job
                 job.version += 1
             try:
-                self._run(job)
+                self._run(job, engine)
             except JobError as e:
                 self._finish(job, FAILED, error=e)
             except core.T2IError as e:
-                self._finish(job, FAILED, error=JobError(422 if isinstance(e, core.UsageError) else 500,
-                                                         str(e)))
+                usage = isinstance(e, core.UsageError)
+                message = str(e) if usage else f"{type(e).__name__}: {e}"
+                if isinstance(e, core.UnsafeFileError):  # the CLI's way out is not the server's
+                    message = re.sub(r"[,;]? (or )?pass (allow_pickle / )?--allow-pickle[^;)]*", "", message)
+                    message += " (t2i serve never loads pickles)"
+                self._finish(job, FAILED, error=JobError(422 if usage else 500, message))
             except Exception as e:  # the worker must live on; the client gets the one line
-                self._finish(job, FAILED, error=JobError(500, f"{type(e).__name__}: {e}"))
+                self._finish(job, FAILED, error=job_error(e, engine))
             finally:
                 with self._cond:
-                    self.current = None
+                    self._running.pop(worker, None)
                     self._cond.notify_all()
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job, engine: core.Engine) -> None:
         if job.kind == "load":
-            self._load(job.request)
+            self._load(job.request, engine)
             self._finish(job, DONE)
             return
         req = job.request
-        self._load(job.meta["checkpoint"])
+        self._load(job.meta["checkpoint"], engine)
         job.iterations = req.n_iter
 
         def hook(step: int, total: int, latents) -> None:
@@ -270,32 +309,32 @@ class JobQueue:
             if job.skipped:
                 job.skipped = False
                 raise core.Skipped()
-            self._maybe_preview(job, req.task)
+            self._maybe_preview(job, req.task, engine)
 
         def on_iteration(k: int) -> None:
             job.iteration, job.step = k, 0
             job.version += 1
 
-        self.engine.hook = hook
+        engine.hook = hook
         t0 = time.time()
         try:
             if job.interrupted:  # interrupted before it started: nothing to run
                 output = core.Output(interrupted=True)
             else:
-                output = self.engine.run(req, on_iteration)
+                output = engine.run(req, on_iteration)
         finally:
-            self.engine.hook = None
+            engine.hook = None
             job._latents = None
         self._durations.append(time.time() - t0)
         job.output = output
         self._finish(job, INTERRUPTED if output.interrupted else DONE)
 
-    def _load(self, checkpoint) -> None:
-        if self.engine.loaded == checkpoint.name:
+    def _load(self, checkpoint, engine: core.Engine) -> None:
+        if engine.loaded == checkpoint.name:
             return
-        self.engine.load(checkpoint.name, checkpoint.location)
+        engine.load(checkpoint.name, checkpoint.location)
         if self.on_loaded is not None:
-            self.on_loaded(checkpoint.name, self.engine.model_info)
+            self.on_loaded(checkpoint.name, engine.model_info)
 
     def _finish(self, job: Job, state: str, error: JobError | None = None) -> None:
         job.state, job.finished, job.error = state, time.time(), error
@@ -313,6 +352,16 @@ class JobQueue:
         finished = [j for j in self._jobs.values() if j.state in FINISHED]
         for job in finished[: max(0, len(finished) - self.history)]:
             del self._jobs[job.id]
+
+
+def job_error(e: Exception, engine: core.Engine) -> JobError:
+    """The one line a client gets for an unexpected failure inside a job; running out of memory says so and
+    what to do (and the device's cache is emptied, so the next job starts from a clean slate)."""
+    if core.is_out_of_memory(e):
+        core.free_memory(engine.device)
+        return JobError(500, f"out of memory on {engine.device} while running the job; ask for fewer or smaller "
+                             "images, or fewer steps at once")
+    return JobError(500, f"{type(e).__name__}: {e}")
 
 
 def b64(data: bytes) -> str:

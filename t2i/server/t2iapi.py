@@ -29,7 +29,7 @@ router = APIRouter(prefix="/t2i/v1", tags=["t2i"])
 def _job(request: Request, job_id: str):
     job = request.app.state.server.queue.get(job_id)
     if job is None or job.kind != "generate":
-        raise HTTPException(404, f"no job {job_id!r} (unknown, or finished long ago)")
+        raise HTTPException(404, f"no job job_id={job_id!r} (unknown, or finished long ago)")
     return job
 
 
@@ -121,9 +121,11 @@ async def job_events(job_id: str, request: Request):
 @router.get("/health")
 async def health(request: Request):
     server = request.app.state.server
-    current = server.queue.current
+    running = server.queue.running
     return {"status": "ok", "model": server.selected, "loaded": server.engine.loaded,
-            "running": current.id if current is not None else None, "queued": server.queue.waiting}
+            "running": running[0].id if running else None, "queued": server.queue.waiting,
+            "workers": [{"device": e.device, "loaded": e.loaded} for e in server.engines],
+            "running_jobs": [j.id for j in running]}
 
 
 @router.get("/models")

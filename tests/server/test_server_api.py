@@ -323,7 +323,12 @@ def test_page_docs_and_health(client):
     page = client.get("/")
     assert page.status_code == 200 and "<html" in page.text.lower()
     assert client.get("/static/app.js").status_code == 200
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger-ui" in docs.text
+    assert "http://" not in docs.text and "https://" not in docs.text  # no CDN: works offline
+    for asset in ("/docs/files/swagger-ui-bundle.js", "/docs/files/swagger-ui.css"):
+        assert client.get(asset).status_code == 200
+    assert client.get("/redoc").status_code == 404  # ReDoc would need a CDN
     assert "/sdapi/v1/txt2img" in client.get("/openapi.json").json()["paths"]
     assert client.get("/t2i/v1/health").json()["status"] == "ok"
     assert client.get("/static/../app.py").status_code == 404

@@ -127,3 +127,26 @@ def test_drop_a_png_to_read_its_parameters(page, tmp_path):
     assert page.input_value("#seed") == "77" and page.input_value("#steps") == "3"
     assert "Seed: 77" in page.inner_text("#png-info")
     assert base64.b64decode(data)[:4] == b"\x89PNG"
+
+
+def test_the_api_page_works_offline(browser, live):
+    """/docs in chromium with every request to another host refused: Swagger UI comes from package files and
+    lists the API's operations."""
+    url = live()
+    context = browser.new_context()
+    elsewhere = []
+
+    def only_here(route):
+        if route.request.url.startswith(url):
+            return route.continue_()
+        elsewhere.append(route.request.url)
+        return route.abort()
+
+    context.route("**/*", only_here)
+    pg = context.new_page()
+    pg.goto(url + "/docs")
+    pg.locator(".opblock").first.wait_for(timeout=30_000)
+    assert pg.locator(".opblock").count() >= 30  # an operation block per route of the API
+    assert "/sdapi/v1/txt2img" in pg.locator("#swagger-ui").inner_text()
+    context.close()
+    assert elsewhere == []

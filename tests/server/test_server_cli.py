@@ -18,6 +18,9 @@ from helpers import one_line
     (["--embedding-dir", "/no/such/folder"], "--embedding-dir /no/such/folder is not a folder"),
     (["--model", "/no/such/model"], "does not exist"),
     (["--device", "tpu"], "invalid choice"),
+    (["--devices", "cpu,,cpu"], "--devices takes a comma-separated list"),
+    (["--cors-allow-origins", "evil.example"], "is not an origin"),
+    (["--cors-allow-origins", "http://ok.example/path"], "is not an origin"),
 ])
 def test_bad_arguments(run_cli, no_model_load, monkeypatch, args, words):
     import uvicorn
@@ -56,3 +59,13 @@ def test_loopback_by_default_and_a_warning_for_an_open_bind(run_cli, monkeypatch
 def test_allow_pickle_is_not_a_serve_flag(run_cli, no_model_load):
     code, out, err = run_cli("serve", "--allow-pickle")
     assert code == 2 and "unrecognized arguments: --allow-pickle" in err
+
+
+def test_cors_origins_and_the_any_origin_warning(run_cli, monkeypatch, tiny_sd):
+    code, err, seen = _serve(run_cli, monkeypatch, "--model", tiny_sd, "--cors-allow-origins",
+                             "http://localhost:3000, https://app.example/")
+    assert code == 0 and seen["app"].state.server.config.cors_allow_origins == ["http://localhost:3000",
+                                                                                "https://app.example"]
+    assert "warning" not in err
+    code, err, seen = _serve(run_cli, monkeypatch, "--model", tiny_sd, "--cors-allow-origins", "*")
+    assert code == 0 and "--cors-allow-origins '*'" in err
