@@ -3,7 +3,8 @@
 The run, in order:
 1. Check the config, the data and the output folder (cheap; before any model loads).
 2. Load the base model through t2i (safe loading, model hash), freeze it, add
-   peft LoRA adapters to the UNet attention projections (and the text encoder's).
+   peft LoRA adapters to the UNet's `targets` (attention; + MLPs; + ResNet convolutions)
+   (and the text encoder's attention).
 3. Cache VAE latents (and text embeddings when the text encoder is frozen).
    Regularisation images (`reg_data`) train on their captions without the
    trigger, so prompts without it keep the base model's look.
@@ -14,8 +15,8 @@ The run, in order:
    Ctrl-C saves a checkpoint and exits, `max_minutes` stops at a checkpoint.
    Min-SNR weighting (train/losses.py), noise offset, caption dropout,
    aspect-ratio buckets.
-5. Write the LoRA (diffusers layout or kohya's) with its training metadata,
-   and the final validation grid beside it.
+5. Write the LoRA (kohya's layout by default, which every tool reads; or diffusers')
+   with its training metadata, and the final labelled validation grid beside it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import itertools
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -37,50 +38,12 @@ from t2i.train.checkpoint import Checkpoints, read_training_state
 from t2i.train.config import load_config
 from t2i.train.data import BatchPlan, Dataset, bucket_sizes, fit, merge, scan, to_tensor, with_trigger
 from t2i.train.loop import TrainingError  # noqa: F401 - raised by the loop; part of this module's API
+from t2i.train.lora_config import CONV_TARGETS, FORMATS, TARGETS, UNET_TARGETS, LoraTrainConfig  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 ADAPTER = "t2i_lora"
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-FORMATS = ("diffusers", "kohya")
-
-
-@dataclass
-class LoraTrainConfig:
-    model: str = ""  # "" = the bundled t2i-shapes
-    data: str = ""
-    reg_data: str = ""  # regularisation images: captions without the trigger (keeps untriggered prompts as they were)
-    output: str = ""
-    name: str = "lora"  # the weights are <output>/<name>.safetensors
-    trigger: str = ""
-    rank: int = 4
-    alpha: float = 0.0  # 0 = rank (scale 1)
-    steps: int = 500
-    lr: float = 1e-4
-    text_encoder_lr: float = 0.0  # 0 = lr
-    warmup: int = 0
-    batch: int = 1
-    grad_accum: int = 1
-    resolution: int = 0  # 0 = the model's native size
-    buckets: bool = True
-    train_text_encoder: bool = False
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    gradient_checkpointing: bool = False
-    cache_latents: bool = True
-    min_snr_gamma: float = 5.0  # 0 = plain MSE
-    noise_offset: float = 0.0
-    caption_dropout: float = 0.0
-    seed: int = 0
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    validation_every: int = 100  # 0 = only at the end
-    validation_prompts: list[str] = field(default_factory=list)  # default: the first captions of the data
-    validation_seeds: list[int] = field(default_factory=lambda: [1, 2])
-    max_bad_steps: int = 5
-    max_minutes: float = 0.0  # stop at the next checkpoint after this many minutes (0 = no limit); --resume latest goes on
-    format: str = "diffusers"  # diffusers | kohya
-    allow_pickle: bool = False
 
 
 def load(config: str | None, overrides: dict) -> LoraTrainConfig:
@@ -108,6 +71,10 @@ def check(cfg: LoraTrainConfig, resume: str | None) -> tuple[Dataset, Path]:
         raise UsageError(f"--mixed-precision {cfg.mixed_precision!r}: use no, fp16 or bf16")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UsageError("--mixed-precision fp16 needs a CUDA GPU; on the CPU use bf16 or no")
+    if cfg.targets not in TARGETS:
+        raise UsageError(f"--targets {cfg.targets!r}: use {', '.join(TARGETS)}")
+    if cfg.conv_rank < 0 or cfg.conv_alpha < 0:
+        raise UsageError("--conv-rank and --conv-alpha must be >= 0 (0: the same as --rank, --alpha)")
     if cfg.format not in FORMATS:
         raise UsageError(f"--format {cfg.format!r}: use {' or '.join(FORMATS)}")
     if cfg.resolution and cfg.resolution % 8:
@@ -143,18 +110,19 @@ def _digest(params: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def lora_state_dict(unet, text_encoder, rank: int, alpha: float, with_text: bool) -> dict[str, torch.Tensor]:
-    """The adapters in diffusers' layout ('unet.…lora_A.weight'), alpha/rank baked into lora_B."""
+def lora_state_dict(unet, text_encoder, with_text: bool) -> dict[str, torch.Tensor]:
+    """The adapters in diffusers' layout ('unet.…lora_A.weight'), each module's alpha/rank baked into lora_B."""
     from peft.utils import get_peft_model_state_dict
 
-    scale = alpha / rank
     out = {}
     parts = [("unet", unet)] + ([("text_encoder", text_encoder)] if with_text else [])
     for prefix, module in parts:
+        scales = {name: m.scaling[ADAPTER] for name, m in module.named_modules()
+                  if ADAPTER in getattr(m, "scaling", {})}  # peft's alpha/rank, per module (convolutions: their own)
         for key, value in get_peft_model_state_dict(module, adapter_name=ADAPTER).items():
             value = value.detach().float().cpu().contiguous()
-            if ".lora_B." in key:
-                value = value * scale
+            if key.endswith(".lora_B.weight"):
+                value = value * scales[key[: -len(".lora_B.weight")]]
             out[f"{prefix}.{key}"] = value
     return out
 
@@ -242,23 +210,32 @@ class Encoder:
         return latents.to(dev), text.to(dev)
 
 
-def validation_grid(pipe, cfg: LoraTrainConfig, prompts: list[str], out: Path) -> Path:
-    """Each prompt without and with the trigger, at the fixed seeds, as one PNG (rows: prompts)."""
-    from PIL import Image
+def validation_grid(pipe, cfg: LoraTrainConfig, prompts: list[str], out: Path, step: int) -> Path:
+    """Each prompt without and with the trigger at the fixed seeds, one row each, as one PNG.
 
-    rows = []
+    A band above each row says what it shows (the prompt, with or without the trigger, the step), so a
+    person comparing grids sees what changed.
+    """
+    from PIL import Image, ImageDraw
+
+    rows = []  # (label, images)
     for p in prompts:
-        variants = [p, with_trigger(p, cfg.trigger)] if cfg.trigger else [p]
-        row = []
-        for text in variants:
-            for seed in cfg.validation_seeds:
-                row.append(pipe(text, seed=seed, progress=False).images[0])
-        rows.append(row)
-    w, h = rows[0][0].size
-    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
-    for y, row in enumerate(rows):
-        for x, img in enumerate(row):
-            grid.paste(img, (x * w, y * h))
+        variants = [("without trigger", p), ("with trigger", with_trigger(p, cfg.trigger))] if cfg.trigger \
+            else [("no trigger set", p)]
+        for which, text in variants:
+            images = [pipe(text, seed=seed, progress=False).images[0] for seed in cfg.validation_seeds]
+            rows.append((f"step {step} | {which} | {text or '(empty prompt)'}", images))
+    w, h = rows[0][1][0].size
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    band = draw.textbbox((0, 0), "Ay|", font=None)[3] + 6  # PIL's default font
+    width = max(w * len(cfg.validation_seeds), max(int(draw.textlength(label)) for label, _ in rows) + 8)
+    grid = Image.new("RGB", (width, (band + h) * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for y, (label, images) in enumerate(rows):
+        top = y * (band + h)
+        draw.text((4, top + 3), label, fill="black")
+        for x, img in enumerate(images):
+            grid.paste(img, (x * w, top + band))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     grid.save(tmp, format="PNG")
@@ -300,9 +277,13 @@ def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
     for m in (unet, vae, text_encoder):
         m.requires_grad_(False)
     alpha = cfg.alpha or float(cfg.rank)
+    conv_rank = cfg.conv_rank or cfg.rank
+    conv_alpha = cfg.conv_alpha or float(conv_rank)
     torch.manual_seed(cfg.seed)  # the adapters' initial weights
+    convs = {c: conv_rank for c in CONV_TARGETS} if cfg.targets == "all" else {}
     unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                target_modules=UNET_TARGETS), adapter_name=ADAPTER)
+                                target_modules=TARGETS[cfg.targets], rank_pattern=convs,
+                                alpha_pattern={c: conv_alpha for c in convs}), adapter_name=ADAPTER)
     if cfg.train_text_encoder:
         # peft directly: transformers' add_adapter insists on a newer peft than diffusers needs
         inject_adapter_in_model(LoraConfig(r=cfg.rank, lora_alpha=alpha, init_lora_weights="gaussian",
@@ -355,7 +336,7 @@ def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
         unet.eval()
         text_encoder.eval()
         target = out / "samples" / f"step-{step:08d}.png" if step is not None else out / "validation.png"
-        return validation_grid(pipe, cfg, prompts, target)
+        return validation_grid(pipe, cfg, prompts, target, cfg.steps if step is None else step)
 
     def after_step(done: int) -> None:
         if cfg.validation_every and done % cfg.validation_every == 0 and done != cfg.steps:
@@ -368,7 +349,8 @@ def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
                        "lr": cfg.text_encoder_lr or cfg.lr})
     opt = torch.optim.AdamW(groups, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, loop.warmup(cfg.warmup))
-    identity = {"base_model_hash": pipe.model.hash, "rank": cfg.rank, "alpha": alpha,
+    identity = {"base_model_hash": pipe.model.hash, "targets": cfg.targets, "rank": cfg.rank, "alpha": alpha,
+                **({"conv_rank": conv_rank, "conv_alpha": conv_alpha} if convs else {}),
                 "train_text_encoder": cfg.train_text_encoder, "images": len(dataset.items),
                 "reg_images": sum(it.reg for it in dataset.items)}
     out.mkdir(parents=True, exist_ok=True)
@@ -378,7 +360,7 @@ def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
                    max_bad_steps=cfg.max_bad_steps, budget=budget, after_step=after_step)
     start = 0
     if saved is not None:
-        was = saved.state.get("identity", {})
+        was = {"targets": "attn", **saved.state.get("identity", {})}  # checkpoints from before --targets
         differs = {k: (was.get(k), v) for k, v in identity.items() if was.get(k) != v}
         if differs:
             k, (before, now) = next(iter(differs.items()))
@@ -397,8 +379,7 @@ def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
         return None
 
     # 6. Write the LoRA and the final grid
-    sd = lora_state_dict(acc.unwrap_model(unet), acc.unwrap_model(text_encoder), cfg.rank, alpha,
-                         cfg.train_text_encoder)
+    sd = lora_state_dict(acc.unwrap_model(unet), acc.unwrap_model(text_encoder), cfg.train_text_encoder)
     digests = acc.gather(torch.tensor([int(_digest(params)[:15], 16)], device=acc.device))
     identical = len(set(digests.tolist())) == 1
     if not identical:
@@ -409,7 +390,8 @@ def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
 
         metadata = {
             "t2i.version": t2i.__version__, "t2i.base_model": pipe.model.source.name,
-            "t2i.base_model_hash": pipe.model.hash, "t2i.rank": str(cfg.rank), "t2i.alpha": str(alpha),
+            "t2i.base_model_hash": pipe.model.hash, "t2i.targets": cfg.targets, "t2i.rank": str(cfg.rank),
+            "t2i.alpha": str(alpha), **({"t2i.conv_rank": str(conv_rank), "t2i.conv_alpha": str(conv_alpha)} if convs else {}),
             "t2i.steps": str(cfg.steps), "t2i.trigger": cfg.trigger, "t2i.resolution": str(resolution),
             "t2i.lr": str(cfg.lr), "t2i.batch": str(cfg.batch * cfg.grad_accum * acc.num_processes),
             "t2i.images": str(sum(not it.reg for it in dataset.items)),

@@ -40,7 +40,18 @@ def add_parser(sub) -> None:
     t.set_defaults(func=lambda args: t.print_help() or 2)
 
 
+def _lora_default(key: str) -> str:
+    """The Python API's default of a `t2i train lora` key, as help text shows it: one set of defaults."""
+    import dataclasses
+
+    from t2i.train.lora_config import LoraTrainConfig  # no torch: every t2i command builds this parser
+
+    value = {f.name: f.default for f in dataclasses.fields(LoraTrainConfig)}[key]
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _train_lora_parser(tsub) -> None:
+    D = _lora_default
     lo = tsub.add_parser(
         "lora", help="fine-tune a LoRA on a folder of images (resumable; works under accelerate launch)",
         description="Train LoRA adapters on the UNet attention (and optionally the text encoder) from a folder "
@@ -57,13 +68,19 @@ def _train_lora_parser(tsub) -> None:
     a("--output", "-o", metavar="DIR", help="checkpoints, validation grids and the LoRA file go here")
     a("--name", help="file name of the LoRA (default: lora -> OUT/lora.safetensors)")
     a("--trigger", metavar="TEXT", help='phrase added to every caption, e.g. "in sks style"')
-    a("--rank", type=positive_int, metavar="N", help="LoRA rank (default 4)")
+    a("--targets", choices=["attn", "attn-mlp", "all"],
+      help=f"UNet layers with LoRA: attention; + the transformer blocks' proj_in/proj_out/feed-forward; all: + the "
+           f"ResNet conv1/conv2 (LoCon) (default {D('targets')})")
+    a("--rank", type=positive_int, metavar="N", help=f"LoRA rank (default {D('rank')})")
     a("--alpha", type=number, metavar="X", help="LoRA alpha (default: the rank)")
-    a("--steps", type=positive_int, metavar="N", help="optimizer steps (default 500)")
-    a("--lr", type=number, metavar="X", help="learning rate (default 1e-4)")
+    a("--conv-rank", type=positive_int, metavar="N", help="rank of the ResNet convolutions with --targets all "
+                                                           "(default: --rank)")
+    a("--conv-alpha", type=number, metavar="X", help="alpha of the ResNet convolutions (default: the conv rank)")
+    a("--steps", type=positive_int, metavar="N", help=f"optimizer steps (default {D('steps')})")
+    a("--lr", type=number, metavar="X", help=f"learning rate (default {D('lr')})")
     a("--text-encoder-lr", type=number, metavar="X", help="learning rate of the text encoder's LoRA (default: --lr)")
     a("--warmup", type=positive_int, metavar="N", help="linear warm-up steps (default 0)")
-    a("--batch", type=positive_int, metavar="N", help="images per step and process (default 1)")
+    a("--batch", type=positive_int, metavar="N", help=f"images per step and process (default {D('batch')})")
     a("--grad-accum", type=positive_int, metavar="N", help="gradient accumulation steps (default 1)")
     a("--resolution", type=positive_int, metavar="N", help="training side length (default: the model's)")
     a("--no-buckets", dest="buckets", action="store_false", default=None,
@@ -85,7 +102,8 @@ def _train_lora_parser(tsub) -> None:
     a("--max-bad-steps", type=positive_int, metavar="N", help="stop after this many non-finite steps in a row (default 5)")
     a("--max-minutes", type=number, metavar="X",
       help="stop at the next checkpoint after this many minutes (default 0: no limit); --resume latest goes on")
-    a("--format", choices=["diffusers", "kohya"], help="layout of the LoRA file (default diffusers)")
+    a("--format", choices=["kohya", "diffusers"],
+      help=f"layout of the LoRA file (default {D('format')}: A1111, ComfyUI and diffusers all read it)")
     a("--resume", metavar="latest|PATH", help="continue from the newest (or this) checkpoint in --output")
     a("--allow-pickle", action="store_true", default=None, help="allow a pickle-based base model (trusted only)")
     lo.set_defaults(func=cmd_train_lora)

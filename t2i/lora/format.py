@@ -8,7 +8,10 @@ Two layouts are in use:
 - kohya/A1111: `lora_unet_<module, dots as underscores>.lora_down.weight` /
   `.lora_up.weight` / `.alpha` (text encoders `lora_te_`, SDXL `lora_te1_` and
   `lora_te2_`), scale alpha/rank per module. SDXL files made by kohya's scripts
-  name UNet modules the sgm way (`input_blocks_4_1_...`).
+  name UNet modules the sgm way (`input_blocks_4_1_...`). LoCon (kohya's conv_dim,
+  LyCORIS' locon) adds the ResNet convolutions in the same keys, lora_down a
+  (rank, in, kh, kw) convolution; LyCORIS' CP form adds a `.lora_mid.weight`,
+  folded into lora_down on reading.
 
 t2i writes alpha/rank into lora_B (lora_up) and alpha = rank, so a file means the
 same to every loader, and a diffusers -> kohya -> diffusers round trip is bit for bit.
@@ -35,7 +38,7 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' per-component LoraConfig (alpha, patterns)
 
 _DIFFUSERS_KEY = re.compile(r"^(.+)\.lora_([AB])\.weight$")
-_KOHYA_KEY = re.compile(r"^(lora_unet|lora_te[12]?)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_KOHYA_KEY = re.compile(r"^(lora_unet|lora_te[12]?)_(.+?)\.(lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha)$")
 _KOHYA_COMPONENT = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
                     "lora_te2": "text_encoder_2"}
 
@@ -116,6 +119,9 @@ def lora_modules(
             prefix, path, part = _KOHYA_KEY.match(key).groups()
             if part == "lora_down.weight":
                 alpha = state_dict.get(f"{prefix}_{path}.alpha")
+                mid = state_dict.get(f"{prefix}_{path}.lora_mid.weight")
+                if mid is not None:
+                    down = _fold_mid(down, mid, key)
                 module = _kohya_module(_KOHYA_COMPONENT[prefix], path, known, layers_per_block)
                 found[module] = (down, state_dict.get(f"{prefix}_{path}.lora_up.weight"),
                                  down.shape[0] if alpha is None else float(alpha))  # kohya: no alpha = rank
@@ -168,6 +174,17 @@ def to_diffusers(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] |
         out[f"{module}.lora_A.weight"] = a
         out[f"{module}.lora_B.weight"] = _fold(b, alpha, a.shape[0])
     return out
+
+
+def _fold_mid(down: torch.Tensor, mid: torch.Tensor, key: str) -> torch.Tensor:
+    """LyCORIS LoCon's CP/Tucker form, up(mid(down(x))) with a 1x1 down, as a plain LoRA: down' = mid . down.
+
+    The 1x1 down only mixes channels, so the composition is one (rank, in, kh, kw) convolution: exact.
+    """
+    if down.dim() != 4 or down.shape[2:] != (1, 1) or mid.dim() != 4 or mid.shape[1] != down.shape[0]:
+        raise ModelLoadError(f"LoRA {key}: lora_mid {tuple(mid.shape)} does not fit lora_down {tuple(down.shape)}")
+    folded = torch.einsum("orhw,ri->oihw", mid.float(), down[:, :, 0, 0].float())  # (rank, in, kh, kw)
+    return folded.to(down.dtype)
 
 
 def _fold(up: torch.Tensor, alpha: float, rank: int) -> torch.Tensor:
@@ -289,7 +306,10 @@ def _sgm_to_diffusers(path: str, layers_per_block: int) -> str:
 
 def save_lora(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str],
               format: str = "diffusers", overwrite: bool = False) -> Path:
-    """Write a LoRA as safetensors in the diffusers (default) or kohya layout, with `metadata` in the header.
+    """Write a LoRA as safetensors in the diffusers or kohya layout, with `metadata` in the header.
+
+    (`t2i train lora` writes kohya's by default: every tool reads it; this function's default stays
+    diffusers' for its existing callers.)
 
     `state_dict` is in either layout (the trainer's: diffusers, alpha/rank baked into lora_B).
     The kohya layout also gets kohya's `ss_*` fields so kohya/A1111 tools show rank, steps
@@ -326,10 +346,20 @@ def save_lora(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: d
 
 def kohya_metadata(metadata: dict[str, str], diffusers_sd: dict[str, torch.Tensor]) -> dict[str, str]:
     """kohya's `ss_*` header fields (what kohya/A1111 tools display) from t2i's and the tensors."""
-    ranks = Counter(v.shape[0] for k, v in diffusers_sd.items() if k.endswith(".lora_A.weight"))
+    downs = [v for k, v in diffusers_sd.items() if k.endswith(".lora_A.weight")]
+    ranks = Counter(v.shape[0] for v in downs if v.dim() == 2 or v.shape[2:] == (1, 1))
+    conv_ranks = Counter(v.shape[0] for v in downs if v.dim() == 4 and v.shape[2:] != (1, 1))
     rank = ranks.most_common(1)[0][0] if ranks else 0
-    out = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-           "ss_network_alpha": str(rank)}  # alpha/rank is baked into lora_up: the stored alpha is the rank
+    # alpha/rank is folded into lora_up, so the alpha these files mean (and store) is the rank; the alpha the
+    # run trained with is kept under its own key
+    out = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
+    if conv_ranks:  # LoCon: kohya's conv_dim/conv_alpha, as its scripts record them
+        conv = conv_ranks.most_common(1)[0][0]
+        out["ss_network_args"] = json.dumps({"conv_dim": str(conv), "conv_alpha": str(conv)})
+    if metadata.get("t2i.alpha"):
+        out["t2i.training_alpha"] = metadata["t2i.alpha"]
+    if metadata.get("t2i.conv_alpha"):
+        out["t2i.training_conv_alpha"] = metadata["t2i.conv_alpha"]
     pairs = {"t2i.steps": "ss_steps", "t2i.base_model": "ss_sd_model_name",
              "t2i.base_model_hash": "ss_new_sd_model_hash", "t2i.trigger": "modelspec.trigger_phrase"}
     out.update({ss: metadata[t] for t, ss in pairs.items() if metadata.get(t)})

@@ -23,8 +23,10 @@ META = {"t2i.base_model": "tiny-sd", "t2i.base_model_hash": "0123456789", "t2i.r
         "t2i.steps": "300", "t2i.trigger": "in sks style", "t2i.resolution": "32"}
 
 
-def make_lora(model: Path, seed: int, rank: int = 4) -> dict[str, torch.Tensor]:
-    """A random LoRA (UNet attention + every text encoder) in the trainer's layout: 'unet.<module>.lora_A.weight'."""
+def make_lora(model: Path, seed: int, rank: int = 4, unet_targets: list[str] = UNET_TARGETS,
+              conv_rank: int | None = None) -> dict[str, torch.Tensor]:
+    """A random LoRA (UNet `unet_targets` + every text encoder's attention) in the trainer's layout:
+    'unet.<module>.lora_A.weight'; the ResNet convolutions (LoCon) at `conv_rank` when given."""
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
@@ -34,13 +36,15 @@ def make_lora(model: Path, seed: int, rank: int = 4) -> dict[str, torch.Tensor]:
              "text_encoder_2": (CLIPTextModelWithProjection, TEXT_TARGETS)}
     sd = {}
     torch.manual_seed(seed)
+    parts["unet"] = (UNet2DConditionModel, unet_targets)
     for name, (cls, targets) in parts.items():
         if not (model / name).is_dir():
             continue
         module = cls.from_pretrained(str(model / name))
+        convs = {c: conv_rank for c in ("conv1", "conv2")} if conv_rank and name == "unet" else {}
         # init_lora_weights=False: random lora_B, so the LoRA changes the output
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False),
-                                module)
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False,
+                                           rank_pattern=convs, alpha_pattern=convs), module)
         sd.update({f"{name}.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(module).items()})
     return sd
 
@@ -56,6 +60,14 @@ def sdxl_lora(tiny_sdxl):
 
 
 @pytest.fixture(scope="module")
+def locon_lora(tiny_sd):
+    """Every target of `--targets all`: attention, the transformer blocks' MLPs, the ResNet convolutions at rank 2."""
+    from t2i.train.lora_config import TARGETS
+
+    return {k: v * 0.5 for k, v in make_lora(tiny_sd, seed=2, unet_targets=TARGETS["all"], conv_rank=2).items()}
+
+
+@pytest.fixture(scope="module")
 def files(tmp_path_factory, sd_lora, tiny_sd) -> dict[str, Path]:
     """The SD LoRA in both layouts, and a second, different LoRA."""
     folder = tmp_path_factory.mktemp("loras")
@@ -64,6 +76,13 @@ def files(tmp_path_factory, sd_lora, tiny_sd) -> dict[str, Path]:
         "kohya": lora_format.save_lora(folder / "ink-kohya.safetensors", sd_lora, META, format="kohya"),
         "other": lora_format.save_lora(folder / "film.safetensors", make_lora(tiny_sd, seed=1), {}),
     }
+
+
+@pytest.fixture(scope="module")
+def locon_files(tmp_path_factory, locon_lora) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("locon")
+    return {layout: lora_format.save_lora(folder / f"locon-{layout}.safetensors", locon_lora, META, format=layout)
+            for layout in lora_format.FORMATS}
 
 
 def canonical(sd: dict) -> dict:
@@ -147,6 +166,85 @@ def test_diffusers_adapter_metadata_alpha_is_honoured(sd_lora):
         assert torch.equal(baked[k], v * 2 if k.startswith("unet.") and ".lora_B." in k else v)
 
 
+def kohya_name_rule(module: str, xl: bool) -> str:
+    """kohya's/A1111's LoRA module name, from their rules: a prefix per component, then the diffusers module path
+    with dots as underscores (kohya's networks/lora.py: `lora_name = prefix + "." + name + "." + child_name`,
+    then `.replace(".", "_")`)."""
+    component, _, path = module.partition(".")
+    prefix = {"unet": "lora_unet", "text_encoder": "lora_te1" if xl else "lora_te", "text_encoder_2": "lora_te2"}
+    return f"{prefix[component]}_{path.replace('.', '_')}"
+
+
+@pytest.mark.parametrize("which", ["sd", "sdxl"])
+def test_kohya_names_follow_kohyas_rules(which, tiny_sd, tiny_sdxl):
+    from t2i.train.lora_config import TARGETS
+
+    lora = canonical(make_lora({"sd": tiny_sd, "sdxl": tiny_sdxl}[which], seed=0, unet_targets=TARGETS["all"],
+                               conv_rank=2))
+    kohya = lora_format.to_kohya(lora)
+    modules = {k[: -len(".lora_A.weight")] for k in lora if k.endswith(".lora_A.weight")}
+    expected = {kohya_name_rule(m, which == "sdxl") for m in modules}
+    assert {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in kohya} == expected
+    for m in modules:  # lora_down/lora_up as kohya stores them: the convolutions as (rank, in, kh, kw) / (out, rank, 1, 1)
+        name = kohya_name_rule(m, which == "sdxl")
+        assert torch.equal(kohya[f"{name}.lora_down.weight"], lora[f"{m}.lora_A.weight"])
+        assert torch.equal(kohya[f"{name}.lora_up.weight"], lora[f"{m}.lora_B.weight"])
+    # names as A1111/ComfyUI look them up (what their key maps are built from)
+    block = "down_blocks_0" if which == "sd" else "down_blocks_1"  # the tiny SDXL's first block has no attention
+    for name in (f"lora_unet_{block}_resnets_0_conv1", f"lora_unet_{block}_resnets_0_conv2",
+                 f"lora_unet_{block}_attentions_0_proj_in", f"lora_unet_{block}_attentions_0_transformer_blocks_0_ff_net_0_proj",
+                 f"lora_unet_{block}_attentions_0_transformer_blocks_0_ff_net_2",
+                 f"lora_unet_{block}_attentions_0_transformer_blocks_0_attn2_to_out_0",
+                 "lora_te_text_model_encoder_layers_0_self_attn_q_proj" if which == "sd"
+                 else "lora_te2_text_model_encoder_layers_0_self_attn_out_proj"):
+        assert f"{name}.lora_down.weight" in kohya and f"{name}.alpha" in kohya, name
+    conv = kohya[f"lora_unet_{block}_resnets_0_conv1.lora_down.weight"]
+    assert conv.dim() == 4 and conv.shape[0] == 2 and conv.shape[2:] == (3, 3)
+    assert same_tensors(lora_format.to_diffusers(kohya), lora)
+
+
+def test_locon_loads_alike_in_stock_diffusers_and_t2i(locon_files, locon_lora, tiny_sd, sd_pipe):
+    """LoRA on the MLPs and ResNet convolutions: stock `load_lora_weights` gives the same image from either layout,
+    so does t2i, and t2i's reading of each file gives back the tensors written."""
+    for layout, path in locon_files.items():
+        stored, meta = lora_format.read_lora(path)
+        assert same_tensors(lora_format.to_diffusers(stored), canonical(locon_lora)), layout
+    assert meta["ss_network_args"] == '{"conv_dim": "2", "conv_alpha": "2"}'  # kohya's conv_dim, as kohya records it
+    plain, stock_d, stock_k = stock_images(tiny_sd, None, locon_files["diffusers"], locon_files["kohya"])
+    assert np.abs(plain - stock_d).max() > 0.01
+    assert np.array_equal(stock_d, stock_k)
+    try:
+        t2i_d, t2i_k = (pixels(sd_pipe("a red circle", steps=2, seed=0, loras=[str(locon_files[layout])],
+                                       progress=False).images[0]) for layout in ("diffusers", "kohya"))
+    finally:
+        sd_pipe("a red circle", steps=1, seed=0, progress=False)  # leave the shared pipeline without adapters
+    assert np.array_equal(t2i_d, t2i_k)
+
+
+def test_lycoris_locon_cp_form_is_folded_exactly(locon_lora, sd_pipe, tmp_path):
+    """LyCORIS' LoCon with CP/Tucker: lora_down 1x1, lora_mid (rank, rank, 3, 3), lora_up; read as a plain LoRA."""
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    kohya = lora_format.to_kohya(locon_lora)
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"
+    torch.manual_seed(0)
+    c_in = kohya[f"{name}.lora_down.weight"].shape[1]
+    down, mid = torch.randn(2, c_in, 1, 1), torch.randn(2, 2, 3, 3)
+    cp = {**kohya, f"{name}.lora_down.weight": down, f"{name}.lora_mid.weight": mid}
+    folded = lora_format.to_diffusers(cp)["unet.down_blocks.0.resnets.0.conv1.lora_A.weight"]
+    x = torch.randn(1, c_in, 8, 8)
+    torch.testing.assert_close(F.conv2d(x, folded, padding=1), F.conv2d(F.conv2d(x, down), mid, padding=1))
+    save_file(cp, str(tmp_path / "cp.safetensors"))
+    try:
+        before = pixels(sd_pipe("a red circle", steps=2, seed=0, progress=False).images[0])
+        with_cp = pixels(sd_pipe("a red circle", steps=2, seed=0, loras=[str(tmp_path / "cp.safetensors")],
+                                 progress=False).images[0])
+    finally:
+        sd_pipe("a red circle", steps=1, seed=0, progress=False)
+    assert not np.array_equal(before, with_cp)
+
+
 def test_unknown_layout_is_an_error_naming_the_keys():
     with pytest.raises(ModelLoadError, match=r"unknown LoRA layout.*'model\.diffusion_model\.foo\.weight'"):
         lora_format.detect_layout({"model.diffusion_model.foo.weight": torch.zeros(1)})
@@ -166,6 +264,7 @@ def test_metadata_survives_save_and_read(files, layout):
     if layout == "kohya":
         assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_steps"], meta["ss_new_sd_model_hash"],
                 meta["ss_sd_model_name"]) == ("4", "4", "300", "0123456789", "tiny-sd")
+        assert meta["t2i.training_alpha"] == "8"  # ss_network_alpha is the folded one; the trained one is kept
     else:
         assert not any(k.startswith("ss_") for k in meta)
 

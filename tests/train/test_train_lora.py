@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -32,15 +34,16 @@ def test_run_writes_lora_grid_log_and_metadata(trained, tiny_sd):
     from t2i.models.sources import model_hash, resolve
 
     final = trained / "lora.safetensors"
-    sd = _weights(final)
-    assert sd and all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in sd)
+    sd = _weights(final)  # kohya's layout by default: the one A1111, ComfyUI and diffusers all read
+    assert sd and all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+                      for k in sd)
     assert all(torch.isfinite(v).all() for v in sd.values())
     with safe_open(str(final), "pt") as f:
         meta = f.metadata()
     assert meta["t2i.rank"] == "2" and meta["t2i.alpha"] == "2.0" and meta["t2i.steps"] == "6"
     assert meta["t2i.trigger"] == "in sks style"
     assert meta["t2i.base_model_hash"] == model_hash(resolve(str(tiny_sd)), Path(tiny_sd))
-    assert Image.open(trained / "validation.png").size == (2 * 32, 32)  # without and with the trigger
+    assert meta["ss_network_alpha"] == "2" and meta["t2i.training_alpha"] == "2.0"  # folded alpha = rank
     log = [json.loads(l) for l in (trained / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "step" in r] == [1, 2, 3, 4, 5, 6]
     assert log[-1]["ranks_identical"] is True and log[-1]["processes"] == 1
@@ -195,6 +198,7 @@ def test_two_cpu_processes_end_with_identical_weights(tiny_sd, data, tmp_path):
     (dict(mixed_precision="fp16"), "needs a CUDA GPU"),
     (dict(rank=0), "--rank must be at least 1"),
     (dict(format="ckpt"), "--format 'ckpt'"),
+    (dict(targets="mlp"), "--targets 'mlp'"),
 ])
 def test_bad_settings_are_refused_before_loading(tiny_sd, data, tmp_path, no_model_load, extra, message):
     if extra.get("data") == "EMPTY":
@@ -252,3 +256,59 @@ def test_an_image_broken_mid_run_is_skipped_and_reported(tiny_sd, data, tmp_path
     skipped = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "skipping" in r.getMessage()]
     assert len(skipped) == 1 and "0.png is not a readable image" in skipped[0]
     assert all(torch.isfinite(v).all() for v in _weights(path).values())
+
+
+def test_validation_grid_is_labelled_per_row(trained):
+    """One row per prompt x (without, with the trigger), each under a band of text saying which, and the step."""
+    grid = np.asarray(Image.open(trained / "validation.png").convert("L")).astype(int)
+    assert grid.shape[1] > 32  # as wide as its labels, not just one 32-px image
+    band = (grid.shape[0] - 2 * 32) // 2
+    assert grid.shape[0] == 2 * (band + 32) and band >= 8
+    labels = [grid[r * (band + 32): r * (band + 32) + band] for r in range(2)]
+    assert all((label < 128).sum() > 20 for label in labels)  # dark text on the white band
+    assert not np.array_equal(labels[0], labels[1])  # "without trigger" vs "with trigger"
+
+
+def test_targets_all_trains_the_mlps_and_convolutions_and_stock_diffusers_loads_it(tiny_sd, data, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "all"
+    path = lora.run(None, _cfg(tiny_sd, data, out, steps=2, targets="all", conv_rank=3, conv_alpha=6))
+    sd = _weights(path)
+    conv = sd["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"]
+    assert conv.shape[0] == 3 and conv.shape[2:] == (3, 3)  # a convolution of the conv rank, as kohya writes it
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj.lora_down.weight" in sd
+    assert "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight" in sd
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["t2i.targets"] == "all" and json.loads(meta["ss_network_args"]) == {"conv_dim": "3", "conv_alpha": "3"}
+    assert meta["t2i.training_conv_alpha"] == "6.0"
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    before = pipe("a square", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    pipe.load_lora_weights(str(path))
+    after = pipe("a square", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert abs(after.images[0] - before.images[0]).max() > 1e-4
+    n = len({k.rsplit(".", 2)[0] for k in sd})
+    assert sum(1 for name, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and "default_0" in m.lora_A) == n
+
+
+def test_one_set_of_defaults_cli_config_file_and_python_api(run_cli):
+    """lora.toml states the dataclass's defaults (bar its example trigger), and the CLI help reads them."""
+    import dataclasses
+    import tomllib
+
+    defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(lora.LoraTrainConfig)}
+    assert (defaults["rank"], defaults["lr"], defaults["batch"], defaults["steps"]) == (16, 3e-3, 8, 400)
+    assert defaults["format"] == "kohya"
+    toml = tomllib.loads((REPO / "train" / "configs" / "lora.toml").read_text())
+    assert {k: v for k, v in toml.items() if k != "trigger"} == {k: defaults[k] for k in toml if k != "trigger"}
+    code, help_text, _ = run_cli("train", "lora", "--help")
+    assert code == 0
+    chunks = re.split(r"\n  (?=-)", help_text.split("options:")[1])
+    entries = {e.split()[0]: " ".join(e.split()) for e in chunks if e.strip()}
+    for key in ("rank", "steps", "lr", "batch", "format", "targets"):
+        shown = f"{defaults[key]:g}" if isinstance(defaults[key], float) else str(defaults[key])
+        assert re.search(rf"\(default {re.escape(shown)}\b", entries[f"--{key}"]), (key, entries[f"--{key}"])
