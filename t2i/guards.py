@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from t2i.errors import NumericalError, UsageError
+from t2i.samplers import get_sampler
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,20 @@ def check_guidance(guidance: float) -> None:
 def check_autoguidance(scale: float) -> None:
     if not math.isfinite(scale) or scale < 0:
         raise UsageError(f"autoguidance must be a finite number >= 0 (0 turns it off), got {scale}")
+
+
+def check_sampling(steps: int | None = None, guidance: float | None = None, autoguidance: float | None = None,
+                   sampler: str | None = None) -> None:
+    """The sampling settings a request may leave to the model (None): each one given is in range, the sampler
+    is known (with a "did you mean")."""
+    if steps is not None:
+        check_steps(steps)
+    if guidance is not None:
+        check_guidance(guidance)
+    if autoguidance is not None:
+        check_autoguidance(autoguidance)
+    if sampler:
+        get_sampler(sampler)
 
 
 MAX_BATCH = 100_000  # per call; memory is checked from an estimate once the model is loaded

@@ -32,7 +32,6 @@ from t2i.lora import LoraSet, parse_lora_arg
 from t2i.models import tiny_vae
 from t2i.pipelines import Image2Image, Inpaint, Text2Image
 from t2i.prompts import extract_loras
-from t2i.samplers import get_sampler
 from t2i.settings import LoraSpec, Settings
 
 TASKS = {"text2image": Text2Image, "image2image": Image2Image, "inpaint": Inpaint}
@@ -92,12 +91,7 @@ def check(request: Request) -> Job:
         raise UsageError(f"unknown task {r.task!r}; use one of: {', '.join(TASKS)}")
     if not r.prompts or not all(isinstance(p, str) for p in r.prompts):
         raise UsageError("give at least one prompt (a string)")
-    if r.steps is not None:
-        guards.check_steps(r.steps)
-    if r.guidance is not None:
-        guards.check_guidance(r.guidance)
-    if r.autoguidance is not None:
-        guards.check_autoguidance(r.autoguidance)
+    guards.check_sampling(r.steps, r.guidance, r.autoguidance, r.sampler)
     guards.check_batch(r.batch)
     if r.iterations < 1:
         raise UsageError(f"iterations must be 1 or more, got {r.iterations}")
@@ -107,8 +101,6 @@ def check(request: Request) -> Job:
             raise UsageError(f"seed {r.seed} + {r.iterations * r.batch} images runs past 2**64-1; use a smaller seed")
     if r.width is not None or r.height is not None:
         guards.check_size(r.width or 8, r.height or 8)
-    if r.sampler:
-        get_sampler(r.sampler)
     source = models.resolve(r.model)
     inputs = _image_inputs(r)
     loras = _loras(r)

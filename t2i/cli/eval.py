@@ -63,20 +63,12 @@ def _eval(args) -> int:
     # deferred: torch and diffusers; --help must not import them
     from t2i import guards, speed
     from t2i.demo.evaluation import run_eval
-    from t2i.samplers import get_sampler
 
     if args.through_vae and not args.ground_truth:
         raise UsageError("--through-vae scores ground-truth renders; add --ground-truth")
     if args.ground_truth:
         return _ground_truth_eval(args)
-    if args.steps is not None:
-        guards.check_steps(args.steps)
-    if args.guidance is not None:
-        guards.check_guidance(args.guidance)
-    if args.autoguidance is not None:
-        guards.check_autoguidance(args.autoguidance)
-    if args.sampler:
-        get_sampler(args.sampler)
+    guards.check_sampling(args.steps, args.guidance, args.autoguidance, args.sampler)
     if args.out:
         guards.check_writable_folder(args.out)
     if args.style:
