@@ -564,10 +564,8 @@ async def progress(request: Request, skip_current_image: bool = False, id_task: 
         job = server.queue.get(id_task)
         if job is None:
             raise HTTPException(404, f"no job id_task={id_task!r} (unknown, or finished long ago)")
-    else:
-        job = server.queue.current
-        if job is not None and job.kind != "generate":
-            job = None
+    else:  # the oldest running generation (a checkpoint load is not a job A1111's clients know)
+        job = next((j for j in server.queue.running if j.kind == "generate"), None)
     return _progress(server, job, skip_current_image)
 
 
