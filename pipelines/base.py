@@ -98,7 +98,8 @@ class BasePipeline:
         # Image i of a batch equals the single run with seed + i, bit for bit (see per_image_unet).
         # False batches the UNet across images: faster, equal only to within float rounding.
         self.exact_batch = True
-        self.speed: list[str] = []  # names of the t2i.speed options on now (set by speed.apply), recorded
+        self.speed: str = "auto"  # the speed mode of its calls: "auto", "exact" or option names (t2i.speed.per_call)
+        self.speed_on: list[str] | None = None  # names of the t2i.speed options on now (set by speed.apply), recorded
         self.on_step: Callable[[int], None] | None = None  # called after every denoising step (benchmarks, UIs)
         self.decoder = None  # a small VAE decoding in place of pipe.vae (speed option tiny_vae), or None
         pipe.set_progress_bar_config(disable=True)  # t2i draws one bar across a whole job
@@ -133,6 +134,7 @@ class BasePipeline:
         pipe = cls._convert(other.pipe, other.model.arch)
         new = cls(pipe, other.model, other.loras.rebind(pipe), guide=other.guide)
         new.autoguidance, new.autoguidance_below = other.autoguidance, other.autoguidance_below
+        new.speed = other.speed
         return new
 
     @classmethod
@@ -249,7 +251,7 @@ class BasePipeline:
 
     def speed_names(self) -> list[str]:
         """The speed options this pipeline runs with now, as `t2i.speed.SpeedOptions.parse` reads them back."""
-        names = [n for n in self.speed if n != "sdpa"]  # SDPA is how diffusers loads attention anyway
+        names = [n for n in self.speed_on or [] if n != "sdpa"]  # SDPA is how diffusers loads attention anyway
         return names if self.exact_batch or "batched" in names else ["batched", *names]
 
     def memory_estimate(self, batch: int, width: int, height: int) -> int:

@@ -11,6 +11,7 @@ from t2i import guards
 from t2i.errors import UsageError
 from t2i.images import pixel_hash, read_input, snap_size
 from t2i.settings import LoraSpec
+from t2i.speed import per_call
 
 from t2i.pipelines.base import BasePipeline, Result
 
@@ -36,6 +37,7 @@ class Image2Image(BasePipeline):
     diffusers_classes = {"sd1": "StableDiffusionImg2ImgPipeline", "sd2": "StableDiffusionImg2ImgPipeline",
                          "sdxl": "StableDiffusionXLImg2ImgPipeline"}
 
+    @per_call  # the pipeline's speed mode (pipe.speed: "auto" by default) on for the call
     def __call__(
         self,
         prompt: str,

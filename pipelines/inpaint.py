@@ -10,6 +10,7 @@ from PIL import Image, ImageFilter, ImageOps
 from t2i.errors import UsageError
 from t2i.images import as_mask, check_mask, pixel_hash, read_input
 from t2i.settings import LoraSpec
+from t2i.speed import per_call
 
 from t2i.pipelines.base import Result
 from t2i.pipelines.image2image import DEFAULT_STRENGTH, Image2Image
@@ -37,6 +38,7 @@ class Inpaint(Image2Image):
     diffusers_classes = {"sd1": "StableDiffusionInpaintPipeline", "sd2": "StableDiffusionInpaintPipeline",
                          "sdxl": "StableDiffusionXLInpaintPipeline"}
 
+    @per_call  # the pipeline's speed mode (pipe.speed: "auto" by default) on for the call
     def __call__(
         self,
         prompt: str,

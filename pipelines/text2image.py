@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from t2i.settings import LoraSpec
+from t2i.speed import per_call
 
 from t2i.pipelines.base import BasePipeline, Result
 
@@ -21,6 +22,7 @@ class Text2Image(BasePipeline):
     diffusers_classes = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
                          "sdxl": "StableDiffusionXLPipeline"}
 
+    @per_call  # the pipeline's speed mode (pipe.speed: "auto" by default) on for the call
     def __call__(
         self,
         prompt: str,

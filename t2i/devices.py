@@ -7,6 +7,10 @@ CPU, where it is the safe and (without AMX/avx512-bf16) the fast choice.
 
 from __future__ import annotations
 
+import os
+from functools import lru_cache
+from pathlib import Path
+
 import torch
 
 from t2i.choices import DEVICES, DTYPES
@@ -59,3 +63,30 @@ def _is_ampere_or_newer() -> bool:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in TORCH_DTYPES.items()}.get(dtype, str(dtype))
+
+
+# ---------------------------------------------------------------------------------------------- capabilities
+# What `--speed auto` decides from (t2i.speed.options.auto_choice): one function per capability, so tests pin them.
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo).
+
+    Without either, torch emulates bf16 matmuls and convolutions, slower than fp32; with them oneDNN runs bf16
+    several times faster than fp32 (AMX: ~7x on a 2048x2048 matmul). The environment variable T2I_CPU_BF16=0
+    or 1 overrides what the CPU says (the test suite sets 0, so that what `auto` picks does not depend on the
+    CPU the tests run on).
+    """
+    forced = os.environ.get("T2I_CPU_BF16", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    return _cpuinfo_has_bf16()
+
+
+@lru_cache(maxsize=1)
+def _cpuinfo_has_bf16() -> bool:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & flags)

@@ -172,7 +172,8 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     if not is_finite(latents):
         raise NumericalError("the denoiser produced NaN/inf latents; rerun with --dtype fp32 (or a lower guidance)")
     dtype = vae.dtype
-    upcast = dtype != torch.float32 and getattr(vae.config, "force_upcast", False)
+    # force_upcast is for fp16, whose range the VAE overflows; bf16 has fp32's range (diffusers upcasts fp16 only)
+    upcast = dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
     if not upcast:
         with torch.no_grad():
             images = vae.decode(latents.to(dtype)).sample  # (B, 3, H, W)

@@ -16,7 +16,6 @@ each call's `Result`; the images go to one writer (`t2i.output.save_images` or
 
 from __future__ import annotations
 
-import contextlib
 import io
 import random
 from dataclasses import dataclass, field
@@ -60,7 +59,7 @@ class Request:
     mask_blur: int = 4
     invert_mask: bool = False
     autoguidance: float | None = None  # None: the model's
-    speed: str = ""  # speed options, comma-separated ("" = the exact path)
+    speed: str = "auto"  # "auto" (faster on this device at no quality cost), "exact" (= ""), or option names
     model: str | None = None  # None: the bundled model
     model_config: str | None = None
     device: str = "auto"
@@ -192,7 +191,7 @@ def run(pipe, job: Job, progress=None, only: Callable[[int], bool] | None = None
     `only(prompt_index)` picks this process's prompts when several share a job. A step callback of the
     pipeline (`pipe.on_step`) may raise to stop the job between two steps.
     """
-    with speed.apply(pipe, job.options) if job.options else contextlib.nullcontext():
+    with speed.apply(pipe, job.options or speed.SpeedOptions.off()):  # None: the exact path
         for i, prompt, seed in calls(job):
             if only is None or only(i):
                 yield call(pipe, job, prompt, seed, progress)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -54,7 +53,8 @@ def _input_image(recorded: str | None, given: str | None, want_hash: str | None,
 
 
 def _speed_options(settings, device):
-    """The recorded speed options (None: the plain path); offload, which does not change pixels, only on CUDA."""
+    """The recorded speed options, as chosen then (`auto`'s choice, not `auto`: another machine would choose
+    otherwise; None: the plain path); offload, which does not change pixels, only on CUDA."""
     if not settings.speed:
         return None
     options = speed.SpeedOptions.parse(",".join(settings.speed))
@@ -110,7 +110,7 @@ def reproduce(image: str | Path, model: str | None = None, device: str | None = 
     batch, index = (settings.batch_size, settings.batch_index) if whole_call else (1, 0)
     bar = StepBar("reproducing") if progress is True else progress
     try:
-        with speed.apply(pipe, options) if options else contextlib.nullcontext():
+        with speed.apply(pipe, options or speed.SpeedOptions.off()):  # none recorded: the exact path
             result = pipe(settings.prompt, **inputs, negative_prompt=settings.negative_prompt, steps=settings.steps,
                           guidance=settings.guidance, sampler=settings.sampler, seed=settings.seed - index,
                           width=settings.width, height=settings.height, batch=batch, loras=settings.loras,

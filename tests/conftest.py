@@ -29,7 +29,17 @@ def _isolated_env(tmp_path_factory):
     """t2i's hash cache in a temporary folder, never under ~."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("T2I_CACHE", str(tmp_path_factory.mktemp("t2i-cache")))
+        # `--speed auto` as on a CPU without bf16 instructions, whatever CPU runs the suite (subprocesses too):
+        # on one with AMX it would pick bf16 weights, and the bit-exact expectations are fp32's.
+        # Tests of the bf16 choice turn it on with the `cpu_bf16` fixture.
+        mp.setenv("T2I_CPU_BF16", "0")
         yield
+
+
+@pytest.fixture
+def cpu_bf16(monkeypatch):
+    """`--speed auto` decides as on a CPU with AMX/AVX512-BF16 (bf16 itself runs on any CPU, slowly: tiny models)."""
+    monkeypatch.setenv("T2I_CPU_BF16", "1")
 
 
 @pytest.fixture(scope="session")

@@ -84,14 +84,17 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA (diffusers or kohya/A1111 layout); repeatable")
     g.add_argument("--lora-dir", metavar="DIR", help="where <lora:NAME:SCALE> in a prompt looks for NAME.safetensors")
-    g.add_argument("--speed", metavar="OPTS", default="",
-                   help="speed options, comma-separated (see t2i bench): batched (a batch in one UNet call: image i "
-                        "equals the single run with seed+i to within rounding, not bit for bit), cacheN (feature "
-                        "reuse every N steps: faster, changes the images), cacheN:K (reuse deeper: only "
-                        "the last K layers run between; cache3:1 is DeepCache's default), channels_last, bf16, compile, "
+    g.add_argument("--speed", metavar="OPTS", default="auto",
+                   help="auto (default: what measures faster on this device at no quality cost: batched UNet calls, "
+                        "and bf16 weights on a CPU with AMX/AVX512-BF16), exact (the bit-exact fp32 path: a batch "
+                        "equals its single runs), or speed options, comma-separated: batched (a batch in one UNet "
+                        "call: image i equals the single run with seed+i to within rounding, not bit for bit), "
+                        "bf16_weights, bf16_vae (bf16 copies of the weights), cacheN (feature reuse every N steps: "
+                        "faster, changes the images), cacheN:K (reuse deeper: only the last K layers run between; "
+                        "cache3:1 is DeepCache's default), channels_last, bf16 (autocast), compile, "
                         "attention_slicing, vae_tiling, cpu_offload, tiny_vae[=PATH] (decode with a small TAESD-style "
-                        "decoder: the model's own vae_tiny/, or PATH). Default: none (exact). Recorded in the PNG; "
-                        "t2i reproduce replays them")
+                        "decoder: the model's own vae_tiny/, or PATH). What was chosen is recorded in the PNG; "
+                        "t2i reproduce replays it (docs/speed.md)")
 
 
 def prompt_args(p: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ forward once, several times (per-image exact batches), on other rows (autoguidan
 all (the feature cache's shallow calls).
 
 Wrappers on one module nest in the fixed order of ORDER, whatever order their blocks start in:
-autoguidance outermost, then per-image exact batches, the feature cache, bf16 autocast, and
+autoguidance outermost, then per-image exact batches, bf16 weights, the feature cache, bf16 autocast, and
 torch.compile innermost (it compiles the class's own forward, once per process). When a block
 ends, by return or by exception, its wrapper leaves the chain; when the last one leaves, the
 module's instance `forward` entry is deleted (or put back, if it had one), so its class and
@@ -47,6 +47,7 @@ import torch
 ORDER = (
     "autoguidance",  # replaces the uncond rows of late steps; calls the rest on the cond rows only
     "per_image",  # one image's rows at a time: a batch equals its single runs, bit for bit
+    "bf16_weights",  # the module on bf16 copies of its weights (outside the cache: its shallow calls see them too)
     "feature_cache",  # skips the deep blocks on most calls
     "keep_feature",  # the feature cache's capture of a sub-module's output (it only looks)
     "bf16",  # bfloat16 autocast around the UNet

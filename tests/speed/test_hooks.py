@@ -36,7 +36,7 @@ def snapshot(module: torch.nn.Module) -> tuple:
 
 
 @pytest.mark.parametrize("names", [ORDER, ORDER[::-1], ("bf16", "autoguidance", "compile", "keep_feature",
-                                                         "per_image", "feature_cache")])
+                                                         "bf16_weights", "per_image", "feature_cache")])
 def test_wrappers_nest_in_the_fixed_order_whatever_order_their_blocks_start(names):
     net, calls = _Net(), []
     before = snapshot(net)

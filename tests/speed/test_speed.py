@@ -14,6 +14,7 @@ No timing assertions: speed lives in `t2i bench`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -37,8 +38,10 @@ ARGS = dict(prompt="a red circle", steps=4, seed=5, sampler="euler", progress=Fa
 
 
 def generate(pipe, **kwargs):
+    """The pipeline's images on the exact path (the plain path these tolerances are from), or under the block's options."""
     args = ARGS | kwargs
-    return pipe(args.pop("prompt"), **args).images
+    with speed.apply(pipe, SpeedOptions.off()) if pipe.speed_on is None else contextlib.nullcontext():
+        return pipe(args.pop("prompt"), **args).images
 
 
 def state(pipe) -> tuple:
@@ -144,13 +147,14 @@ def test_vae_tiling_tiles_images_larger_than_the_tile(sd_pipe):
     assert calls and image.size == (64, 64) and vae.use_tiling is False
 
 
-def test_bf16_auto_follows_the_cpu_flags(sd_pipe, monkeypatch):
+def test_bf16_weights_auto_follow_the_cpu_flags(sd_pipe, monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(speed.options, "cpu_has_bf16", lambda: False)
-    assert SpeedOptions().resolved(cpu).bf16 is False
+    assert SpeedOptions().resolved(cpu).bf16_weights is False
     monkeypatch.setattr(speed.options, "cpu_has_bf16", lambda: True)
-    assert SpeedOptions().resolved(cpu).bf16 is True
-    assert SpeedOptions(bf16=False).resolved(cpu).bf16 is False
+    resolved = SpeedOptions().resolved(cpu)
+    assert resolved.bf16_weights is True and resolved.bf16_vae is True and resolved.bf16 is False  # not autocast
+    assert SpeedOptions(bf16_weights=False).resolved(cpu).bf16_weights is False
 
 
 def test_bad_options_are_one_line_usage_errors_and_change_nothing(sd_pipe):
@@ -219,7 +223,7 @@ def test_generate_speed_flag_is_recorded_and_reproduce_replays_the_whole_batched
     assert code == 0 and "bit for bit" in stdout, stdout + stderr
     code, stdout, _ = run_cli("generate", "a red circle", "--model", tiny_sd, "--steps", 4, "--seed", 6,
                               "--out", tmp_path / "plain.png", "-q")
-    assert metadata.read(stdout.strip())[1].speed == []  # no --speed: the exact path, recorded as such
+    assert metadata.read(stdout.strip())[1].speed == ["batched"]  # no --speed: auto (fp32 without bf16 instructions)
     from PIL import Image
 
     assert 0 < np.abs(pixels(Image.open(stdout.strip())) - pixels(Image.open(paths[1]))).max() <= CACHE_TOL
