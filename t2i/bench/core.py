@@ -22,6 +22,7 @@ size (built in memory, nothing downloaded): speed does not depend on trained wei
 from __future__ import annotations
 
 import contextlib
+import copy
 import statistics
 import threading
 import time
@@ -35,11 +36,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from t2i import speed
 from t2i.choices import BENCH_OPTIONS, BENCH_PROMPT
 from t2i.demo import shapeeval
+from t2i.devices import dtype_name
 from t2i.samplers import make_scheduler
 
 
 PROMPT = BENCH_PROMPT
 STOCK, PLAIN = "stock diffusers", "t2i"
+STOCK_BF16, AUTO = "stock diffusers bf16", "t2i auto"  # stock with torch_dtype=bfloat16; t2i's default
 
 
 @dataclass
@@ -53,6 +56,7 @@ class Row:
     max_diff: int = 0  # largest pixel difference of the first image from stock's (0-255)
     diff_plain: int = 0  # ... and from plain t2i's
     shapeeval: float | None = None
+    dtype: str = ""  # the dtype its UNet computes in (its GFLOP/s are a share of that dtype's matmul peak)
 
     @property
     def step(self) -> float:
@@ -79,7 +83,8 @@ class Report:
         rows = [asdict(r) | {"step": r.step, "call": r.call, "peak": r.peak,
                              "speedup": self.row(STOCK).call / r.call,
                              "speedup_vs_t2i": self.row(PLAIN).call / r.call,
-                             "step_gflops": self._gflops(r)} for r in self.rows]
+                             "step_gflops": self._gflops(r), "peak_share": self._share(r)}
+                for r in self.rows]
         return {"info": self.info, "rows": rows}
 
     def _gflops(self, r: Row) -> float | None:
@@ -87,6 +92,12 @@ class Report:
         if flop is None or any(o.startswith("cache") for o in r.options or []):
             return None  # a cached step skips most of the UNet: its FLOPs are not the full UNet's
         return flop / r.step
+
+    def _share(self, r: Row) -> float | None:
+        """The row's GFLOP/s as a share of the matmul peak of the dtype its UNet computes in."""
+        g = self._gflops(r)
+        peak = self.info.get("matmul_gflops_bf16" if r.dtype == "bf16" else "matmul_gflops")
+        return None if g is None or not peak else g / peak
 
 
 class _PeakMemory:
@@ -127,11 +138,12 @@ class _PeakMemory:
 
 
 def variants(names: list[str]) -> dict[str, list[str]]:
-    """The t2i variants to bench: plain t2i, each named option alone, and all of them together (one cache
-    interval: the last named). Unknown names raise UsageError before anything loads."""
+    """The t2i variants to bench: plain t2i (`exact`), its default (`auto`), each named option alone, and all
+    of them together (one cache interval: the last named). Unknown names raise UsageError before anything loads."""
     for n in names:
         speed.option_fields(n)
-    out = {PLAIN: []} | {f"{PLAIN} + {n}": [n] for n in names}
+    names = [n for n in names if n not in ("auto", "exact")]
+    out = {PLAIN: [], AUTO: ["auto"]} | {f"{PLAIN} + {n}": [n] for n in names}
     caches = [n for n in names if n.startswith("cache")]
     together = [n for n in names if not n.startswith("cache")] + caches[-1:]
     if len(together) > 1:
@@ -139,20 +151,38 @@ def variants(names: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def stock_pipeline(pipe):
-    """Diffusers' plain pipeline over the same modules (no t2i code runs in its call)."""
+def stock_pipeline(pipe, dtype: torch.dtype | None = None):
+    """Diffusers' plain pipeline over the same modules (no t2i code runs in its call); with `dtype`, over copies
+    of them in that dtype (what `from_pretrained(..., torch_dtype=dtype)` loads)."""
     cls = getattr(diffusers, "StableDiffusionXLPipeline" if pipe.model.arch == "sdxl" else "StableDiffusionPipeline")
     keys = cls._get_signature_keys(cls)[0]
-    stock = cls(**{k: v for k, v in pipe.pipe.components.items() if k in keys})
+    components = {k: v for k, v in pipe.pipe.components.items() if k in keys}
+    if dtype is not None:
+        components = {k: copy.deepcopy(v).to(dtype) if isinstance(v, torch.nn.Module) else v
+                      for k, v in components.items()}
+    stock = cls(**components)
     stock.set_progress_bar_config(disable=True)
     return stock
 
 
+def _dtype(pipe, row: "Row", stock) -> str:
+    """The dtype a row's UNet computes in: a stock row's modules', or bf16 for a t2i row with bf16 weights or
+    autocast (as `auto` resolves here)."""
+    if row.options is None:
+        return dtype_name(stock.unet.dtype)
+    o = speed.SpeedOptions.parse(",".join(row.options)).resolved(pipe.device, pipe.dtype,
+                                                                 speed.options.model_allows_bf16(pipe))
+    return "bf16" if o.bf16_weights or o.bf16 else dtype_name(pipe.dtype)
+
+
 def bench(pipe, steps: int | None = None, size: int | None = None, batch: int = 1, repeats: int = 3,
           options: list[str] = BENCH_OPTIONS, prompt: str = PROMPT, seed: int = 0, shapeeval: bool = False,
-          flops: bool = False) -> Report:
+          flops: bool = False, stock_bf16: bool = True) -> Report:
     """Bench stock diffusers against t2i's variants on `pipe` (a Text2Image): rows in the table's order, and the
-    report's context (sizes, threads; with flops=True, GFLOP/s against the matmul peak)."""
+    report's context (sizes, threads; with flops=True, GFLOP/s against the fp32 and bf16 matmul peaks).
+
+    An fp32 pipeline gets a second stock row, `stock diffusers bf16`: stock over bf16 copies of the modules
+    (`torch_dtype=torch.bfloat16`, diffusers' fastest flag on a CPU), with `stock_bf16`."""
     d = pipe.defaults
     steps, guidance, sampler = steps or d.steps, d.guidance, d.sampler
     width = height = size or d.width
@@ -161,14 +191,23 @@ def bench(pipe, steps: int | None = None, size: int | None = None, batch: int = 
     rows = [Row(STOCK)] + [Row(name, names) for name, names in plans.items()]
     if pipe.guide is not None and pipe.autoguidance:  # the model's default, priced as a row of its own
         rows.insert(2, Row(f"{PLAIN} + autoguidance {pipe.autoguidance:g}", [], autoguidance=pipe.autoguidance))
+    stocks = {STOCK: stock}  # stock rows' pipelines; t2i's rows run `pipe`
+    if stock_bf16 and pipe.dtype == torch.float32 and pipe.device.type in ("cpu", "cuda"):
+        rows.insert(1, Row(STOCK_BF16))
+        stocks[STOCK_BF16] = stock_pipeline(pipe, torch.bfloat16)
+    for row in rows:
+        row.dtype = _dtype(pipe, row, stocks.get(row.name, stock))
+        if row.name == AUTO:  # what auto picks on this device, in the row's name
+            o = speed.SpeedOptions().resolved(pipe.device, pipe.dtype, speed.options.model_allows_bf16(pipe))
+            row.name = f"{AUTO} ({', '.join(n for n in o.names() if n != 'sdpa')})"
     pixels: dict[str, list[np.ndarray]] = {row.name: [] for row in rows}
     for round_ in range(repeats + 1):  # round 0 warms up (allocator, kernels, caches) and is not counted
         for row in rows:
             times: list[float] = []
             with _options(pipe, row), _PeakMemory(pipe.device) as mem:
                 start = time.perf_counter()
-                images = _generate(pipe, stock, row, prompt, seed, steps, guidance, sampler, width, height, batch,
-                                   times)
+                images = _generate(pipe, stocks.get(row.name, stock), row, prompt, seed, steps, guidance, sampler,
+                                   width, height, batch, times)
                 end = time.perf_counter()
             if round_ == 0:
                 continue
@@ -180,7 +219,7 @@ def bench(pipe, steps: int | None = None, size: int | None = None, batch: int = 
         row.max_diff = max(int(np.abs(a - b).max()) for a, b in zip(pixels[row.name], pixels[STOCK]))
         row.diff_plain = max(int(np.abs(a - b).max()) for a, b in zip(pixels[row.name], pixels[PLAIN]))
     if shapeeval:
-        _shapeeval(pipe, stock, rows, steps, guidance, sampler)
+        _shapeeval(pipe, stocks, rows, steps, guidance, sampler)
     info = {"model": pipe.model.source.name, "arch": pipe.model.arch, "device": pipe.device.type,
             "dtype": str(pipe.dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "steps": steps,
             "sampler": sampler, "guidance": guidance, "size": width, "batch": batch, "repeats": repeats,
@@ -188,6 +227,8 @@ def bench(pipe, steps: int | None = None, size: int | None = None, batch: int = 
     if flops:
         info["unet_gflop"] = unet_flops(pipe, width, height, rows=batch * (2 if guidance > 1 else 1)) / 1e9
         info["matmul_gflops"] = matmul_peak(pipe.device)
+        if pipe.device.type in ("cpu", "cuda"):
+            info["matmul_gflops_bf16"] = matmul_peak(pipe.device, dtype=torch.bfloat16)
     return Report(rows, info)
 
 
@@ -235,7 +276,7 @@ def _generate(pipe, stock, row: Row, prompt: str, seed: int, steps: int, guidanc
         pipe.on_step = None
 
 
-def _shapeeval(pipe, stock, rows, steps, guidance, sampler, seeds=(0, 1)) -> None:
+def _shapeeval(pipe, stocks, rows, steps, guidance, sampler, seeds=(0, 1)) -> None:
     """ShapeEval accuracy of each variant on a fixed subset (every 12th prompt: 13 prompts x 2 seeds)."""
     prompts = shapeeval.build_prompts()[::12]
     size = pipe.defaults.width, pipe.defaults.height
@@ -244,7 +285,8 @@ def _shapeeval(pipe, stock, rows, steps, guidance, sampler, seeds=(0, 1)) -> Non
         with _options(pipe, row):
             for p in prompts:
                 for s in seeds:
-                    images += _generate(pipe, stock, row, p.prompt, s, steps, guidance, sampler, *size)
+                    images += _generate(pipe, stocks.get(row.name, stocks[STOCK]), row, p.prompt, s, steps, guidance,
+                                        sampler, *size)
         checks = [shapeeval.check(img, p) for img, p in zip(images, [p for p in prompts for _ in seeds])]
         row.shapeeval = float(np.mean(checks))
 
@@ -268,9 +310,9 @@ def unet_flops(pipe, width: int, height: int, rows: int) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak(device, n: int = 2048, repeats: int = 5) -> float:
-    """The machine's fp32 matmul rate in GFLOP/s: the best of a few n x n products, as a practical peak."""
-    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+def matmul_peak(device, n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """The machine's matmul rate in `dtype` in GFLOP/s: the best of a few n x n products, as a practical peak."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     best = float("inf")
     for _ in range(repeats + 1):  # the first warms up
         if device.type == "cuda":
@@ -297,14 +339,16 @@ def table(rows: list[Row], info: dict | None = None) -> str:
     se = rows[0].shapeeval is not None
     w = max(len(r.name) for r in rows)
     head = (f"{'variant':{w}s} {'step ms':>8s} {'call s':>8s} {'speed-up':>8s} {'vs t2i':>7s} {'peak MiB':>9s} "
-            f"{'diff':>5s} {'diff t2i':>8s}" + (f" {'GFLOP/s':>8s}" if gflops else "") + (" ShapeEval" if se else ""))
+            f"{'diff':>5s} {'diff t2i':>8s}" + (f" {'GFLOP/s':>8s} {'of peak':>7s}" if gflops else "")
+            + (" ShapeEval" if se else ""))
     lines = [head]
     for r in rows:
         line = (f"{r.name:{w}s} {r.step * 1000:8.1f} {r.call:8.3f} {stock.call / r.call:7.2f}x "
                 f"{plain.call / r.call:6.2f}x {r.peak / 2**20:9.1f} {r.max_diff:5d} {r.diff_plain:8d}")
         if gflops:
-            g = report._gflops(r)
+            g, share = report._gflops(r), report._share(r)
             line += f" {g:8.1f}" if g is not None else f" {'-':>8s}"
+            line += f" {share:6.0%} {r.dtype}" if share is not None else f" {'-':>7s}"
         if se:
             line += f" {r.shapeeval:9.3f}"
         lines.append(line)
@@ -313,9 +357,12 @@ def table(rows: list[Row], info: dict | None = None) -> str:
                  "from stock's, diff t2i = from plain t2i's (0-255); peak = memory above the level before the call")
     if gflops:
         i = report.info
+        bf16 = i.get("matmul_gflops_bf16")
         lines.append(f"UNet: {i['unet_gflop']:.1f} GFLOP per step ({i['batch']} image(s) x cond/uncond rows); "
-                     f"fp32 matmul peak of this machine: {i['matmul_gflops']:.1f} GFLOP/s "
-                     f"(GFLOP/s = UNet FLOPs / step time; '-' for cached steps)")
+                     f"matmul peak of this machine: fp32 {i['matmul_gflops']:.1f} GFLOP/s"
+                     + (f", bf16 {bf16:.1f} GFLOP/s" if bf16 else "")
+                     + " (GFLOP/s = UNet FLOPs / step time; of peak = share of the peak of the row's own dtype; "
+                       "'-' for cached steps)")
     return "\n".join(lines)
 
 

@@ -19,7 +19,9 @@ pytestmark = [pytest.mark.gpu,
 def cuda_pipe():
     from t2i.pipelines import Text2Image
 
-    return Text2Image.from_pretrained(device="cuda", dtype="fp16")
+    pipe = Text2Image.from_pretrained(device="cuda", dtype="fp16")
+    pipe.speed = "exact"  # per-image UNet calls (auto batches them)
+    return pipe
 
 
 def _pixels(image) -> np.ndarray:

@@ -1,5 +1,8 @@
 """Images stay bit-identical across refactors: hashes of a few bundled-model images per kind of CPU.
 
+The images are the exact path's (`pipe.speed = "exact"`, as Image2Image/Inpaint.from_pipe inherit): what `auto`
+picks depends on the CPU's bf16 instructions, and tests/speed/test_auto.py checks it against this path.
+
 Float kernels round differently on AVX2, AVX-512 and AMX, so a hash holds for one kind
 of CPU only: each kind has its own row, and a kind with no row is skipped with the
 command that records one (`python tests/pipelines/test_golden_images.py` prints this CPU's row).
@@ -42,6 +45,7 @@ def images() -> dict[str, str]:
 
     torch.set_num_threads(1)
     pipe = Text2Image.from_pretrained(device="cpu")
+    pipe.speed = "exact"  # the rows are the exact path's (fp32, per-image UNet calls), the same whatever `auto` picks
     out = {}
     first = pipe("a red circle to the left of a blue square", seed=1, steps=6, progress=False).images[0]
     out["text2image"] = _hash(first)
