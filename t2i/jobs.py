@@ -169,6 +169,7 @@ def prepare(pipe, job: Job):
         pipe = TASKS[r.task].from_pipe(pipe)
     if r.autoguidance is not None:
         pipe.autoguidance = r.autoguidance  # refuses a scale > 0 on a model without a guide/ UNet
+    pipe.speed = r.speed or "exact"  # its calls' speed mode when no speed.apply block is on (the server's calls)
     pipe.loras.lora_dir = Path(r.lora_dir) if r.lora_dir else None
     pipe.loras.allow_pickle = r.allow_pickle
     return pipe

@@ -31,8 +31,9 @@ def add_parser(sub) -> None:
     e.add_argument("--guidance", "--cfg", type=number, help="default: the model's")
     e.add_argument("--autoguidance", type=number, metavar="S", help="default: the model's (0: off)")
     e.add_argument("--seeds", type=positive_int, default=4, help="images per prompt (seeds 0..N-1; default 4)")
-    e.add_argument("--speed", metavar="OPTS", default="",
-                   help="measure with these speed options, e.g. cache3 (see t2i generate --help); default: batched")
+    e.add_argument("--speed", metavar="OPTS", default="auto",
+                   help="measure with these speed options, e.g. cache3 (see t2i generate --help); default: auto "
+                        "(what t2i generate does); exact: the fp32 path. A prompt's seeds are batched either way")
     e.add_argument("--out", "-o", metavar="DIR", help="write shapeeval-grid.png and shapeeval.json here")
     e.add_argument("--ground-truth", action="store_true",
                    help="score the checker itself on ground-truth renders instead of a model")
