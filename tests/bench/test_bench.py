@@ -57,8 +57,16 @@ def test_feature_cache_runs_the_deep_blocks_only_every_nth_step_and_undoes_itsel
     assert cached.tobytes() != plain.tobytes()
 
 
-def test_bench_auto_row_on_a_bf16_cpu_is_bf16_and_each_row_is_a_share_of_its_own_dtypes_peak(sd_pipe, cpu_bf16):
+def test_bench_auto_row_on_a_bf16_cpu_is_bf16_and_each_row_is_a_share_of_its_own_dtypes_peak(sd_pipe, cpu_bf16,
+                                                                                              monkeypatch):
+    from t2i.bench import core
+
+    real = core.matmul_peak
+    dtypes = []
+    monkeypatch.setattr(core, "matmul_peak", lambda device, dtype=torch.float32: dtypes.append(dtype) or real(
+        device, n=128, repeats=1, dtype=dtype))  # small: bf16 is emulated, slowly, on most CPUs
     report = bench.bench(sd_pipe, steps=2, repeats=1, options=[], flops=True)
+    assert dtypes == [torch.float32, torch.bfloat16]
     rows = {r.name: r for r in report.rows}
     auto = rows["t2i auto (batched, bf16_weights, bf16_vae)"]
     assert (auto.dtype, rows["stock diffusers bf16"].dtype, rows["t2i"].dtype) == ("bf16", "bf16", "fp32")
