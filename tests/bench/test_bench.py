@@ -63,7 +63,7 @@ def test_bench_auto_row_on_a_bf16_cpu_is_bf16_and_each_row_is_a_share_of_its_own
 
     real = core.matmul_peak
     dtypes = []
-    monkeypatch.setattr(core, "matmul_peak", lambda device, dtype=torch.float32: dtypes.append(dtype) or real(
+    monkeypatch.setattr(core, "matmul_peak", lambda device, dtype=torch.float32, **_: dtypes.append(dtype) or real(
         device, n=128, repeats=1, dtype=dtype))  # small: bf16 is emulated, slowly, on most CPUs
     report = bench.bench(sd_pipe, steps=2, repeats=1, options=[], flops=True)
     assert dtypes == [torch.float32, torch.bfloat16]
