@@ -174,13 +174,15 @@ def test_bench_cli_prints_the_table_and_writes_json(run_cli, tiny_sd, tmp_path):
     code, stdout, stderr = run_cli("bench", "--model", tiny_sd, "--steps", 2, "--repeats", 1, "--flops",
                                    "--options", "batched,cache2", "--json", out)
     assert code == 0, stderr
-    names = ["stock diffusers", "t2i", "t2i + batched", "t2i + cache2", "t2i + batched + cache2"]
+    names = ["stock diffusers", "stock diffusers bf16", "t2i", "t2i auto (batched)", "t2i + batched",
+             "t2i + cache2", "t2i + batched + cache2"]
     assert all(n in stdout for n in names) and "GFLOP/s" in stdout and "matmul peak" in stdout
     data = json.loads(out.read_text())
     assert [r["name"] for r in data["rows"]] == names
-    assert data["rows"][1]["max_diff"] == 0  # t2i's plain path makes stock diffusers' image exactly
+    assert data["rows"][2]["max_diff"] == 0  # t2i's plain path makes stock diffusers' image exactly
     assert data["info"]["unet_gflop"] > 0 and data["rows"][0]["step_gflops"] > 0
-    assert data["rows"][3]["step_gflops"] is None  # a cached step is not a full UNet's FLOPs
+    assert data["info"]["matmul_gflops_bf16"] > 0 and data["rows"][1]["peak_share"] > 0  # of the bf16 peak
+    assert data["rows"][5]["step_gflops"] is None  # a cached step is not a full UNet's FLOPs
 
 
 def test_bench_cli_refuses_bad_options_before_loading(run_cli, tiny_sd, no_model_load):
