@@ -127,6 +127,8 @@ class Engine:
     raise Interrupted or Skipped. Loading another checkpoint replaces the loaded one (one at a time).
     """
 
+    speed = "auto"  # the speed mode of its jobs (t2i.jobs.Request.speed): what `t2i generate` runs by default
+
     def __init__(self, device: str = "auto", lora_dir: Path | None = None, out: Path | None = None):
         self.device = device
         self.lora_dir = lora_dir
@@ -274,7 +276,7 @@ class Engine:
                             height=req.height, batch=req.batch_size, iterations=req.n_iter, lora_dir=self.lora_dir,
                             init_image=req.init_image, strength=req.strength, mask=req.mask,
                             mask_blur=req.mask_blur, invert_mask=req.invert_mask, model=self.location,
-                            device=self.device)
+                            device=self.device, speed=self.speed)
 
 
 def is_out_of_memory(e: BaseException) -> bool:
