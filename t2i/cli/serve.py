@@ -55,7 +55,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="jobs that may wait behind the running one; more get 503 (default 16)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default: auto")
     s.add_argument("--devices", metavar="DEV,DEV,...",
-                   help="one worker per device, each with its own copy of the model, taking jobs from one queue "
+                   help="one worker process per device, each with its own copy of the model, taking jobs from one queue "
                         "(e.g. cuda:0,cuda:1; cpu,cpu runs two CPU workers); overrides --device")
     s.add_argument("--cors-allow-origins", metavar="ORIGIN[,ORIGIN2]",
                    help="web origins whose pages may call this API from a browser (e.g. http://localhost:3000); "
