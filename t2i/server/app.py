@@ -60,6 +60,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     history: int = 64  # finished jobs remembered (status, and async results until fetched or evicted)
     preview_every: float = 1.0  # seconds between live-preview decodes of a running job
+    client_timeout: float = 30.0  # seconds a request has to arrive whole (t2i.server.http); slower: 408, closed
 
     def flags(self) -> dict:
         """The server's settings as /sdapi/v1/cmd-flags shows them (never the credentials)."""
