@@ -145,7 +145,10 @@ def parse_axis(spec: str, flag: str = "--x") -> AxisValues:
     name, sep, text = spec.partition("=")
     if not sep or not name.strip():
         raise UsageError(f"{flag} {spec!r}: give NAME=VALUES, e.g. {flag} \"steps=10,20,30\"")
-    axis = find_axis(name.strip())
+    try:
+        axis = find_axis(name.strip())
+    except UsageError as e:
+        raise UsageError(f"{flag}: {e}") from None
     try:
         raw = [v.strip() for row in csv.reader([text], skipinitialspace=True) for v in row]
     except csv.Error as e:
