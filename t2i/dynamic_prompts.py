@@ -90,10 +90,10 @@ def _commands(command, Command):
 
 
 def is_template(prompt: str) -> bool:
-    """Whether dynamic prompts would change the prompt (variants, wildcards, escapes); an unparsable prompt is
-    a template too (`check` then says what is wrong)."""
-    if not any(c in prompt for c in "{}_\\$"):
-        return False  # the common case, without building the grammar
+    """Whether dynamic prompts would change the prompt (variants, wildcards, escapes); an unparsable prompt with
+    a brace or `__` is a template too (`check` then says what is wrong)."""
+    if "{" not in prompt and "__" not in prompt:
+        return False  # no variant, wildcard or variable: as written ("price $5" too), without the grammar
     lib = _library()
     try:
         with warnings.catch_warnings():

@@ -1,11 +1,11 @@
 """X/Y/Z grids (A1111's "X/Y/Z plot"): one image per combination of axis values, drawn into one labelled PNG.
 
-    cells = grid.plan(jobs.Request(["a red circle"], seed=1), [grid.parse_axis("steps=10-30 (+10)"),
-                                                              grid.parse_axis("sampler=Euler a,DPM++ 2M")])
+    axes = [grid.parse_axis("steps=10-30 (+10)", "--x"), grid.parse_axis("sampler=Euler a,DPM++ 2M", "--y")]
+    cells = grid.plan(jobs.Request(["a red circle"], seed=1), axes)  # every cell checked, nothing loaded
     pipe = jobs.load(cells[0].job)
     for cell in cells:
-        cell.result = grid.run_cell(pipe, cell)
-    image = grid.draw(cells, axes)
+        grid.run_cell(pipe, cell)  # sets cell.result
+    image, layout = grid.draw(cells, axes)
 
 Each cell is an ordinary request through `t2i.jobs` (checked whole before any model loads), so its image is the
 one `t2i generate` makes with the same settings, with its own metadata. An axis sets one field of
@@ -308,9 +308,9 @@ def layout(axes: list[AxisValues], cell_w: int, cell_h: int) -> tuple[Layout, An
     top = 2 * pad + line_h * max(len(ls) for ls in lines["x"])
     left = 2 * pad + int(max((draw.textlength(l, font=font) for ls in lines["y"] for l in ls), default=0)) if y else 0
     title = 2 * pad + line_h * max(len(ls) for ls in lines["z"]) if z else 0
-    plan = Layout(len(x.values), len(y.values) if y else 1, len(z.values) if z else 1, cell_w, cell_h, left, top,
-                  title, 2 * pad if z else 0)
-    return plan, font, lines
+    shape = Layout(len(x.values), len(y.values) if y else 1, len(z.values) if z else 1, cell_w, cell_h, left, top,
+                   title, 2 * pad if z else 0)
+    return shape, font, lines
 
 
 def draw(cells: list[Cell], axes: list[AxisValues]):
@@ -321,8 +321,8 @@ def draw(cells: list[Cell], axes: list[AxisValues]):
     images = {c.index: c.result.images[0] for c in cells}
     cell_w = max(im.width for im in images.values())
     cell_h = max(im.height for im in images.values())
-    plan, font, lines = layout(axes, cell_w, cell_h)
-    grid = Image.new("RGB", plan.size, "white")
+    shape, font, lines = layout(axes, cell_w, cell_h)
+    grid = Image.new("RGB", shape.size, "white")
     pen = ImageDraw.Draw(grid)
     line_h = int(sum(font.getmetrics()) * 1.1) + 1
 
@@ -334,18 +334,18 @@ def draw(cells: list[Cell], axes: list[AxisValues]):
             y += line_h
 
     for (ix, iy, iz), im in images.items():
-        ox, oy = plan.cell_origin(ix, iy, iz)
+        ox, oy = shape.cell_origin(ix, iy, iz)
         grid.paste(im.convert("RGB"), (ox + (cell_w - im.width) // 2, oy + (cell_h - im.height) // 2))
-    for iz in range(plan.grids):
-        x0, _ = plan.cell_origin(0, 0, iz)
+    for iz in range(shape.grids):
+        x0, _ = shape.cell_origin(0, 0, iz)
         for ix, ls in enumerate(lines["x"]):
-            text(ls, (x0 + ix * cell_w, plan.title, x0 + (ix + 1) * cell_w, plan.title + plan.top))
+            text(ls, (x0 + ix * cell_w, shape.title, x0 + (ix + 1) * cell_w, shape.title + shape.top))
         for iy, ls in enumerate(lines["y"]):
-            y0 = plan.title + plan.top + iy * cell_h
-            text(ls, (x0 - plan.left, y0, x0, y0 + cell_h))
+            y0 = shape.title + shape.top + iy * cell_h
+            text(ls, (x0 - shape.left, y0, x0, y0 + cell_h))
         if lines["z"]:
-            text(lines["z"][iz], (x0 - plan.left, 0, x0 + plan.cols * cell_w, plan.title))
-    return grid, plan
+            text(lines["z"][iz], (x0 - shape.left, 0, x0 + shape.cols * cell_w, shape.title))
+    return grid, shape
 
 
 def check_pixels(axes: list[AxisValues], cell_w: int, cell_h: int) -> None:

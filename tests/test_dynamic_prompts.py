@@ -84,7 +84,8 @@ def test_a_wildcard_without_a_folder_and_a_missing_folder_are_refused(no_model_l
 
 
 def test_literal_prompts_stay_as_written():
-    for prompt in ("a red circle", "(castle:1.2), [a:b:0.5], <lora:ink:0.8> BREAK x", "a red} circle"):
+    for prompt in ("a red circle", "(castle:1.2), [a:b:0.5], <lora:ink:0.8> BREAK x", "a red} circle",
+                   "price $5, snake_case", "C:\\path"):
         assert not dynamic_prompts.is_template(prompt)
     assert dynamic_prompts.is_template("a {red|blue}") and dynamic_prompts.is_template("__colors__")
 

@@ -89,6 +89,9 @@ def _check(args):
                            allow_pickle=args.allow_pickle)
     request.dynamic_prompts, request.wildcard_dir = dynamic_prompts_mode(args), args.wildcard_dir
     cells = grid.plan(request, axes)
+    sizes = [(c.job.request.width, c.job.request.height) for c in cells]
+    if all(w and h for w, h in sizes):  # else the model's size, known once it is loaded (checked then)
+        grid.check_pixels(axes, max(w for w, _ in sizes), max(h for _, h in sizes))
     check_writable_folder(args.out)
     return cells, axes
 

@@ -69,6 +69,7 @@ def test_grid_with_a_prompt_sr_and_a_dynamic_prompt(run_cli, tiny_sd, tmp_path):
     (["--x", "steps=1", "--batch", "2"], "one image per cell"),
     (["--x", "steps=1", "--combinatorial"], "Prompt S/R"),
     (["--x", "steps=1", "--out", "grid.png"], "folder"),
+    (["--x", "seed=1-30", "--y", "steps=1-30", "-W", 1024, "-H", 1024], "MP"),
 ])
 def test_bad_grids_fail_in_one_line_before_loading(no_model_load, run_cli, tiny_sd, tmp_path, args, words):
     code, _, stderr = run_cli("grid", "a red circle", "--model", tiny_sd, *args)
