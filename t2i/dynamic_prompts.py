@@ -28,6 +28,7 @@ class _MissingWildcard(Exception):
     pass
 
 
+@lru_cache(maxsize=1)
 def _library():
     """dynamicprompts' pieces, imported on first use (pyparsing builds its grammar then; `t2i --help` skips it)."""
     from dynamicprompts.commands import Command, LiteralCommand, SequenceCommand, WildcardCommand
@@ -70,6 +71,14 @@ def _quiet(fn, *args, **kwargs):
                              r"write a literal { or } as \{ or \}, or pass --no-dynamic-prompts") from None
 
 
+@lru_cache(maxsize=256)
+def _parse(text: str):
+    """A template's parsed commands (immutable), kept: a grid checks the same template once per cell."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _library()["parse"](text)
+
+
 def _missing(name: str) -> str:
     return f"no wildcard file for __{name}__; add {name}.txt (one value a line) to the --wildcard-dir folder"
 
@@ -96,10 +105,8 @@ def is_template(prompt: str) -> bool:
         return False  # no variant, wildcard or variable: as written ("price $5" too), without the grammar
     lib = _library()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            command = lib["parse"](prompt)
-    except Exception:
+        command = _parse(prompt)
+    except Exception:  # pyparsing's ParseException and the library's own errors
         return True
     literal = all(isinstance(c, (lib["Literal"], lib["Sequence"])) for c in _commands(command, lib["Command"]))
     return not literal or combinations(prompt, None, 2) != [prompt]
@@ -114,7 +121,7 @@ def check(prompt: str, wildcard_dir: str | Path | None = None) -> None:
     seen: set[str] = set()
 
     def walk(text: str) -> None:
-        for command in _commands(_quiet(lib["parse"], text), lib["Command"]):
+        for command in _commands(_quiet(_parse, text), lib["Command"]):
             if isinstance(command, lib["Wildcard"]) and isinstance(command.wildcard, str):
                 name = command.wildcard
                 if name in seen:
@@ -143,5 +150,11 @@ def combinations(prompt: str, wildcard_dir: str | Path | None = None, limit: int
 
 def resolve(prompt: str, seed: int, wildcard_dir: str | Path | None = None) -> str:
     """The template's random prompt for the image of this seed: the same seed gives the same prompt."""
-    generator = _library()["Random"](_wildcards(str(wildcard_dir) if wildcard_dir else None), seed=seed)
-    return _quiet(generator.generate, prompt, 1)[0]
+    return resolve_many(prompt, [seed], wildcard_dir)[0]
+
+
+def resolve_many(prompt: str, seeds: list[int], wildcard_dir: str | Path | None = None) -> list[str]:
+    """`resolve` for several seeds, parsing the template once (pyparsing is slow: tens of ms a parse); each
+    prompt is the one `resolve` gives its seed alone."""
+    generator = _library()["Random"](_wildcards(str(wildcard_dir) if wildcard_dir else None))
+    return _quiet(generator.generate, prompt, len(seeds), seeds=list(seeds))

@@ -253,7 +253,7 @@ def _call_template(pipe, job: Job, template: str, prompt: str, seed: int | None,
         groups = [(prompt, r.batch)]  # a combination, already resolved
     else:
         seed = random.randrange(2**32) if seed is None else seed  # the prompts need the seeds now
-        resolved = [dynamic_prompts.resolve(template, seed + j, r.wildcard_dir) for j in range(r.batch)]
+        resolved = dynamic_prompts.resolve_many(template, [seed + j for j in range(r.batch)], r.wildcard_dir)
         groups = [(text, len(list(same))) for text, same in itertools.groupby(resolved)]
     images, settings, first = [], [], 0
     for text, n in groups:

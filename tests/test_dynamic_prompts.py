@@ -28,6 +28,8 @@ def test_the_same_seed_gives_the_same_prompt_and_seeds_vary_it():
     template = "a {red|blue|green|yellow} {circle|square|star}"
     first = [dynamic_prompts.resolve(template, seed) for seed in range(20)]
     assert first == [dynamic_prompts.resolve(template, seed) for seed in range(20)]
+    assert first == dynamic_prompts.resolve_many(template, list(range(20)))  # a batch: each seed's own prompt
+    assert first[5:8] == dynamic_prompts.resolve_many(template, [5, 6, 7])
     assert len(set(first)) > 3
     assert all(p.startswith("a ") and "{" not in p for p in first)
 
