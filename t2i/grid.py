@@ -137,7 +137,7 @@ def _expand_range(text: str, kind: type) -> list | None:
     if count > MAX_CELLS:
         raise UsageError(f"{text.strip()!r} makes {count} values; a grid has at most {MAX_CELLS} cells")
     values = [start + i * step for i in range(count)]
-    return [int(round(v)) for v in values] if kind is int else [round(v, 10) for v in values]
+    return [round(v) for v in values] if kind is int else [round(v, 10) for v in values]
 
 
 def parse_axis(spec: str, flag: str = "--x") -> AxisValues:
@@ -371,11 +371,3 @@ def json_record(axes: list[AxisValues], cells: list[Cell]) -> dict:
     """The grid's own record in the t2i JSON chunk: its axes (resolved values) and each cell's file."""
     return {"axes": [{"axis": a.axis.name, "values": a.values} for a in axes],
             "cells": [{"index": list(c.index), "files": [str(p) for p in c.paths]} for c in cells]}
-
-
-def is_grid(parameters: str | None) -> bool:
-    """Whether an image's A1111 `parameters` are a grid's (the X/Y/Z plot's fields)."""
-    from t2i.metadata import parse_a1111
-
-    return bool(parameters) and parse_a1111(parameters).get("Script") == "X/Y/Z plot"
-

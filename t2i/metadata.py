@@ -143,3 +143,8 @@ def grid_png_info(settings: Settings, fields: dict[str, str], record: dict) -> P
     info.add_text(A1111_KEY, f"{a1111_parameters(settings)}, {extra}")
     info.add_text(JSON_KEY, json.dumps({**settings.to_dict(), "grid": record}, ensure_ascii=False, sort_keys=True))
     return info
+
+
+def is_grid(parameters: str | None) -> bool:
+    """Whether an image's A1111 `parameters` are a grid's (A1111's X/Y/Z plot fields, as `grid_png_info` writes)."""
+    return bool(parameters) and parse_a1111(parameters).get("Script") == "X/Y/Z plot"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from t2i import grid, metadata, speed
+from t2i import metadata, speed
 from t2i.errors import UsageError
 from t2i.images import as_mask, pixel_hash, read_input, to_rgb
 from t2i.output import plan_paths, save_images
@@ -73,7 +73,7 @@ def reproduce(image: str | Path, model: str | None = None, device: str | None = 
     (or `init`/`mask` when the files moved), which must have the recorded pixels.
     """
     parameters, settings = metadata.read(image)
-    if grid.is_grid(parameters):
+    if metadata.is_grid(parameters):
         raise UsageError(f"{image} is an X/Y/Z grid; reproduce one of its single images (t2i grid writes them "
                          "beside it, its t2i chunk lists them)")
     if settings is None:
