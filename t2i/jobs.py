@@ -116,31 +116,7 @@ def check(request: Request) -> Job:
     inputs = _image_inputs(r)
     loras = _loras(r)
     options = _speed_options(r, source)
-    return Job(r, loras, options, inputs, source, templates)
-
-
-def _dynamic_prompts(r: Request) -> tuple[Request, list[str]]:
-    """Each prompt that is a dynamic-prompt template checked (grammar, wildcard files); with "combinatorial" the
-    request's prompts replaced by every combination (a copy of the request). Returns (request, templates)."""
-    if r.dynamic_prompts not in dynamic_prompts.MODES:
-        raise UsageError(f"unknown dynamic prompts mode {r.dynamic_prompts!r}; use one of: "
-                         f"{', '.join(dynamic_prompts.MODES)}")
-    if r.dynamic_prompts == "off":
-        return r, []
-    templates = ["" if not dynamic_prompts.is_template(p) else p for p in r.prompts]
-    for t in dict.fromkeys(filter(None, templates)):
-        dynamic_prompts.check(t, r.wildcard_dir)
-    if r.dynamic_prompts == "random" or not any(templates):
-        return r, templates
-    prompts, expanded = [], []
-    for p, t in zip(r.prompts, templates):
-        combos = dynamic_prompts.combinations(t, r.wildcard_dir) if t else [p]
-        prompts += combos
-        expanded += [t] * len(combos)
-        if len(prompts) > dynamic_prompts.MAX_COMBINATIONS:
-            raise UsageError(f"the prompts make more than {dynamic_prompts.MAX_COMBINATIONS} combinations; use "
-                             "fewer variants, or leave out --combinatorial (one random combination per image)")
-    return dataclasses.replace(r, prompts=prompts), expanded
+    return Job(r, loras, options, inputs, source, templates=templates)
 
 
 def _image_inputs(r: Request) -> dict:
@@ -187,6 +163,30 @@ def _speed_options(r: Request, source: models.ModelSource) -> speed.SpeedOptions
     if options.tiny_vae is not None:  # the small decoder exists
         tiny_vae.tiny_vae_folder(options.tiny_vae, Path(source.location) if source.kind != "hub" else None)
     return options
+
+
+def _dynamic_prompts(r: Request) -> tuple[Request, list[str]]:
+    """Each prompt that is a dynamic-prompt template checked (grammar, wildcard files); with "combinatorial" the
+    request's prompts replaced by every combination (a copy of the request). Returns (request, templates)."""
+    if r.dynamic_prompts not in dynamic_prompts.MODES:
+        raise UsageError(f"unknown dynamic prompts mode {r.dynamic_prompts!r}; use one of: "
+                         f"{', '.join(dynamic_prompts.MODES)}")
+    if r.dynamic_prompts == "off":
+        return r, []
+    templates = ["" if not dynamic_prompts.is_template(p) else p for p in r.prompts]
+    for t in dict.fromkeys(filter(None, templates)):
+        dynamic_prompts.check(t, r.wildcard_dir)
+    if r.dynamic_prompts == "random" or not any(templates):
+        return r, templates
+    prompts, expanded = [], []
+    for p, t in zip(r.prompts, templates):
+        combos = dynamic_prompts.combinations(t, r.wildcard_dir) if t else [p]
+        prompts += combos
+        expanded += [t] * len(combos)
+        if len(prompts) > dynamic_prompts.MAX_COMBINATIONS:
+            raise UsageError(f"the prompts make more than {dynamic_prompts.MAX_COMBINATIONS} combinations; use "
+                             "fewer variants, or leave out --combinatorial (one random combination per image)")
+    return dataclasses.replace(r, prompts=prompts), expanded
 
 
 def load(job: Job):
