@@ -201,6 +201,11 @@ def plan(base, axes: list[AxisValues]) -> list[Cell]:
         count *= n
     if count > MAX_CELLS:
         raise UsageError(f"the grid has {' x '.join(map(str, sizes))} = {count} cells; at most {MAX_CELLS}")
+    if len(base.prompts) != 1 or base.batch != 1 or base.iterations != 1:
+        raise UsageError("a grid makes one image per cell: give one prompt, batch 1, one iteration")
+    if base.dynamic_prompts == "combinatorial":
+        raise UsageError("a grid makes one image per cell; instead of --combinatorial, give the variants as a "
+                         "Prompt S/R axis (--x \"prompt-sr=red,blue\")")
     if base.seed == -1:
         base = dataclasses.replace(base, seed=random.randrange(2**32))
     for a in axes:
@@ -234,7 +239,7 @@ def run_cell(pipe, cell: Cell, progress=None):
     from t2i import jobs  # deferred: torch; --help must not import it
 
     pipe = jobs.prepare(pipe, cell.job)
-    cell.result = next(iter(jobs.run(pipe, cell.job, progress=progress)))
+    (cell.result,) = jobs.run(pipe, cell.job, progress=progress)  # `plan` made it one call
     return cell.result
 
 

@@ -68,9 +68,6 @@ def _check(args):
         raise UsageError("a grid writes several images; give a folder as --out")
     if args.batch != 1:
         raise UsageError("a grid makes one image per cell; leave out --batch (a seed axis makes several seeds)")
-    if args.combinatorial:
-        raise UsageError("a grid makes one image per cell; instead of --combinatorial, give the variants as a "
-                         "Prompt S/R axis (--x \"prompt-sr=red,blue\")")
     axes = [grid.parse_axis(spec, flag) for flag, spec in (("--x", args.x), ("--y", args.y), ("--z", args.z))
             if spec is not None]
     if args.z is not None and args.y is None:
