@@ -123,3 +123,16 @@ def test_a1111_grid_fields():
     fields = grid.a1111_fields(axes)
     assert fields == {"Script": "X/Y/Z plot", "X Type": "Steps", "X Values": "10-30 (+10)", "Y Type": "Seed",
                       "Y Values": "1,2", "Fixed Y Values": "1, 2"}
+
+
+def test_the_grid_bar_knows_its_whole_total_and_takes_each_calls_real_steps(capsys):
+    from t2i.progress import PlannedBar
+
+    bar = PlannedBar("grid", [2, 2, 2])  # three cells of 2 steps each, expected
+    bar.total = bar.total + 2  # the first call reports its steps, as a pipeline does at its first step
+    assert bar.total == 6  # the whole grid from the start, not 2
+    bar.total = bar.total + 4  # a second-order sampler ran 4 steps for its 2
+    assert bar.total == 8
+    bar.total = bar.total + 2
+    assert bar.total == 8
+    bar.close()
