@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 from PIL import Image
 
-from t2i import guards, metadata, models, speed
+from t2i import guards, metadata, models, samplers, speed
 from t2i.errors import UsageError
 from t2i.images import as_mask, check_mask, read_input
 from t2i.lora import LoraSet, parse_lora_arg
@@ -66,6 +66,9 @@ class Request:
     device: str = "auto"
     dtype: str = "auto"
     allow_pickle: bool = False
+    # A1111's schedule type beside the sampler (t2i.samplers.SCHEDULES key or label); None: automatic, the
+    # sampler's own in A1111 1.9+ (Karras for DPM++ 2M)
+    scheduler: str | None = None
 
 
 @dataclass
@@ -92,6 +95,7 @@ def check(request: Request) -> Job:
     if not r.prompts or not all(isinstance(p, str) for p in r.prompts):
         raise UsageError("give at least one prompt (a string)")
     guards.check_sampling(r.steps, r.guidance, r.autoguidance, r.sampler)
+    _check_schedule(r)
     guards.check_batch(r.batch)
     if r.iterations < 1:
         raise UsageError(f"iterations must be 1 or more, got {r.iterations}")
@@ -106,6 +110,17 @@ def check(request: Request) -> Job:
     loras = _loras(r)
     options = _speed_options(r, source)
     return Job(r, loras, options, inputs, source)
+
+
+def _check_schedule(r: Request) -> None:
+    """The schedule is one t2i runs, and runs with the sampler (the model's default sampler, when none is
+    named, is checked once it is known)."""
+    if r.scheduler is None:
+        return
+    if r.sampler:
+        samplers.resolve(r.sampler, r.scheduler)
+    else:
+        samplers.get_schedule(r.scheduler)
 
 
 def _image_inputs(r: Request) -> dict:
@@ -204,6 +219,7 @@ def call(pipe, job: Job, prompt: str, seed: int | None, progress=None):
     r = job.request
     return pipe(prompt, **job.inputs, negative_prompt=r.negative_prompt, steps=r.steps, guidance=r.guidance,
                 sampler=r.sampler, seed=seed, width=r.width, height=r.height, batch=r.batch, loras=job.loras,
+                scheduler=r.scheduler,
                 progress=progress)
 
 

@@ -48,6 +48,9 @@ class Settings:
     batch_size: int = 1  # images made in the same call: reproduce replays the whole call
     batch_index: int = 0  # position in that call (the seed is already per image)
     versions: dict[str, str] = field(default_factory=dict)
+    # The schedule the sampler ran on (t2i.samplers.SCHEDULES key, never "automatic" unless the sampler takes
+    # none); "": an image made before t2i had schedules, whose sampler name says it ("dpm++2m-karras").
+    scheduler: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -72,7 +72,8 @@ def _check(args):
     if args.task == "inpaint":
         image |= {"mask": args.mask, "mask_blur": args.mask_blur, "invert_mask": args.invert_mask}
     request = jobs.Request(prompts, task=args.task, negative_prompt=args.negative_prompt, steps=args.steps,
-                           guidance=args.guidance, sampler=args.sampler, seed=args.seed, width=args.width,
+                           guidance=args.guidance, sampler=args.sampler, scheduler=args.scheduler, seed=args.seed,
+                           width=args.width,
                            height=args.height, batch=args.batch, loras=args.lora, lora_dir=args.lora_dir,
                            autoguidance=args.autoguidance, speed=args.speed, model=args.model,
                            model_config=args.model_config, device=args.device, dtype=args.dtype,
