@@ -180,9 +180,10 @@ def a1111_sampler(sampler: str | None, schedule: str | None) -> tuple[str, str]:
         samplers.get_sampler(sampler or "")  # raises the one-line error
     if found[1] is not None or not schedule:
         return samplers.resolve(sampler, None)
-    key = samplers._skey(schedule)
-    if key not in samplers.SCHEDULE_ALIASES and key not in samplers._REFUSED_ALIASES:
-        schedule = None  # A1111 reads a Schedule type it does not know as Automatic
+    exact = {*samplers.SCHEDULES, *(s.label for s in samplers.SCHEDULES.values() if s.a1111),
+             *samplers.UNSUPPORTED_SCHEDULES, *samplers.UNSUPPORTED_SCHEDULES.values()}
+    if schedule not in exact:
+        schedule = None  # A1111 reads a Schedule type other than a key or label, exactly, as Automatic
     return samplers.resolve(sampler, schedule)
 
 
