@@ -69,10 +69,13 @@ def read(path: str | Path) -> Found | None:
     if not path.is_file():
         raise UsageError(f"image {path} does not exist")
     try:
-        with Image.open(path) as im:
-            im.load()
-            text = {k: v for k, v in {**(getattr(im, "text", None) or {}), **im.info}.items() if isinstance(v, str)}
-            comment = _exif_comment(im, path) if im.format in ("JPEG", "WEBP", "TIFF") else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL warns of a corrupt EXIF block, then reads what it can
+            with Image.open(path) as im:
+                im.load()
+                text = {k: v for k, v in {**(getattr(im, "text", None) or {}), **im.info}.items()
+                        if isinstance(v, str)}
+                comment = _exif_comment(im, path) if im.format in ("JPEG", "WEBP", "TIFF") else None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UsageError(f"{path} is not a readable image ({e.__class__.__name__})") from None
     parameters, settings = metadata.read(path) if metadata.JSON_KEY in text else (text.get(metadata.A1111_KEY), None)
