@@ -214,6 +214,8 @@ class BasePipeline:
         negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
         # the sampler and schedule that run, split and resolved ("automatic" -> A1111's choice): what is recorded
         schedule = extra.pop("scheduler", None)
+        if not sampler and schedule not in (None, "", "automatic"):
+            sampler = get_sampler(d.sampler).name  # the model's default sampler, on the schedule asked for
         sampler, schedule = resolve(sampler or d.sampler, schedule, self._scheduler_config)
         guards.check_steps(steps)
         guards.check_guidance(guidance)
