@@ -306,7 +306,7 @@ def request_from_image(path: str | Path, **overrides):
     found = read(path)
     if found is None:
         raise UsageError(f"{path} carries no generation metadata to make the image from")
-    p, notes = found.params, [f"{path}: {x} is not honoured" for x in found.params.unhonoured]
+    p, notes = found.params, [f"{path}: not honoured: {x}" for x in found.params.unhonoured]
     given = {k: v for k, v in overrides.items() if v is not None}
     fields = {"prompts": [p.prompt], "negative_prompt": p.negative_prompt, "steps": p.steps,
               "guidance": p.guidance, "seed": p.seed if p.seed is not None else -1, "width": p.width,
@@ -317,7 +317,7 @@ def request_from_image(path: str | Path, **overrides):
             fields["sampler"], fields["scheduler"] = read_names(p.sampler, p.schedule)
         except UsageError as e:
             where = f"sampler {p.sampler}" + (f", schedule {p.schedule}" if p.schedule else "")
-            notes.append(f"{path}: {where} is not honoured ({str(e).split(';')[0]}); the model's default runs")
+            notes.append(f"{path}: not honoured: {where} ({str(e).split(';')[0]}); the model's default runs")
     if found.source == "t2i" and found.settings is not None:
         s = found.settings
         fields["loras"] = list(s.loras)

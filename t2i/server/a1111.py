@@ -226,12 +226,15 @@ def resolve_sampler(name: str | None, scheduler: str | None) -> tuple[str | None
     Names are case-free; a scheduler may be a key ("sgm_uniform") or a label ("SGM Uniform"). "Automatic" (or
     none) is the sampler's own schedule in A1111 1.9+ (Karras for DPM++ 2M); the one that ran is in the infotext.
     Without a sampler_name, the model's default sampler runs with the scheduler (checked once it is known)."""
+    field = "sampler_name"
     try:
-        if name is None or name == "":
+        if name:
+            core.get_sampler(name)  # an unknown sampler is the sampler's fault; the rest, the scheduler's
+        field = "scheduler"
+        if not name:
             return None, None if scheduler is None else core.get_schedule(scheduler).name
         return core.resolve(name, scheduler)
     except core.UsageError as e:
-        field = "sampler_name" if "sampler" in str(e).split(";")[0] else "scheduler"
         raise _field_error(field, f"{e}; GET /sdapi/v1/samplers and /schedulers list them") from None
 
 
@@ -649,8 +652,9 @@ async def refresh_checkpoints(request: Request):
 @router.get("/samplers")
 async def samplers():
     """A1111 1.9+'s list: each sampler once, its automatic schedule in options (old combined names still work)."""
-    return [{"name": s.a1111, "aliases": [s.name], "options": {} if s.automatic in ("automatic", "uniform")
-             else {"scheduler": s.automatic}} for s in core.SAMPLERS.values()]
+    old = {name: [n for n, (base, _) in core.COMBINED.items() if base == name] for name in core.SAMPLERS}
+    return [{"name": s.a1111, "aliases": [s.name, *old[s.name]], "options": {} if s.automatic in ("automatic",
+             "uniform") else {"scheduler": s.automatic}} for s in core.SAMPLERS.values()]
 
 
 @router.get("/schedulers")

@@ -24,14 +24,14 @@ from t2i.models import tiny_vae
 from t2i.errors import ModelLoadError, T2IError, UnsafeFileError, UsageError
 from t2i.images import as_mask, check_mask, to_rgb
 from t2i.output import save_images
-from t2i.samplers import SAMPLERS, SCHEDULES, a1111_names, get_sampler, get_schedule, resolve
+from t2i.samplers import COMBINED, SAMPLERS, SCHEDULES, a1111_names, get_sampler, get_schedule, resolve
 from t2i.settings import Settings
 
 __all__ = ["Engine", "GenRequest", "Interrupted", "Skipped", "T2IError", "UsageError", "ModelLoadError",
            "UnsafeFileError",
            "check_mask", "decode_image", "read_png_text", "SAMPLERS", "get_sampler", "metadata", "prompts",
            "models", "Settings",
-           "SCHEDULES", "get_schedule", "resolve", "a1111_names"]
+           "COMBINED", "SCHEDULES", "get_schedule", "resolve", "a1111_names"]
 
 # One model load at a time in a process: diffusers builds modules on the meta device through accelerate's
 # init_empty_weights, which patches torch.nn.Module for the whole process while it runs; two workers loading

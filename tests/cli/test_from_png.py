@@ -50,7 +50,7 @@ def test_a1111_png_settings_run_with_notes_for_the_rest(run_cli, a1111_png, ink_
     assert (s.steps, s.sampler, s.scheduler, s.guidance, s.seed, s.width, s.height) == (
         2, "dpm++2m", "exponential", 5.5, 77, 32, 40)
     notes = [line for line in err.splitlines() if line.startswith("note: ")]
-    assert any("Clip skip: 2 is not honoured" in n for n in notes)
+    assert any("not honoured: Clip skip: 2" in n for n in notes)
     assert any("Hires upscale: 2" in n and "no hires fix" in n for n in notes)
     assert any("anything-v5 [0123456789]" in n and "tiny-sd" in n for n in notes)  # another model
     assert all(len(n) < 300 for n in notes) and len(err.splitlines()) == len(notes)
@@ -109,7 +109,7 @@ def test_an_a1111_jpeg_and_an_unknown_sampler(run_cli, tiny_sd, tmp_path):
     out = tmp_path / "out.png"
     code, _, err = run_cli("generate", "--from-png", src, "--model", tiny_sd, "--out", out, "-q")
     assert code == 0, err
-    assert "note: " in err and "DPM++ 3M SDE is not honoured" in err and "default runs" in err
+    assert "note: " in err and "not honoured: sampler DPM++ 3M SDE" in err and "default runs" in err
     assert (_made(out).prompt, _made(out).seed, _made(out).sampler) == ("a purple heart", 3, "dpm++2m")
 
 
