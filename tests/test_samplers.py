@@ -17,7 +17,7 @@ import pytest
 from helpers import pixels
 from t2i import infotext, metadata
 from t2i.errors import UsageError
-from t2i.samplers import SAMPLERS, SCHEDULES, a1111_names, get_schedule, make_scheduler, resolve
+from t2i.samplers import SAMPLERS, SCHEDULES, get_schedule, make_scheduler, resolve
 from t2i.settings import Settings
 
 
@@ -245,3 +245,28 @@ def test_old_names_make_the_same_pixels_as_the_split_ones(sd_pipe, monkeypatch):
     legacy = sd_pipe("a", steps=3, seed=1, sampler="euler", scheduler="", progress=False)
     assert legacy.settings[0].scheduler == "leading"
     assert np.array_equal(pixels(legacy.images[0]), run(sampler="euler", scheduler="leading"))
+
+
+@pytest.mark.parametrize("old_sampler,runs_as", [("dpm++2m-karras", ["--sampler", "DPM++ 2M", "--scheduler", "karras"]),
+                                                 ("euler", ["--sampler", "euler", "--scheduler", "uniform"])])
+def test_pngs_from_before_schedules_reproduce_bit_for_bit(run_cli, tiny_sd, tmp_path, old_sampler, runs_as):
+    """A PNG whose t2i JSON has no `scheduler` and an old sampler name (as t2i wrote them) replays exactly."""
+    from PIL import Image
+
+    made = tmp_path / "made.png"
+    code, _, err = run_cli("generate", "a blue star", "--model", tiny_sd, "--steps", 3, "--seed", 4, *runs_as,
+                           "--out", made, "-q")
+    assert code == 0, err
+    _, settings = metadata.read(made)
+    old = {k: v for k, v in settings.to_dict().items() if k != "scheduler"} | {"sampler": old_sampler}
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", "a blue star\nSteps: 3, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 4, Size: 32x32")
+    info.add_text("t2i", json.dumps(old))
+    legacy = tmp_path / "legacy.png"
+    with Image.open(made) as im:
+        im.save(legacy, pnginfo=info)
+    assert metadata.read(legacy)[1].scheduler == ""
+    code, stdout, err = run_cli("reproduce", legacy, "-q")
+    assert code == 0 and "bit for bit" in stdout, (stdout, err)

@@ -42,7 +42,7 @@ def _made(path):
 
 def test_a1111_png_settings_run_with_notes_for_the_rest(run_cli, a1111_png, ink_dir, tiny_sd, tmp_path):
     out = tmp_path / "out.png"
-    code, stdout, err = run_cli("generate", "--from-png", a1111_png, "--model", tiny_sd, "--lora-dir", ink_dir,
+    code, _, err = run_cli("generate", "--from-png", a1111_png, "--model", tiny_sd, "--lora-dir", ink_dir,
                                 "--out", out, "-q")
     assert code == 0, err
     s = _made(out)
