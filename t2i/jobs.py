@@ -115,11 +115,9 @@ def check(request: Request) -> Job:
 def _check_schedule(r: Request) -> None:
     """The schedule is one t2i runs, and runs with the sampler (the model's default sampler, when none is
     named, is checked once it is known)."""
-    if r.scheduler is None:
-        return
     if r.sampler:
-        samplers.resolve(r.sampler, r.scheduler)
-    else:
+        samplers.resolve(r.sampler, r.scheduler)  # also a schedule in the sampler's name ("Euler Simple")
+    elif r.scheduler:
         samplers.get_schedule(r.scheduler)
 
 
