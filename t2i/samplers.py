@@ -45,8 +45,9 @@ SCHEDULES: dict[str, Schedule] = {
         Schedule("normal", "Normal", {"timestep_spacing": "linspace"}),  # A1111's "Normal" is Uniform's formula
         Schedule("beta", "Beta", {"use_beta_sigmas": True}),  # alpha = beta = 0.6, A1111's defaults
         # diffusers' "leading" spacing (SD 1.x/2.x configs): only for replaying images t2i made before it had
-        # schedules with a plain sampler name on such a model. A1111 has no such schedule.
-        Schedule("leading", "Leading", {"timestep_spacing": "leading"}, a1111=False),
+        # schedules with a plain sampler name on such a model; not offered. Written as A1111's DDIM schedule,
+        # the closest it has (the same timesteps on a steps_offset=1 config when the steps divide 1000).
+        Schedule("leading", "DDIM", {"timestep_spacing": "leading"}, a1111=False),
     ]
 }
 # A1111 schedules diffusers cannot make exactly: refused by name rather than approximated.
@@ -126,7 +127,8 @@ ALIASES |= {_key(s.name): s.name for s in SAMPLERS.values()}
 ALIASES |= {"eulera": "euler-a", "euler-ancestral": "euler-a", "plms": "pndm", "dpmpp-2m": "dpm++2m",
             "dpmpp-sde": "dpm++sde", "dpmpp-2m-sde": "dpm++2m-sde", "uni-pc": "unipc", "dpm2a": "dpm2-a"}
 # Schedules by key or label, case, spaces and underscores ignored ("SGM Uniform" = "sgm_uniform" = "sgmuniform").
-SCHEDULE_ALIASES: dict[str, str] = {_skey(k): k for k in SCHEDULES} | {_skey(s.label): k for k, s in SCHEDULES.items()}
+SCHEDULE_ALIASES: dict[str, str] = {_skey(k): k for k in SCHEDULES} | {_skey(s.label): k for k, s in SCHEDULES.items()
+                                                                      if s.a1111}
 SCHEDULE_ALIASES |= {"sgmuniform": "sgm_uniform"}  # A1111's alias "SGMUniform"
 _REFUSED_ALIASES = {_skey(k): k for k in UNSUPPORTED_SCHEDULES} | {_skey(v): k for k, v in UNSUPPORTED_SCHEDULES.items()}
 
@@ -156,7 +158,7 @@ def _split(name: str) -> tuple[str, str | None] | None:
         return ALIASES[key], None
     if key in COMBINED:
         return COMBINED[key]
-    labels = {k: s.label for k, s in SCHEDULES.items()} | UNSUPPORTED_SCHEDULES
+    labels = {k: s.label if s.a1111 else k for k, s in SCHEDULES.items()} | UNSUPPORTED_SCHEDULES
     for schedule, label in labels.items():
         for form in {_skey(schedule), _key(schedule), _skey(label), _key(label)}:
             head = key[: -len(form)].rstrip("-") if key.endswith(form) else ""

@@ -188,6 +188,11 @@ def test_records_from_before_schedules_resolve_to_what_they_ran():
     assert Settings.from_dict({"prompt": "x", "sampler": "dpm++2m-karras"}).scheduler == ""
     old = metadata.a1111_parameters(Settings(prompt="x", sampler="dpm++2m-karras"))
     assert "Sampler: DPM++ 2M, Schedule type: Karras," in old
+    # a plain DPM++ 2M on a "leading" config: A1111's closest schedule (DDIM), never its automatic Karras
+    leading = metadata.a1111_parameters(Settings(prompt="x", sampler="dpm++2m", scheduler="leading"))
+    assert A1111.runs(leading) == ("DPM++ 2M", "ddim")
+    with pytest.raises(UsageError, match="DDIM schedule has no exact"):
+        resolve("euler", "DDIM")  # not offered: exact only for some step counts
 
 
 def test_each_schedule_sets_its_one_switch_and_no_other():
