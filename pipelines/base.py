@@ -30,7 +30,7 @@ from t2i.lora.apply import LoraSet
 from t2i.output import save_images
 from t2i.pipelines.unet_calls import autoguided_unet, per_image_unet
 from t2i.progress import StepBar
-from t2i.samplers import DEFAULT_SAMPLER, get_sampler, make_scheduler
+from t2i.samplers import DEFAULT_SAMPLER, get_sampler, make_scheduler, resolve
 from t2i.settings import LoraSpec, Settings
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,11 @@ class BasePipeline:
         width = d.width if width is None else int(width)
         height = d.height if height is None else int(height)
         negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
-        sampler = get_sampler(sampler or d.sampler).name
+        # the sampler and schedule that run, split and resolved ("automatic" -> A1111's choice): what is recorded
+        schedule = extra.pop("scheduler", None)
+        if not sampler and schedule not in (None, "", "automatic"):
+            sampler = get_sampler(d.sampler).name  # the model's default sampler, on the schedule asked for
+        sampler, schedule = resolve(sampler or d.sampler, schedule, self._scheduler_config)
         guards.check_steps(steps)
         guards.check_guidance(guidance)
         guards.check_size(width, height, self.vae_scale_factor)
@@ -232,7 +236,8 @@ class BasePipeline:
             prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, guidance=guidance,
             seed=seed, width=width, height=height, model=self.model.source.asked, model_name=self.model.source.name,
             model_hash=self.model.hash, model_config=self.model.model_config, arch=self.model.arch, loras=specs, device=str(self.device),
-            dtype=dtype_name(self.dtype), pipeline=self.task, speed=self.speed_names(), versions=versions(), **extra,
+            dtype=dtype_name(self.dtype), pipeline=self.task, speed=self.speed_names(), versions=versions(),
+            scheduler=schedule, **extra,
         )
         return [replace(base, seed=seed + i, batch_index=i, batch_size=batch) for i in range(batch)]
 
@@ -308,7 +313,8 @@ class BasePipeline:
         try:
             for group in groups:
                 n = len(group)
-                self.pipe.scheduler = make_scheduler(group[0].sampler, self._scheduler_config, seed=group[0].seed)
+                self.pipe.scheduler = make_scheduler(group[0].sampler, self._scheduler_config, seed=group[0].seed,
+                                                     schedule=group[0].scheduler)
                 batched = {k: v.expand(n, *v.shape[1:]) for k, v in embeds.items()}
                 with (per_image_unet(self.pipe.unet, n) if self.exact_batch else contextlib.nullcontext(),
                       autoguided_unet(self.pipe.unet, self.guide, s0, n, self.exact_batch)

@@ -29,6 +29,7 @@ class Text2Image(BasePipeline):
         steps: int | None = None,
         guidance: float | None = None,
         sampler: str | None = None,
+        scheduler: str | None = None,  # A1111's schedule type (t2i.samplers.SCHEDULES); None: automatic
         seed: int | None = None,
         width: int | None = None,
         height: int | None = None,
@@ -38,7 +39,7 @@ class Text2Image(BasePipeline):
     ) -> Result:
         """Generate `batch` images; image i uses seed + i. Defaults come from the model."""
         settings = self._settings(prompt, negative_prompt, steps, guidance, sampler, seed, width, height, batch,
-                                  list(loras))
+                                  list(loras), scheduler=scheduler)
         return self._generate(settings, progress, self._inputs)
 
     def _inputs(self, group) -> dict:

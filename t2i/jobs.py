@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 from PIL import Image
 
-from t2i import dynamic_prompts, guards, metadata, models, speed
+from t2i import dynamic_prompts, guards, metadata, models, samplers, speed
 from t2i.errors import UsageError
 from t2i.images import as_mask, check_mask, read_input
 from t2i.lora import LoraSet, parse_lora_arg
@@ -73,6 +73,9 @@ class Request:
     # combination of each prompt (each one a prompt of its own, starting at the seed)
     dynamic_prompts: str = "off"
     wildcard_dir: str | Path | None = None  # where __NAME__ finds NAME.txt
+    # A1111's schedule type beside the sampler (t2i.samplers.SCHEDULES key or label); None: automatic, the
+    # sampler's own in A1111 1.9+ (Karras for DPM++ 2M)
+    scheduler: str | None = None
 
 
 @dataclass
@@ -102,6 +105,7 @@ def check(request: Request) -> Job:
     if not r.prompts or not all(isinstance(p, str) for p in r.prompts):
         raise UsageError("give at least one prompt (a string)")
     guards.check_sampling(r.steps, r.guidance, r.autoguidance, r.sampler)
+    _check_schedule(r)
     guards.check_batch(r.batch)
     if r.iterations < 1:
         raise UsageError(f"iterations must be 1 or more, got {r.iterations}")
@@ -117,6 +121,15 @@ def check(request: Request) -> Job:
     loras = _loras(r)
     options = _speed_options(r, source)
     return Job(r, loras, options, inputs, source, templates=templates)
+
+
+def _check_schedule(r: Request) -> None:
+    """The schedule is one t2i runs, and runs with the sampler (the model's default sampler, when none is
+    named, is checked once it is known)."""
+    if r.sampler:
+        samplers.resolve(r.sampler, r.scheduler)  # also a schedule in the sampler's name ("Euler Simple")
+    elif r.scheduler:
+        samplers.get_schedule(r.scheduler)
 
 
 def _image_inputs(r: Request) -> dict:
@@ -242,6 +255,7 @@ def call(pipe, job: Job, prompt: str, seed: int | None, progress=None, template:
         return _call_template(pipe, job, template, prompt, seed, progress)
     return pipe(prompt, **job.inputs, negative_prompt=r.negative_prompt, steps=r.steps, guidance=r.guidance,
                 sampler=r.sampler, seed=seed, width=r.width, height=r.height, batch=r.batch, loras=job.loras,
+                scheduler=r.scheduler,
                 progress=progress)
 
 

@@ -5,7 +5,10 @@ A1111, ComfyUI's loaders, Civitai and most image browsers read the
 
     <prompt>
     Negative prompt: <negative prompt>
-    Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: ..., Model: ...
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: ...
+
+(sampler and schedule apart, as A1111 1.9+ writes them: the schedule that ran, never left to
+A1111's "automatic", which reads a missing Schedule type as the sampler's own).
 
 The `t2i` chunk holds `Settings` as JSON (with library versions), which is
 what `t2i reproduce` replays.
@@ -21,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from t2i.errors import UsageError
-from t2i.samplers import SAMPLERS
+from t2i.samplers import a1111_names
 from t2i.settings import Settings
 
 JSON_KEY = "t2i"
@@ -48,10 +51,11 @@ def a1111_parameters(s: Settings) -> str:
     lines = [prompt]
     if s.negative_prompt:
         lines.append(f"Negative prompt: {s.negative_prompt}")
-    sampler = SAMPLERS[s.sampler].a1111 if s.sampler in SAMPLERS else s.sampler
+    sampler, schedule = a1111_names(s.sampler, s.scheduler)
     fields: list[tuple[str, str]] = [
         ("Steps", str(s.steps)),
         ("Sampler", sampler),
+        *([("Schedule type", schedule)] if schedule else []),
         ("CFG scale", _fmt_number(s.guidance)),
         ("Seed", str(s.seed)),
         ("Size", f"{s.width}x{s.height}"),

@@ -116,6 +116,7 @@ def reproduce(image: str | Path, model: str | None = None, device: str | None = 
         with speed.apply(pipe, options) if options else contextlib.nullcontext():
             result = pipe(settings.prompt, **inputs, negative_prompt=settings.negative_prompt, steps=settings.steps,
                           guidance=settings.guidance, sampler=settings.sampler, seed=settings.seed - index,
+                          scheduler=settings.scheduler,
                           width=settings.width, height=settings.height, batch=batch, loras=settings.loras,
                           progress=bar)
     finally:

@@ -51,6 +51,9 @@ class Settings:
     # dynamic prompts: the template `prompt` was resolved from ("" when the prompt was written out); the JSON
     # chunk only: A1111's `parameters` holds the resolved prompt, which is what `reproduce` replays
     prompt_template: str = ""
+    # The schedule the sampler ran on (t2i.samplers.SCHEDULES key, never "automatic" unless the sampler takes
+    # none); "": an image made before t2i had schedules, whose sampler name says it ("dpm++2m-karras").
+    scheduler: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -76,7 +76,12 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
                    help="autoguidance scale in the late steps, steering away from the model's weaker guide/ UNet "
                         "in place of classifier-free guidance (default: the model's; 0 turns it off, as does a LoRA "
                         "at a non-zero scale)")
-    g.add_argument("--sampler", "-s", help="sampler name or A1111 name, e.g. euler-a, \"DPM++ 2M Karras\" (see t2i samplers)")
+    g.add_argument("--sampler", "-s", help="sampler name or A1111 name, e.g. euler-a, \"DPM++ 2M\" (see t2i samplers); "
+                                          "old combined names (dpm++2m-karras, \"DPM++ 2M Karras\") still work")
+    g.add_argument("--scheduler", "--schedule-type", metavar="NAME",
+                   help="the schedule beside the sampler, as A1111 1.9+: automatic (the sampler's own: Karras for "
+                        "DPM++ 2M, Uniform for Euler), uniform, karras, exponential, sgm_uniform, normal, beta "
+                        "(default: automatic; the one that ran is recorded)")
     g.add_argument("--seed", type=positive_int, default=-1, help="seed of the first image; image i uses seed+i (default: random)")
     g.add_argument("--width", "-W", type=positive_int, help="multiple of 8 (default: the model's native size)")
     g.add_argument("--height", "-H", type=positive_int, help="multiple of 8 (default: the model's native size)")

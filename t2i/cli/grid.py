@@ -16,8 +16,8 @@ from t2i.cli.common import (
 from t2i.cli.startup import no_collections
 from t2i.errors import UsageError
 
-EPILOG = """axes (t2i name or A1111's): seed, steps, cfg ("CFG Scale"), sampler, width, height, autoguidance,
-negative-prompt, prompt-sr ("Prompt S/R": the first value is replaced by each value, in the prompt and the
+EPILOG = """axes (t2i name or A1111's): seed, steps, cfg ("CFG Scale"), sampler, scheduler ("Schedule type"),
+width, height, autoguidance, negative-prompt, prompt-sr ("Prompt S/R": the first value is replaced by each value, in the prompt and the
 negative prompt), lora-scale (the scale of every --lora).
 values: comma-separated ("Euler a, DPM++ 2M"; quote one that holds a comma); numbers also as ranges:
 1-5, 10-30 (+10), 30-10 (-10), 1-9 [5] (five evenly spaced).
@@ -79,8 +79,8 @@ def _check(args):
     if "lora-scale" in names and not args.lora:
         raise UsageError("the lora-scale axis sets the scale of each --lora; give one with --lora FILE")
     request = jobs.Request([args.prompt], negative_prompt=args.negative_prompt, steps=args.steps,
-                           guidance=args.guidance, sampler=args.sampler, seed=args.seed, width=args.width,
-                           height=args.height, loras=args.lora, lora_dir=args.lora_dir,
+                           guidance=args.guidance, sampler=args.sampler, scheduler=args.scheduler, seed=args.seed,
+                           width=args.width, height=args.height, loras=args.lora, lora_dir=args.lora_dir,
                            autoguidance=args.autoguidance, speed=args.speed, model=args.model,
                            model_config=args.model_config, device=args.device, dtype=args.dtype,
                            allow_pickle=args.allow_pickle)

@@ -49,7 +49,8 @@ class _Request(BaseModel):
     seed_resize_from_h: int = -1
     seed_resize_from_w: int = -1
     sampler_name: str | None = Field(None, description="A1111 or t2i sampler name (GET /samplers); default: the model's")
-    scheduler: str | None = Field(None, description="Automatic (as the sampler is) or Karras (its Karras variant)")
+    scheduler: str | None = Field(None, description="schedule type (GET /schedulers): Automatic (the sampler's own in A1111 "
+                                                        "1.9+), Uniform, Karras, Exponential, SGM Uniform, Normal, Beta")
     sampler_index: str | None = Field(None, description="old name of sampler_name")
     batch_size: int = 1
     n_iter: int = 1
@@ -216,29 +217,25 @@ def _field_error(field: str, message: str, status: int = 422) -> HTTPException:
 # --------------------------------------------------------------------------- request -> job
 
 
-SCHEDULERS = {"automatic": ("Automatic", ""), "karras": ("Karras", " Karras")}
+SCHEDULERS = {k: s.label for k, s in core.SCHEDULES.items() if s.a1111}  # A1111 key -> label (GET /schedulers)
 
 
-def resolve_sampler(name: str | None, scheduler: str | None) -> str | None:
-    """A1111's sampler_name plus scheduler (1.9+) or a combined old name -> a t2i sampler name.
+def resolve_sampler(name: str | None, scheduler: str | None) -> tuple[str | None, str | None]:
+    """A1111's sampler_name plus scheduler (1.9+), or a combined old name -> (t2i sampler, schedule).
 
-    The scheduler is case-free: "automatic" (or none) keeps the sampler as named; "karras" picks its
-    Karras variant ("DPM++ 2M" + "Karras" = "DPM++ 2M Karras")."""
-    key = (scheduler or "automatic").strip().lower()
-    if key not in SCHEDULERS:
-        raise _field_error("scheduler", f"unknown scheduler {scheduler!r}; t2i has: "
-                                        f"{', '.join(label for label, _ in SCHEDULERS.values())}")
-    if name is None or name == "":
-        if key != "automatic":
-            raise _field_error("scheduler", f"scheduler {scheduler!r} needs a sampler_name")
-        return None
-    suffix = SCHEDULERS[key][1]
-    wanted = name if name.lower().endswith(suffix.lower()) else name + suffix
+    Names are case-free; a scheduler may be a key ("sgm_uniform") or a label ("SGM Uniform"). "Automatic" (or
+    none) is the sampler's own schedule in A1111 1.9+ (Karras for DPM++ 2M); the one that ran is in the infotext.
+    Without a sampler_name, the model's default sampler runs with the scheduler (checked once it is known)."""
+    field = "sampler_name"
     try:
-        return core.get_sampler(wanted).name
-    except core.UsageError:
-        what = f"sampler {name!r}" + (f" with scheduler {scheduler!r}" if suffix else "")
-        raise _field_error("sampler_name", f"t2i has no {what}; GET /sdapi/v1/samplers lists them") from None
+        if name:
+            core.get_sampler(name)  # an unknown sampler is the sampler's fault; the rest, the scheduler's
+        field = "scheduler"
+        if not name:
+            return None, None if scheduler is None else core.get_schedule(scheduler).name
+        return core.resolve(name, scheduler)
+    except core.UsageError as e:
+        raise _field_error(field, f"{e}; GET /sdapi/v1/samplers and /schedulers list them") from None
 
 
 def _decode_b64(text: str, field: str) -> bytes:
@@ -339,7 +336,7 @@ def check_loras(server, prompt: str) -> None:
 
 def build_request(server, req: _Request, task: str, images=None) -> tuple[core.GenRequest, Any]:
     """Check a txt2img/img2img request whole, before any compute; the job's request and its checkpoint."""
-    sampler = resolve_sampler(req.sampler_name or req.sampler_index or None, req.scheduler)
+    sampler, schedule = resolve_sampler(req.sampler_name or req.sampler_index or None, req.scheduler)
     _unsupported(req, sampler)
     check_override_settings(server, req.override_settings)
     checkpoint = checkpoint_for(server, req)
@@ -367,7 +364,7 @@ def build_request(server, req: _Request, task: str, images=None) -> tuple[core.G
     gen = core.GenRequest(task="text2image", prompt=req.prompt, negative_prompt=req.negative_prompt,
                           steps=req.steps, guidance=req.cfg_scale, sampler=sampler, seed=seed, width=req.width,
                           height=req.height, batch_size=req.batch_size, n_iter=req.n_iter, model=checkpoint.name,
-                          save=server.config.out is not None)
+                          save=server.config.out is not None, scheduler=schedule)
     if images is not None:
         gen.task, gen.init_image, gen.strength = images["task"], images["init"], req.denoising_strength
         if images.get("mask") is not None:
@@ -438,6 +435,12 @@ async def wait_for(server, job: Job, request: Request | None) -> Job:
         raise HTTPException(e.status, e.message) from None
 
 
+def _extra_params(s0) -> dict:
+    """A1111's extra_generation_params: the schedule type that ran (as its infotext says it)."""
+    schedule = core.a1111_names(s0.sampler, s0.scheduler)[1] if s0 else None
+    return {"Schedule type": schedule} if schedule else {}
+
+
 def result(server, job: Job) -> dict:
     """A1111's response: images (bare base64), the echoed request, and info as a JSON string."""
     gen: core.GenRequest = job.request
@@ -453,13 +456,13 @@ def result(server, job: Job) -> dict:
         "seed": gen.seed, "all_seeds": seeds, "subseed": echo.get("subseed", -1),
         "all_subseeds": [echo.get("subseed", -1)] * gen.images, "subseed_strength": 0,
         "width": s0.width if s0 else gen.width, "height": s0.height if s0 else gen.height,
-        "sampler_name": core.SAMPLERS[s0.sampler].a1111 if s0 else echo.get("sampler_name"),
+        "sampler_name": core.a1111_names(s0.sampler, s0.scheduler)[0] if s0 else echo.get("sampler_name"),
         "cfg_scale": s0.guidance if s0 else gen.guidance, "steps": s0.steps if s0 else gen.steps,
         "batch_size": gen.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": s0.model_name if s0 else checkpoint.name,
         "sd_model_hash": s0.model_hash[:10] if s0 else checkpoint.hash,
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": s0.strength if s0 else None, "extra_generation_params": {},
+        "denoising_strength": s0.strength if s0 else None, "extra_generation_params": _extra_params(s0),
         "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),
         "clip_skip": 1, "is_using_inpainting_conditioning": False, "version": f"t2i {core_version()}",
@@ -648,14 +651,17 @@ async def refresh_checkpoints(request: Request):
 
 @router.get("/samplers")
 async def samplers():
-    return [{"name": a1111, "aliases": [name], "options": {"scheduler": "karras"} if opts.get("use_karras_sigmas")
-             else {}} for a1111, name, opts in core.sampler_entries()]
+    """A1111 1.9+'s list: each sampler once, its automatic schedule in options (old combined names still work)."""
+    old = {name: [n for n, (base, _) in core.COMBINED.items() if base == name] for name in core.SAMPLERS}
+    return [{"name": s.a1111, "aliases": [s.name, *old[s.name]], "options": {} if s.automatic in ("automatic",
+             "uniform") else {"scheduler": s.automatic}} for s in core.SAMPLERS.values()]
 
 
 @router.get("/schedulers")
 async def schedulers():
-    return [{"name": key, "label": label, "aliases": None, "default_rho": 7.0 if key == "karras" else -1,
-             "need_inner_model": False} for key, (label, _) in SCHEDULERS.items()]
+    return [{"name": key, "label": label, "aliases": ["SGMUniform"] if key == "sgm_uniform" else None,
+             "default_rho": 7.0 if key == "karras" else -1,
+             "need_inner_model": key in ("uniform", "sgm_uniform", "normal")} for key, label in SCHEDULERS.items()]
 
 
 @router.get("/loras")

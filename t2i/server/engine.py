@@ -24,13 +24,14 @@ from t2i.models import tiny_vae
 from t2i.errors import ModelLoadError, T2IError, UnsafeFileError, UsageError
 from t2i.images import as_mask, check_mask, to_rgb
 from t2i.output import save_images
-from t2i.samplers import SAMPLERS, get_sampler
+from t2i.samplers import COMBINED, SAMPLERS, SCHEDULES, a1111_names, get_sampler, get_schedule, resolve
 from t2i.settings import Settings
 
 __all__ = ["Engine", "GenRequest", "Interrupted", "Skipped", "T2IError", "UsageError", "ModelLoadError",
            "UnsafeFileError",
            "check_mask", "decode_image", "read_png_text", "SAMPLERS", "get_sampler", "metadata", "prompts",
-           "models", "Settings"]
+           "models", "Settings",
+           "COMBINED", "SCHEDULES", "get_schedule", "resolve", "a1111_names"]
 
 # One model load at a time in a process: diffusers builds modules on the meta device through accelerate's
 # init_empty_weights, which patches torch.nn.Module for the whole process while it runs; two workers loading
@@ -70,6 +71,7 @@ class GenRequest:
     mask_blur: int = 4
     invert_mask: bool = False
     save: bool = False  # also write the PNGs into the server's --out folder
+    scheduler: str | None = None  # a t2i schedule key (t2i.samplers.SCHEDULES); None: automatic
 
     @property
     def images(self) -> int:
@@ -274,7 +276,7 @@ class Engine:
                             height=req.height, batch=req.batch_size, iterations=req.n_iter, lora_dir=self.lora_dir,
                             init_image=req.init_image, strength=req.strength, mask=req.mask,
                             mask_blur=req.mask_blur, invert_mask=req.invert_mask, model=self.location,
-                            device=self.device)
+                            device=self.device, scheduler=req.scheduler)
 
 
 def is_out_of_memory(e: BaseException) -> bool:

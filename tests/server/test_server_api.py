@@ -93,7 +93,7 @@ def test_bad_type_is_a_422_naming_the_field(client, field, value):
 @pytest.mark.parametrize("fields, named", [
     ({"width": 33}, "width"), ({"steps": 0}, "steps"), ({"batch_size": 0}, "batch_size"),
     ({"batch_size": 17}, "batch_size"), ({"width": 4096}, "width"), ({"cfg_scale": -1}, "cfg_scale"),
-    ({"seed": -5}, "seed"), ({"sampler_name": "Nonexistent"}, "sampler_name"), ({"scheduler": "Exponential"}, "scheduler"),
+    ({"seed": -5}, "seed"), ({"sampler_name": "Nonexistent"}, "sampler_name"), ({"scheduler": "Polyexponential"}, "scheduler"),
 ])
 def test_bad_values_are_refused_before_queueing(client, fields, named):
     r = txt2img(client, **fields)
@@ -122,10 +122,24 @@ def test_sampler_and_scheduler_combine_like_a1111_19(client):
     a = json.loads(txt2img(client, sampler_name="DPM++ 2M", scheduler="Karras").json()["info"])
     b = json.loads(txt2img(client, sampler_name="DPM++ 2M Karras").json()["info"])
     c = json.loads(txt2img(client, sampler_name="DPM++ 2M Karras", scheduler="Automatic").json()["info"])
-    assert a["sampler_name"] == b["sampler_name"] == c["sampler_name"] == "DPM++ 2M Karras"
+    # A1111 1.9+: the sampler apart, the schedule that ran in the infotext and extra_generation_params
+    assert a["sampler_name"] == b["sampler_name"] == c["sampler_name"] == "DPM++ 2M"
     assert a["infotexts"] == b["infotexts"] == c["infotexts"]
-    plain = json.loads(txt2img(client, sampler_name="DPM++ 2M", scheduler="automatic").json()["info"])
-    assert plain["sampler_name"] == "DPM++ 2M"
+    assert "Sampler: DPM++ 2M, Schedule type: Karras," in a["infotexts"][0]
+    assert a["extra_generation_params"] == {"Schedule type": "Karras"}
+    automatic = json.loads(txt2img(client, sampler_name="DPM++ 2M", scheduler="automatic").json()["info"])
+    assert automatic["infotexts"] == a["infotexts"]  # DPM++ 2M's automatic schedule is Karras, as in A1111 1.9+
+    uniform = json.loads(txt2img(client, sampler_name="DPM++ 2M", scheduler="Uniform").json()["info"])
+    assert "Sampler: DPM++ 2M, Schedule type: Uniform," in uniform["infotexts"][0]
+    sgm = json.loads(txt2img(client, sampler_name="Euler", scheduler="sgm_uniform").json()["info"])
+    assert "Sampler: Euler, Schedule type: SGM Uniform," in sgm["infotexts"][0]
+    for fields, named in [({"sampler_name": "Euler a", "scheduler": "Karras"}, "scheduler"),
+                          ({"sampler_name": "Euler", "scheduler": "Align Your Steps"}, "scheduler"),
+                          ({"sampler_name": "Euler", "scheduler": "nope"}, "scheduler"),
+                          ({"sampler_name": "DDIM", "scheduler": "Karras"}, "scheduler"),
+                          ({"sampler_name": "DPM++ 9M"}, "sampler_name")]:
+        r = txt2img(client, **fields)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", named], (fields, r.text)
 
 
 def test_lora_by_name_from_the_lora_dir(client):
@@ -203,6 +217,10 @@ def test_png_info_reads_a_server_png(client):
     body = r.json()
     assert body["info"].startswith("a red circle\n")
     assert body["parameters"]["Seed"] == "7" and body["parameters"]["Size-1"] == "32"
+    assert (body["parameters"]["Sampler"], body["parameters"]["Schedule type"]) == ("DPM++ 2M", "Karras")
+    made = txt2img(client, sampler_name="DPM++ 2M SDE", scheduler="Beta").json()["images"][0]
+    again = client.post(f"{A}/png-info", json={"image": made}).json()["parameters"]
+    assert (again["Sampler"], again["Schedule type"]) == ("DPM++ 2M SDE", "Beta")  # round trip
     assert "t2i" in body["items"]
     empty = client.post(f"{A}/png-info", json={"image": png_b64(Image.new("RGB", (8, 8)))}).json()
     assert empty == {"info": "", "items": {}, "parameters": {}}
@@ -216,8 +234,11 @@ def test_lists(client):
     assert all(set(m) == {"title", "model_name", "hash", "sha256", "filename", "config"} for m in models)
     assert all(not m["filename"].startswith("/") for m in models)  # no server paths
     samplers = client.get(f"{A}/samplers").json()
-    assert {"DPM++ 2M Karras", "Euler a"} <= {s["name"] for s in samplers}
-    assert {s["name"] for s in client.get(f"{A}/schedulers").json()} == {"automatic", "karras"}
+    assert {"DPM++ 2M", "Euler a", "DPM++ 2M SDE"} <= {s["name"] for s in samplers}
+    assert "DPM++ 2M Karras" not in {s["name"] for s in samplers}  # A1111 1.9+ lists each sampler once
+    assert next(s for s in samplers if s["name"] == "DPM++ 2M")["options"] == {"scheduler": "karras"}
+    assert [s["name"] for s in client.get(f"{A}/schedulers").json()] == [
+        "automatic", "uniform", "karras", "exponential", "sgm_uniform", "normal", "beta"]
     assert [l["name"] for l in client.get(f"{A}/loras").json()] == ["ink"]
     assert client.get(f"{A}/embeddings").json() == {"loaded": {}, "skipped": {"shiny": {
         "step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 32, "vectors": 2}}}

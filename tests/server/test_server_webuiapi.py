@@ -56,10 +56,12 @@ def test_options_switch_models(api):
 
 
 def test_samplers_schedulers_and_lists(api):
-    assert "DPM++ 2M Karras" in api.util_get_sampler_names()
-    assert api.util_get_scheduler_names() == ["automatic", "karras"]
+    assert {"DPM++ 2M", "Euler a"} <= set(api.util_get_sampler_names())
+    assert api.util_get_scheduler_names() == sorted(["automatic", "uniform", "karras", "exponential", "sgm_uniform",
+                                                     "normal", "beta"])
     result = api.txt2img(prompt="x", seed=2, width=32, height=32, sampler_name="DPM++ 2M", scheduler="Karras")
-    assert result.info["sampler_name"] == "DPM++ 2M Karras"
+    assert result.info["sampler_name"] == "DPM++ 2M"
+    assert "Schedule type: Karras" in result.info["infotexts"][0]
     assert [l["name"] for l in api.get_loras()] == ["ink"]
     assert api.get_progress()["state"]["job_count"] == 0
     assert api.get_scripts() == {"txt2img": [], "img2img": []}
