@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from t2i import guards
+from t2i.choices import HIRES_UPSCALERS
 from t2i.errors import UsageError, did_you_mean
 
 DEFAULT_DENOISE = 0.7  # A1111's UI default for hires fix
@@ -31,16 +32,13 @@ class Upscaler:
     resample: int | None = None  # PIL resampling filter of a pixel upscaler
 
 
-UPSCALERS = {  # A1111's shared.latent_upscale_modes and its two built-in pixel upscalers
-    "latent": Upscaler("Latent", "bilinear"),
-    "latent-antialiased": Upscaler("Latent (antialiased)", "bilinear", antialias=True),
-    "latent-bicubic": Upscaler("Latent (bicubic)", "bicubic"),
-    "latent-bicubic-antialiased": Upscaler("Latent (bicubic antialiased)", "bicubic", antialias=True),
-    "latent-nearest": Upscaler("Latent (nearest)", "nearest"),
-    "latent-nearest-exact": Upscaler("Latent (nearest-exact)", "nearest-exact"),
-    "lanczos": Upscaler("Lanczos", resample=Image.LANCZOS),
-    "nearest": Upscaler("Nearest", resample=Image.NEAREST),
+_MODES = {  # A1111's shared.latent_upscale_modes (interpolate mode, antialias) and its pixel upscalers' filters
+    "latent": ("bilinear", False), "latent-antialiased": ("bilinear", True), "latent-bicubic": ("bicubic", False),
+    "latent-bicubic-antialiased": ("bicubic", True), "latent-nearest": ("nearest", False),
+    "latent-nearest-exact": ("nearest-exact", False), "lanczos": Image.LANCZOS, "nearest": Image.NEAREST,
 }
+UPSCALERS = {name: Upscaler(a1111, *_MODES[name]) if isinstance(_MODES[name], tuple)
+             else Upscaler(a1111, resample=_MODES[name]) for name, a1111 in HIRES_UPSCALERS.items()}
 DEFAULT_UPSCALER = "latent"  # A1111's latent_upscale_default_mode
 
 

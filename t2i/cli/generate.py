@@ -7,6 +7,8 @@ import random
 from pathlib import Path
 
 from t2i.cli.common import (
+    everyday_args,
+    hires_of,
     image_args,
     model_args,
     output_args,
@@ -36,6 +38,7 @@ def add_parser(sub) -> None:
             image_args(g, mask=task == "inpaint")
         model_args(g)
         sampling_args(g)
+        everyday_args(g, hires=task == "text2image")
         output_args(g)
         g.set_defaults(func=cmd_generate, task=task)
 
@@ -76,7 +79,8 @@ def _check(args):
                            height=args.height, batch=args.batch, loras=args.lora, lora_dir=args.lora_dir,
                            autoguidance=args.autoguidance, speed=args.speed, model=args.model,
                            model_config=args.model_config, device=args.device, dtype=args.dtype,
-                           allow_pickle=args.allow_pickle, **image)
+                           allow_pickle=args.allow_pickle, clip_skip=args.clip_skip, vae=args.vae,
+                           vae_dir=args.vae_dir, hires=hires_of(args), **image)
     job = jobs.check(request)
     plan_paths(args.out, args.batch, args.overwrite)
 
