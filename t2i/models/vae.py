@@ -9,6 +9,7 @@ read with weights_only). A1111's infotext names the file ("VAE") and its sha256 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 
 from t2i.errors import ModelLoadError, UsageError, did_you_mean, first_line
 from t2i.files import WEIGHT_SUFFIXES, check_weight_file, file_sha256, load_pickled_weights
-from t2i.models.loading import check_component, from_vetted_folder
+from t2i.models.loading import check_component, from_vetted_folder, quiet_loading
 
 IGNORED_KEYS = {"model_ema.decay", "model_ema.num_updates"}  # as A1111's sd_vae drops them (and loss.*)
 
@@ -29,11 +30,18 @@ def vae_names(folder: str | Path | None) -> dict[str, Path]:
     if folder is None or not Path(folder).is_dir():
         return found
     for p in sorted(Path(folder).rglob("*")):
-        if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES:
-            found.setdefault(p.name, p)
-        elif p.is_dir() and (p / "config.json").is_file():
+        if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES and not (p.parent / "config.json").is_file():
+            found.setdefault(p.name, p)  # a weights file of its own, not one of a diffusers folder
+        elif p.is_dir() and _is_vae_folder(p):
             found.setdefault(p.name, p)
     return found
+
+
+def _is_vae_folder(path: Path) -> bool:
+    try:
+        return json.loads((path / "config.json").read_text()).get("_class_name") == "AutoencoderKL"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def resolve_vae(value: str | Path, vae_dir: str | Path | None = None, allow_pickle: bool = False) -> Path:
@@ -54,7 +62,8 @@ def resolve_vae(value: str | Path, vae_dir: str | Path | None = None, allow_pick
         check_weight_file(path, allow_pickle)
         return path
     listed = list(vae_names(vae_dir)) if vae_dir is not None else []
-    hint = did_you_mean(str(value), listed) if listed else ""
+    spellings = {k: n for n in listed for k in (n, Path(n).stem, n.split(".vae.")[0])}
+    hint = did_you_mean(str(value), spellings) if listed else ""
     where = f" or a name in {vae_dir}" if vae_dir is not None else ""
     raise UsageError(f"VAE {value} does not exist{f' ({hint})' if hint else ''}; give a diffusers VAE folder, "
                      f"a .safetensors file{where}")
@@ -93,6 +102,16 @@ def _is_ldm(keys) -> bool:
 def load_vae(path: Path, like: AutoencoderKL, dtype, device, allow_pickle: bool = False) -> AutoencoderKL:
     """The VAE at `path` (vetted by resolve_vae), ready on `device` in `dtype`. A single file takes the
     model's VAE config (`like`), as A1111 loads a VAE's weights into the model's own first stage."""
+    with quiet_loading():  # diffusers' notes on casting say nothing a user can act on
+        vae = _build(path, like, dtype, allow_pickle)
+    if vae.config.latent_channels != like.config.latent_channels:
+        raise UsageError(f"the VAE {path.name} has {vae.config.latent_channels}-channel latents, this model "
+                         f"{like.config.latent_channels}; give a VAE made for this model family")
+    with quiet_loading():
+        return vae.to(device).eval().requires_grad_(False)
+
+
+def _build(path: Path, like: AutoencoderKL, dtype, allow_pickle: bool) -> AutoencoderKL:
     if path.is_dir():
         vae = from_vetted_folder(AutoencoderKL, path, dtype, "the VAE")
     else:
@@ -110,7 +129,4 @@ def load_vae(path: Path, like: AutoencoderKL, dtype, device, allow_pickle: bool 
             raise ModelLoadError(f"the VAE {path.name} does not fit this model's VAE ({first_line(e)[:160]}); "
                                  "give a VAE made for this model family") from None
         vae = vae.to(dtype)
-    if vae.config.latent_channels != like.config.latent_channels:
-        raise UsageError(f"the VAE {path.name} has {vae.config.latent_channels}-channel latents, this model "
-                         f"{like.config.latent_channels}; give a VAE made for this model family")
-    return vae.to(device).eval().requires_grad_(False)
+    return vae
