@@ -671,6 +671,9 @@ def _hires(server, req: _Request, checkpoint) -> Hires | None:
     except core.UsageError as e:
         raise _field_error("hr_scale", str(e)) from None
     lim = server.limits
+    if hires.steps_for(steps) > lim.max_steps:
+        raise _field_error("hr_second_pass_steps", f"hr_second_pass_steps must be 0..{lim.max_steps}, "
+                                                   f"got {req.hr_second_pass_steps}")
     if max(p.up_w, p.up_h) > lim.max_side:
         raise _field_error("hr_scale", f"the hires size {p.up_w}x{p.up_h} is over this server's limit of "
                                        f"{lim.max_side} a side; use a smaller hr_scale or hr_resize")
