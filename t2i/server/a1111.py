@@ -622,9 +622,11 @@ OWN_VAE = {"automatic", "none", ""}  # A1111's sd_vae values that mean the model
 
 
 def server_vaes(server) -> dict[str, Any]:
-    """The VAEs a request may name: --vae-dir's files and folders, and NAME.vae.* files in --model-dir."""
-    found = {n: p for n, p in vae_names(server.config.model_dir).items() if ".vae." in n}
-    return found | vae_names(server.config.vae_dir)
+    """The VAEs a request may name: --vae-dir's .safetensors files and diffusers VAE folders, and
+    NAME.vae.safetensors files in --model-dir (never a pickle: the server loads none)."""
+    found = {n: p for n, p in vae_names(server.config.model_dir).items() if n.endswith(".vae.safetensors")}
+    found |= vae_names(server.config.vae_dir)
+    return {n: p for n, p in found.items() if p.is_dir() or p.suffix.lower() == ".safetensors"}
 
 
 def everyday_fields(server, req: _Request, checkpoint) -> dict:
