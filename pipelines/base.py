@@ -200,7 +200,7 @@ class BasePipeline:
             self.pipe.register_modules(vae=self._own_vae)
             self.vae_path, self.vae_hash = None, ""
             return self
-        path = vaes.resolve_vae(vae, vae_dir, allow_pickle)
+        path = vaes.resolve_vae(vae, vae_dir, allow_pickle).resolve()  # recorded: replayable from anywhere
         if path != self.vae_path:
             new = vaes.load_vae(path, self._own_vae, self.dtype, self.device, allow_pickle)
             self.pipe.register_modules(vae=new)
