@@ -87,7 +87,17 @@ class Hires:
                      upscaler_name(self.upscaler))
 
     def steps_for(self, steps: int) -> int:
+        """The denoising steps the second pass runs: `steps` (0: the first pass's), whatever the strength."""
         return self.steps or steps
+
+    def schedule(self, steps: int) -> tuple[int, float]:
+        """(schedule length, strength) of the second pass's image-to-image call, as A1111 runs hires steps
+        (sd_samplers_common.setup_img2img_steps with steps given): N steps at strength d are the last N of a
+        schedule of int(N / min(d, 0.999)) steps, so "Hires steps: N" runs N. The strength passed makes
+        diffusers' int(total * strength) come out at N exactly."""
+        n = self.steps_for(steps)
+        total = max(n, int(n / min(self.denoise, 0.999)))
+        return total, min(1.0, (n + 0.5) / total)
 
 
 @dataclass(frozen=True)

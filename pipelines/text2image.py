@@ -7,7 +7,6 @@ from dataclasses import replace
 import torch
 
 from t2i import guards
-from t2i.errors import UsageError
 from t2i.settings import LoraSpec
 
 from t2i.pipelines import hires as hr
@@ -67,10 +66,6 @@ class Text2Image(BasePipeline):
     def hires_plan(self, s, hires: hr.Hires) -> hr.Plan:
         """The second pass's size for settings `s`, checked against the memory budget before any work."""
         plan = hr.plan(hires, s.width, s.height, self.vae_scale_factor)
-        steps = hires.steps_for(s.steps)
-        if int(steps * hires.denoise) < 1:
-            raise UsageError(f"hires denoising strength {hires.denoise:g} of {steps} steps runs no step; use a "
-                             f"strength of {1 / steps:.2g} or more, or more hires steps")
         guards.check_memory(self.memory_estimate(s.batch_size, plan.out_w, plan.out_h), self.device,
                             f"the hires size {plan.out_w}x{plan.out_h} is too large: use a smaller hires scale "
                             "or size, or a smaller batch")
@@ -91,12 +86,12 @@ class Text2Image(BasePipeline):
             else:
                 upscaled = [hr.upscale_image(im, plan, hires.upscaler, f) for im in first]
             # 3. Second pass: image-to-image at the larger size, its noise drawn afresh from each image's seed.
-            second = [replace(s, steps=hires.steps_for(s.steps), width=plan.out_w, height=plan.out_h)
-                      for s in settings]
+            total, strength = hires.schedule(settings[0].steps)
+            second = [replace(s, steps=total, width=plan.out_w, height=plan.out_h) for s in settings]
 
             def inputs(group) -> dict:
                 images = [upscaled[s.batch_index] for s in group]
-                return {"image": torch.cat(images) if latent else images, "strength": hires.denoise,
+                return {"image": torch.cat(images) if latent else images, "strength": strength,
                         "generator": self._generators(group)}
 
             images = self._second_pass()._generate(second, bar, inputs).images

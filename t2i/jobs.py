@@ -145,10 +145,6 @@ def _hires(r: Request, source: models.ModelSource) -> Hires | None:
     if r.width is None or r.height is None or source.kind not in ("bundled", "folder"):
         return hires  # the pipeline checks it once the model's native size is known
     plan = hires_plan(hires, r.width, r.height)
-    steps = hires.steps_for(r.steps) if r.steps is not None else None
-    if steps is not None and int(steps * hires.denoise) < 1:
-        raise UsageError(f"hires denoising strength {hires.denoise:g} of {steps} steps runs no step; use a "
-                         f"strength of {1 / steps:.2g} or more, or more hires steps")
     try:
         folder = Path(source.location)
         configs = {name: json.loads((folder / name / "config.json").read_text()) for name in ("unet", "vae")}

@@ -159,6 +159,16 @@ def test_a_pickle_vae_needs_allow_pickle(run_cli, sd_pipe, other_vae, tmp_path, 
 # --------------------------------------------------------------------------- hires fix
 
 
+def test_hires_steps_run_as_a1111_runs_them():
+    """N hires steps at strength d: the last N of int(N / d) steps (A1111's setup_img2img_steps, steps given)."""
+    assert Hires(steps=10, denoise=0.7).schedule(20) == (14, 10.5 / 14)
+    assert Hires(steps=0, denoise=1.0).schedule(20) == (20, 1.0)  # 0: the first pass's steps
+    for n in range(1, 60):
+        for d in (0.01, 0.1, 0.33, 0.5, 0.7, 0.75, 0.9, 0.999, 1.0):
+            total, strength = Hires(steps=n, denoise=d).schedule(5)
+            assert int(total * strength) == n and total >= n  # what diffusers' img2img then runs
+
+
 def test_hires_sizes_follow_a1111():
     assert plan(Hires(scale=2), 32, 24) == Plan(64, 48, 64, 48)
     p = plan(Hires(scale=1.5), 40, 32)
@@ -191,9 +201,10 @@ def test_hires_equals_txt2img_upscale_img2img_by_hand(sd_pipe, upscaler):
         else:
             first = sd_pipe("a red circle", steps=3, seed=seed, progress=False).images[0]
             init = upscale_image(first, p, upscaler, f)
-        by_hand = img2img._generate(img2img._settings("a red circle", None, 4, None, None, seed, 64, 64, 1, []),
+        # A1111's hires steps: 4 steps at 0.6 are the last 4 of int(4 / 0.6) = 6
+        by_hand = img2img._generate(img2img._settings("a red circle", None, 6, None, None, seed, 64, 64, 1, []),
                                     False, lambda g: {"image": init if upscaler == "latent" else [init],
-                                                      "strength": 0.6, "generator": img2img._generators(g)})
+                                                      "strength": 4.5 / 6, "generator": img2img._generators(g)})
         assert np.array_equal(pixels(result.images[i]), pixels(by_hand.images[0])), (upscaler, i)
 
 
@@ -223,7 +234,7 @@ def test_hires_progress_bar_covers_both_passes(sd_pipe):
 
     bar = Bar()
     sd_pipe("a red circle", steps=4, seed=1, hires=Hires(scale=2, steps=10, denoise=0.5), progress=bar)
-    assert bar.n == 4 + 5 and bar.total == 4 + 5  # 10 hires steps at strength 0.5 run 5
+    assert bar.n == 4 + 10 and bar.total == 4 + 10  # "Hires steps: 10" runs 10, as in A1111
 
 
 def test_hires_bad_input_is_one_line_before_loading(run_cli, tiny_sd, tmp_path, no_model_load):
@@ -234,7 +245,6 @@ def test_hires_bad_input_is_one_line_before_loading(run_cli, tiny_sd, tmp_path, 
         (["--hires-steps", 4], "need --hires-scale"),
         (["--hires-scale", 2, "--hires-width", 64], "not both"),
         (["--hires-width", 60], "not a multiple of 8"),
-        (["--hires-scale", 2, "--hires-denoise", 0.01, "--steps", 20, "-W", 32, "-H", 32], "runs no step"),
     ]
     for args, words in cases:
         code, out, err = run_cli("generate", "a", "--model", tiny_sd, *args, "--out", tmp_path / "o")
