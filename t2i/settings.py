@@ -65,6 +65,9 @@ class Settings:
     hires_height: int = 0
     hires_steps: int = 0
     hires_denoise: float = 0.0
+    # dynamic prompts: the template `prompt` was resolved from ("" when the prompt was written out); the JSON
+    # chunk only: A1111's `parameters` holds the resolved prompt, which is what `reproduce` replays
+    prompt_template: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
