@@ -155,19 +155,22 @@ def _hires(r: Request, source: models.ModelSource) -> Hires | None:
     hires = r.hires.checked()
     if r.width is None or r.height is None or source.kind not in ("bundled", "folder"):
         return hires  # the pipeline checks it once the model's native size is known
-    plan = hires_plan(hires, r.width, r.height)
     try:
         folder = Path(source.location)
         configs = {name: json.loads((folder / name / "config.json").read_text()) for name in ("unet", "vae")}
+        f = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
         device = resolve_device(r.device)
         sizing = SimpleNamespace(  # what BasePipeline.memory_estimate reads, from the configs alone
-            vae_scale_factor=2 ** (len(configs["vae"]["block_out_channels"]) - 1), exact_batch=True,
-            dtype=resolve_dtype(r.dtype, device),
+            vae_scale_factor=f, exact_batch=True, dtype=resolve_dtype(r.dtype, device),
             pipe=SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(**configs["unet"])),
                                  vae=SimpleNamespace(config=SimpleNamespace(**configs["vae"]))))
-        need = BasePipeline.memory_estimate(sizing, r.batch, plan.out_w, plan.out_h)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return hires  # the loader says what is wrong with the folder; the pipeline checks memory
+    plan = hires_plan(hires, r.width, r.height, f)
+    try:
+        need = BasePipeline.memory_estimate(sizing, r.batch, plan.out_w, plan.out_h)
+    except (TypeError, AttributeError, IndexError):
+        return hires  # an odd config: the pipeline checks memory once loaded
     guards.check_memory(need, device, f"the hires size {plan.out_w}x{plan.out_h} is too large: use a smaller "
                                       "hires scale or size, or a smaller batch")
     return hires
