@@ -85,7 +85,7 @@ def test_clip_skip_as_field_and_override_setting(client):
     by_field, _ = _image(txt2img(client, clip_skip=2))
     assert (pixels(plain) != pixels(by_option)).any() and (pixels(by_field) == pixels(by_option)).all()
     r = txt2img(client, override_settings={"CLIP_stop_at_last_layers": 3})
-    assert r.status_code == 422 and "beyond" in r.text  # the tiny encoder has 2 layers: refused before compute?
+    assert r.status_code == 422 and "beyond" in r.text  # the tiny encoder has 2 layers
     assert client.get(f"{A}/options").json()["CLIP_stop_at_last_layers"] == 1  # a request's override stays its own
 
 
