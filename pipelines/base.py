@@ -102,6 +102,11 @@ class BasePipeline:
         self.on_step: Callable[[int], None] | None = None  # called after every denoising step (benchmarks, UIs)
         self.decoder = None  # a small VAE decoding in place of pipe.vae (speed option tiny_vae), or None
         pipe.set_progress_bar_config(disable=True)  # t2i draws one bar across a whole job
+        # A1111's everyday set: clip skip (see the clip_skip property) and a VAE in place of the model's own
+        self._clip_skip = 1
+        self._own_vae = pipe.vae  # what set_vae(None) puts back
+        self.vae_path: Path | None = None  # the VAE decoding now, when not the model's own
+        self.vae_hash = ""
 
     # ------------------------------------------------------------------ construction
 
@@ -133,6 +138,8 @@ class BasePipeline:
         pipe = cls._convert(other.pipe, other.model.arch)
         new = cls(pipe, other.model, other.loras.rebind(pipe), guide=other.guide)
         new.autoguidance, new.autoguidance_below = other.autoguidance, other.autoguidance_below
+        new._clip_skip, new._own_vae, new.vae_path, new.vae_hash = \
+            other._clip_skip, other._own_vae, other.vae_path, other.vae_hash
         return new
 
     @classmethod
@@ -154,7 +161,7 @@ class BasePipeline:
         dev = resolve_device(str(device)) if device is not None else self.device
         dt = resolve_dtype(dtype, dev) if dtype is not None else self.dtype
         self.pipe.to(dev, dt)
-        for extra in (self.decoder, self.guide):
+        for extra in (self.decoder, self.guide, self._own_vae if self.vae_path is not None else None):
             if extra is not None:
                 extra.to(dev, dt)
         return self
@@ -172,6 +179,39 @@ class BasePipeline:
             raise UsageError(f"the model {self.model.source.name or self.model.path} has no {GUIDE_FOLDER}/ "
                              "UNet, which autoguidance needs; leave autoguidance at 0 (--autoguidance 0, or out)")
         self._autoguidance_scale = scale
+
+    @property
+    def clip_skip(self) -> int:
+        """A1111's clip skip: 1 = the text encoder's last layer, N = its N-th layer from the end through the final
+        layer norm. SD 1.x only: SD 2.x and SDXL encode as they always do (A1111 ignores it there too)."""
+        return self._clip_skip
+
+    @clip_skip.setter
+    def clip_skip(self, n: int) -> None:
+        self._clip_skip = guards.check_clip_skip(n, self.pipe.text_encoder.config.num_hidden_layers)
+
+    def set_vae(self, vae: str | Path | None, vae_dir: str | Path | None = None, allow_pickle: bool = False):
+        """Decode (and encode) with another VAE: a diffusers VAE folder, a weights file (original or diffusers
+        layout; pickles only with allow_pickle), or a name in `vae_dir`; None or "" puts the model's own back.
+        Returns self."""
+        from t2i.models import vae as vaes  # deferred: only a VAE override needs diffusers' converter
+
+        if not vae:
+            self.pipe.register_modules(vae=self._own_vae)
+            self.vae_path, self.vae_hash = None, ""
+            return self
+        path = vaes.resolve_vae(vae, vae_dir, allow_pickle).resolve()  # recorded: replayable from anywhere
+        if path != self.vae_path:
+            new = vaes.load_vae(path, self._own_vae, self.dtype, self.device, allow_pickle)
+            self.pipe.register_modules(vae=new)
+            self.vae_path, self.vae_hash = path, vaes.vae_hash(path)
+        return self
+
+    def _everyday_settings(self) -> dict:
+        """The Settings fields of clip skip and the VAE override."""
+        vae = {"vae": str(self.vae_path), "vae_name": self.vae_path.name, "vae_hash": self.vae_hash} \
+            if self.vae_path is not None else {}
+        return {"clip_skip": self._clip_skip, **vae}
 
     @property
     def device(self) -> torch.device:
@@ -237,7 +277,7 @@ class BasePipeline:
             seed=seed, width=width, height=height, model=self.model.source.asked, model_name=self.model.source.name,
             model_hash=self.model.hash, model_config=self.model.model_config, arch=self.model.arch, loras=specs, device=str(self.device),
             dtype=dtype_name(self.dtype), pipeline=self.task, speed=self.speed_names(), versions=versions(),
-            scheduler=schedule, **extra,
+            scheduler=schedule, **self._everyday_settings(), **extra,
         )
         return [replace(base, seed=seed + i, batch_index=i, batch_size=batch) for i in range(batch)]
 
@@ -285,22 +325,24 @@ class BasePipeline:
             uncond = prompts.encode_sdxl(toks, encs, negative, zero=zero)
             empty = prompts.encode_sdxl(toks, encs, "", zero=zero)
         else:
-            cond = prompts.encode_sd(p.tokenizer, p.text_encoder, prompt)
-            uncond = prompts.encode_sd(p.tokenizer, p.text_encoder, negative)
-            empty = prompts.encode_sd(p.tokenizer, p.text_encoder, "")
+            skip = self._clip_skip if self.model.arch == "sd1" else 1  # SD 2.x ignores it, as in A1111
+            cond = prompts.encode_sd(p.tokenizer, p.text_encoder, prompt, skip)
+            uncond = prompts.encode_sd(p.tokenizer, p.text_encoder, negative, skip)
+            empty = prompts.encode_sd(p.tokenizer, p.text_encoder, "", skip)
         cond, uncond = prompts.pad_to_same_length(cond, uncond, empty)
         kwargs = {"prompt_embeds": cond.embeds, "negative_prompt_embeds": uncond.embeds}
         if self.model.arch == "sdxl":
             kwargs |= {"pooled_prompt_embeds": cond.pooled, "negative_pooled_prompt_embeds": uncond.pooled}
         return kwargs
 
-    def _generate(self, settings: list[Settings], progress, task_inputs: Callable, finish: Callable | None = None
-                  ) -> Result:
+    def _generate(self, settings: list[Settings], progress, task_inputs: Callable, finish: Callable | None = None,
+                  decode: Callable | None = None) -> Result:
         """The path every task shares: LoRAs, sampler, prompt embeddings, then the diffusers call per group.
 
         `task_inputs(group)` gives the task's own arguments of the diffusers call (initial
         latents, init image, mask, strength, per-image generators); `finish(group, images)`
-        may post-process the decoded images (inpainting pastes the unmasked original back).
+        may post-process the decoded images (inpainting pastes the unmasked original back); `decode(latents)`
+        replaces the VAE decode (hires fix keeps the latents).
         """
         s0 = settings[0]
         text = self._prepare_loras(s0.prompt, s0.loras)
@@ -322,7 +364,7 @@ class BasePipeline:
                     out = self.pipe(**batched, **task_inputs(group), num_inference_steps=s0.steps,
                                     guidance_scale=s0.guidance, output_type="latent",
                                     callback_on_step_end=self._step_callback(bar))
-                decoded = self._decode(out.images)
+                decoded = (decode or self._decode)(out.images)
                 images += finish(group, decoded) if finish else decoded
         finally:
             if bar is not None and progress is True:

@@ -14,3 +14,9 @@ SPEED_OPTIONS = ("batched", "channels_last", "sdpa", "no_sdpa", "bf16", "compile
 BENCH_PROMPT = "a red circle to the left of a blue square"
 BENCH_ARCHS = ("sd15", "sdxl")
 BENCH_OPTIONS = ("batched",)
+
+# Hires fix upscalers (t2i.pipelines.hires.UPSCALERS says what each does): t2i name -> A1111's name
+HIRES_UPSCALERS = {"latent": "Latent", "latent-antialiased": "Latent (antialiased)",
+                   "latent-bicubic": "Latent (bicubic)", "latent-bicubic-antialiased": "Latent (bicubic antialiased)",
+                   "latent-nearest": "Latent (nearest)", "latent-nearest-exact": "Latent (nearest-exact)",
+                   "lanczos": "Lanczos", "nearest": "Nearest"}

@@ -66,6 +66,7 @@ AXES: dict[str, Axis] = {a.name: a for a in [
     Axis("cfg", "CFG Scale", float, _set("guidance"), ("guidance",)),
     Axis("sampler", "Sampler", str, _set("sampler")),
     Axis("scheduler", "Schedule type", str, _set("scheduler"), ("schedule",)),
+    Axis("clip-skip", "Clip skip", int, _set("clip_skip")),
     Axis("width", "Width", int, _set("width")),
     Axis("height", "Height", int, _set("height")),
     Axis("autoguidance", "Autoguidance", float, _set("autoguidance")),

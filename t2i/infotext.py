@@ -22,6 +22,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from t2i import metadata, samplers
+from t2i.choices import HIRES_UPSCALERS
 from t2i.errors import UsageError
 from t2i.settings import Settings
 
@@ -48,7 +49,10 @@ class Params:
     height: int | None = None
     model_name: str = ""
     model_hash: str = ""
-    # settings the source recorded that t2i has no way to honour, as "key: value" (hires fix, clip skip, ...)
+    clip_skip: int | None = None  # A1111's count (1 = the last layer)
+    # the hires fix as t2i.pipelines.hires.Hires' fields (scale, width, height, steps, denoise, upscaler); None: off
+    hires: dict | None = None
+    # settings the source recorded that t2i has no way to honour, as "key: value" (an upscaler model, ...)
     unhonoured: list[str] = field(default_factory=list)
 
 
@@ -126,7 +130,10 @@ def _utf16(body: bytes) -> str:
 def from_settings(s: Settings) -> Params:
     return Params(prompt=s.prompt, negative_prompt=s.negative_prompt, steps=s.steps, sampler=s.sampler,
                   schedule=s.scheduler, guidance=s.guidance, seed=s.seed, width=s.width, height=s.height,
-                  model_name=s.model_name, model_hash=s.model_hash)
+                  model_name=s.model_name, model_hash=s.model_hash, clip_skip=s.clip_skip,
+                  hires=None if not s.hires_upscaler else
+                  {"scale": s.hires_scale, "width": s.hires_width, "height": s.hires_height,
+                   "steps": s.hires_steps, "denoise": s.hires_denoise, "upscaler": s.hires_upscaler})
 
 
 # A1111 fields t2i takes (or that change nothing t2i makes); any other one is reported as not honoured.
@@ -151,16 +158,33 @@ def from_a1111(text: str) -> Params:
             p.width, p.height = int(w), int(h)
         else:
             p.unhonoured.append(f"Size: {size} (not WxH)")
-    if fields.get("Clip skip", "1") not in ("1", ""):
-        p.unhonoured.append(f"Clip skip: {fields['Clip skip']}")
-    if "Hires upscale" in fields or "Hires resize-1" in fields or "Hires steps" in fields:
-        p.unhonoured.append(f"Hires upscale: {fields.get('Hires upscale', '?')} (t2i has no hires fix: the first "
-                            "pass is made)")
+    if fields.get("Clip skip"):
+        p.clip_skip = _number(fields, "Clip skip", int, p)
+    if any(k in fields for k in ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler")):
+        p.hires = _hires(fields, p)
     elif "Denoising strength" in fields:
         p.unhonoured.append(f"Denoising strength: {fields['Denoising strength']} (an img2img setting; use "
                             "t2i img2img with the init image)")
     p.unhonoured += [f"{k}: {v}" for k, v in fields.items() if k not in _A1111_TAKEN and not k.startswith("Hires")]
     return p
+
+
+def _hires(fields: dict, p: Params) -> dict:
+    """A1111's hires fields as Hires' (t2i.pipelines.hires): A1111's defaults where one is missing (scale 2,
+    denoise 0.7, the Latent upscaler); an upscaler model t2i lacks (ESRGAN...) is replaced by Lanczos, noted."""
+    hires = {"scale": _number(fields, "Hires upscale", float, p) or 2.0, "width": 0, "height": 0,
+             "steps": _number(fields, "Hires steps", int, p) or 0,
+             "denoise": _number(fields, "Denoising strength", float, p) or 0.7, "upscaler": "latent"}
+    w, _, h = fields.get("Hires resize", "").partition("x")
+    if w.isdigit() and h.isdigit():
+        hires["width"], hires["height"] = int(w), int(h)
+    label = fields.get("Hires upscaler")
+    if label:
+        by_label = {v.lower(): k for k, v in HIRES_UPSCALERS.items()} | {k: k for k in HIRES_UPSCALERS}
+        hires["upscaler"] = by_label.get(label.strip().lower(), "lanczos")
+        if label.strip().lower() not in by_label:
+            p.unhonoured.append(f"Hires upscaler: {label} (t2i has no upscaler models; Lanczos upscales instead)")
+    return hires
 
 
 def _number(fields: dict, key: str, kind, p: Params):
@@ -318,6 +342,12 @@ def request_from_image(path: str | Path, **overrides):
         except UsageError as e:
             where = f"sampler {p.sampler}" + (f", schedule {p.schedule}" if p.schedule else "")
             notes.append(f"{path}: not honoured: {where} ({str(e).split(';')[0]}); the model's default runs")
+    if p.clip_skip is not None and p.clip_skip != 1:
+        fields["clip_skip"] = p.clip_skip
+    if p.hires is not None:
+        from t2i.pipelines.hires import Hires  # deferred: torch
+
+        fields["hires"] = Hires(**p.hires)
     if found.source == "t2i" and found.settings is not None:
         s = found.settings
         fields["loras"] = list(s.loras)

@@ -20,9 +20,11 @@ import contextlib
 import dataclasses
 import io
 import itertools
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterator
 
 from PIL import Image
@@ -32,7 +34,10 @@ from t2i.errors import UsageError
 from t2i.images import as_mask, check_mask, read_input
 from t2i.lora import LoraSet, parse_lora_arg
 from t2i.models import tiny_vae
-from t2i.pipelines import Image2Image, Inpaint, Text2Image
+from t2i.devices import resolve_device, resolve_dtype
+from t2i.models.vae import resolve_vae
+from t2i.pipelines import BasePipeline, Image2Image, Inpaint, Text2Image
+from t2i.pipelines.hires import Hires, plan as hires_plan
 from t2i.prompts import extract_loras
 from t2i.settings import LoraSpec, Settings
 
@@ -68,6 +73,11 @@ class Request:
     device: str = "auto"
     dtype: str = "auto"
     allow_pickle: bool = False
+    # A1111's everyday set (issue 29)
+    clip_skip: int = 1  # 1 = the text encoder's last layer, 2 = the one before (SD 1.x; see BasePipeline.clip_skip)
+    vae: str | Path | None = None  # a diffusers VAE folder, a weights file or a name in vae_dir; None: the model's
+    vae_dir: str | Path | None = None  # where a VAE given by name is found (A1111's models/VAE)
+    hires: Hires | None = None  # text2image: A1111's hires fix (t2i.pipelines.hires)
     # dynamic prompts ({red|blue}, __wildcard__; t2i.dynamic_prompts): "off" keeps prompts as written (the
     # server's default), "random" resolves each image's prompt from its seed, "combinatorial" makes every
     # combination of each prompt (each one a prompt of its own, starting at the seed)
@@ -87,6 +97,8 @@ class Job:
     options: speed.SpeedOptions | None
     inputs: dict  # the task's own arguments of the pipeline call (init image, mask, strength, ...)
     source: models.ModelSource
+    vae: Path | None = None  # the request's VAE, vetted
+    hires: Hires | None = None  # the request's hires fix, checked
     # dynamic prompts: the template each of request.prompts comes from ("" for a prompt as written); with
     # "combinatorial", request.prompts are the combinations (the Job's own copy of the request)
     templates: list[str] = field(default_factory=list)
@@ -120,7 +132,52 @@ def check(request: Request) -> Job:
     inputs = _image_inputs(r)
     loras = _loras(r)
     options = _speed_options(r, source)
-    return Job(r, loras, options, inputs, source, templates=templates)
+    guards.check_clip_skip(r.clip_skip, _text_encoder_depth(source))
+    vae = resolve_vae(r.vae, r.vae_dir, r.allow_pickle) if r.vae else None
+    hires = _hires(r, source)
+    return Job(r, loras, options, inputs, source, templates=templates, vae=vae, hires=hires)
+
+
+def _text_encoder_depth(source: models.ModelSource) -> int | None:
+    """The layers of a model folder's text encoder (what clip skip can skip), or None before loading."""
+    if source.kind not in ("bundled", "folder"):
+        return None
+    try:
+        return int(json.loads((Path(source.location) / "text_encoder" / "config.json").read_text())
+                   ["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # the loader says what is wrong with the folder
+
+
+def _hires(r: Request, source: models.ModelSource) -> Hires | None:
+    """The hires fix checked: text2image only, its settings in range, and, where the size and the model's
+    configs are known before loading, its size within the memory budget."""
+    if r.hires is None:
+        return None
+    if r.task != "text2image":
+        raise UsageError(f"hires fix is for text2image; {r.task} takes no hires settings")
+    hires = r.hires.checked()
+    if r.width is None or r.height is None or source.kind not in ("bundled", "folder"):
+        return hires  # the pipeline checks it once the model's native size is known
+    try:
+        folder = Path(source.location)
+        configs = {name: json.loads((folder / name / "config.json").read_text()) for name in ("unet", "vae")}
+        f = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+        device = resolve_device(r.device)
+        sizing = SimpleNamespace(  # what BasePipeline.memory_estimate reads, from the configs alone
+            vae_scale_factor=f, exact_batch=True, dtype=resolve_dtype(r.dtype, device),
+            pipe=SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(**configs["unet"])),
+                                 vae=SimpleNamespace(config=SimpleNamespace(**configs["vae"]))))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return hires  # the loader says what is wrong with the folder; the pipeline checks memory
+    plan = hires_plan(hires, r.width, r.height, f)
+    try:
+        need = BasePipeline.memory_estimate(sizing, r.batch, plan.out_w, plan.out_h)
+    except (TypeError, AttributeError, IndexError):
+        return hires  # an odd config: the pipeline checks memory once loaded
+    guards.check_memory(need, device, f"the hires size {plan.out_w}x{plan.out_h} is too large: use a smaller "
+                                      "hires scale or size, or a smaller batch")
+    return hires
 
 
 def _check_schedule(r: Request) -> None:
@@ -220,6 +277,8 @@ def prepare(pipe, job: Job):
         pipe.autoguidance = r.autoguidance  # refuses a scale > 0 on a model without a guide/ UNet
     pipe.loras.lora_dir = Path(r.lora_dir) if r.lora_dir else None
     pipe.loras.allow_pickle = r.allow_pickle
+    pipe.clip_skip = r.clip_skip  # refuses a clip skip beyond the text encoder's layers
+    pipe.set_vae(job.vae, allow_pickle=r.allow_pickle)  # None: the model's own (a shared pipeline gets it back)
     return pipe
 
 
@@ -255,8 +314,7 @@ def call(pipe, job: Job, prompt: str, seed: int | None, progress=None, template:
         return _call_template(pipe, job, template, prompt, seed, progress)
     return pipe(prompt, **job.inputs, negative_prompt=r.negative_prompt, steps=r.steps, guidance=r.guidance,
                 sampler=r.sampler, seed=seed, width=r.width, height=r.height, batch=r.batch, loras=job.loras,
-                scheduler=r.scheduler,
-                progress=progress)
+                scheduler=r.scheduler, progress=progress, **({"hires": job.hires} if job.hires is not None else {}))
 
 
 def _call_template(pipe, job: Job, template: str, prompt: str, seed: int | None, progress):

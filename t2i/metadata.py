@@ -23,6 +23,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from t2i.choices import HIRES_UPSCALERS
 from t2i.errors import UsageError
 from t2i.samplers import a1111_names
 from t2i.settings import Settings
@@ -64,8 +65,10 @@ def a1111_parameters(s: Settings) -> str:
         fields.append(("Model hash", s.model_hash[:10]))
     if s.model_name:
         fields.append(("Model", s.model_name))
+    fields += _vae_fields(s)
     if s.strength is not None:
         fields.append(("Denoising strength", _fmt_number(s.strength)))
+    fields += _clip_skip_and_hires_fields(s)
     if s.mask_blur is not None:
         fields.append(("Mask blur", str(s.mask_blur)))
     if s.invert_mask:
@@ -77,6 +80,32 @@ def a1111_parameters(s: Settings) -> str:
     fields.append(("Version", f"t2i {s.versions.get('t2i', '')}".strip()))
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields))
     return "\n".join(lines)
+
+
+def _vae_fields(s: Settings) -> list[tuple[str, str]]:
+    """A1111's "VAE hash" and "VAE" (the file name) of a VAE override; none for the model's own."""
+    if not s.vae:
+        return []
+    return [("VAE hash", s.vae_hash[:10]), ("VAE", s.vae_name)]
+
+
+def _clip_skip_and_hires_fields(s: Settings) -> list[tuple[str, str]]:
+    """A1111's "Clip skip" (above 1 only) and hires fix fields: "Denoising strength", "Hires upscale" (or
+    "Hires resize"), "Hires steps" (when not the first pass's), "Hires upscaler"."""
+    fields = []
+    if s.hires_upscaler and s.strength is None:
+        fields.append(("Denoising strength", _fmt_number(s.hires_denoise)))
+    if s.clip_skip > 1:
+        fields.append(("Clip skip", str(s.clip_skip)))
+    if s.hires_upscaler:
+        if s.hires_width or s.hires_height:
+            fields.append(("Hires resize", f"{s.hires_width}x{s.hires_height}"))
+        else:
+            fields.append(("Hires upscale", _fmt_number(s.hires_scale)))
+        if s.hires_steps:
+            fields.append(("Hires steps", str(s.hires_steps)))
+        fields.append(("Hires upscaler", HIRES_UPSCALERS.get(s.hires_upscaler, s.hires_upscaler)))
+    return fields
 
 
 _FIELD = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')

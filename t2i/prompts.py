@@ -189,15 +189,18 @@ class Encoded:
 
 
 def encode_sd(tokenizer, text_encoder, prompt: str, clip_skip: int | None = None) -> Encoded:
-    """SD 1.x/2.x: last hidden state (or an earlier layer with clip_skip) per chunk, concatenated."""
+    """SD 1.x/2.x: last hidden state per chunk, concatenated; or, with A1111's clip skip N > 1, the output of
+    the N-th layer from the end (hidden_states[-N]) through the final layer norm, as A1111's
+    sd_hijack_clip applies it (1 or None: the last layer, the norm included as the encoder applies it)."""
     device = text_encoder.device
     parts = []
     for chunk in tokenize(tokenizer, prompt):
         ids, w = _window(tokenizer, chunk, device)
         with torch.no_grad():
-            if clip_skip:
+            if clip_skip and clip_skip > 1:
                 out = text_encoder(ids, output_hidden_states=True)
-                z = text_encoder.text_model.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
+                norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm  # transformers 4 | 5
+                z = norm(out.hidden_states[-clip_skip])  # (1, 77, D)
             else:
                 z = text_encoder(ids)[0]  # (1, 77, D)
         parts.append(_apply_weights(z, w))

@@ -223,3 +223,50 @@ def load_pipeline(args, task: str = "text2image"):
         cls = {"text2image": Text2Image, "image2image": Image2Image, "inpaint": Inpaint}[task]
         return cls.from_pretrained(args.model, device=args.device or "auto", dtype=args.dtype or "auto",
                                    allow_pickle=args.allow_pickle, model_config=args.model_config)
+
+
+def everyday_args(p: argparse.ArgumentParser, hires: bool = False) -> None:
+    """A1111's everyday set: clip skip, a VAE override and (text to image) the hires fix."""
+    from t2i.choices import HIRES_UPSCALERS
+
+    g = p.add_argument_group("A1111 everyday set")
+    g.add_argument("--clip-skip", type=positive_int, metavar="N",
+                   help="stop the text encoder N-1 layers early, as A1111 counts: 1 = the last layer (default), "
+                        "2 = the one before (SD 1.x; SD 2.x and SDXL ignore it, as in A1111)")
+    g.add_argument("--vae", metavar="PATH|NAME",
+                   help="decode with this VAE instead of the model's: a diffusers VAE folder, a .safetensors file "
+                        "(original or diffusers layout) or a name in --vae-dir; pickles only with --allow-pickle")
+    g.add_argument("--vae-dir", metavar="DIR", help="where --vae NAME is found (A1111's models/VAE)")
+    if not hires:
+        return
+    h = p.add_argument_group("hires fix (A1111's): generate, upscale, redraw at the larger size")
+    h.add_argument("--hires-scale", type=number, metavar="F", help="turn it on: each side times F (e.g. 2)")
+    h.add_argument("--hires-width", type=positive_int, default=0, metavar="W",
+                   help="turn it on: this width (with --hires-height: both, the overhang cropped; alone: the "
+                        "height in the first pass's ratio)")
+    h.add_argument("--hires-height", type=positive_int, default=0, metavar="H", help="turn it on: this height")
+    h.add_argument("--hires-steps", type=positive_int, metavar="N",
+                   help="steps of the second pass (default 0: as many as --steps)")
+    h.add_argument("--hires-denoise", type=number, metavar="F",
+                   help="denoising strength of the second pass, in (0, 1] (default 0.7)")
+    h.add_argument("--hires-upscaler", choices=list(HIRES_UPSCALERS), metavar="NAME",
+                   help=f"how the first pass is enlarged: {', '.join(HIRES_UPSCALERS)} (latent*: in latent space; "
+                        "lanczos, nearest: as pixels). Default: latent")
+
+
+def hires_of(args):
+    """The t2i.pipelines.hires.Hires the --hires-* flags ask for, or None when no size turns it on."""
+    if getattr(args, "hires_scale", None) is None and not getattr(args, "hires_width", 0) \
+            and not getattr(args, "hires_height", 0):
+        if any(getattr(args, f"hires_{x}", None) is not None for x in ("steps", "denoise", "upscaler")):
+            raise UsageError("--hires-steps, --hires-denoise and --hires-upscaler need --hires-scale or "
+                             "--hires-width/--hires-height, which turn the hires fix on")
+        return None
+    from t2i.pipelines.hires import Hires  # deferred: torch; --help must not import it
+
+    if args.hires_scale is not None and (args.hires_width or args.hires_height):
+        raise UsageError("give --hires-scale or --hires-width/--hires-height, not both")
+    return Hires(scale=args.hires_scale if args.hires_scale is not None else 2.0, width=args.hires_width,
+                 height=args.hires_height, steps=args.hires_steps or 0,
+                 denoise=args.hires_denoise if args.hires_denoise is not None else 0.7,
+                 upscaler=args.hires_upscaler or "latent")

@@ -10,6 +10,8 @@ from pathlib import Path
 from t2i.cli.common import (
     dynamic_prompt_args,
     dynamic_prompts_mode,
+    everyday_args,
+    hires_of,
     image_args,
     model_args,
     output_args,
@@ -48,6 +50,7 @@ def add_parser(sub) -> None:
                                 "prompt, steps, sampler, schedule, CFG, seed and size recorded in an A1111, t2i or "
                                 "ComfyUI image (PNG, or A1111's JPEG/WebP); flags given here win; a note for each "
                                 "setting t2i cannot honour")
+        everyday_args(g, hires=task == "text2image")
         output_args(g)
         g.set_defaults(func=cmd_generate, task=task)
 
@@ -93,11 +96,14 @@ def _check(args):
                     sampler=args.sampler, scheduler=args.scheduler, width=args.width, height=args.height)
     rest = dict(task=args.task, batch=args.batch, lora_dir=args.lora_dir, autoguidance=args.autoguidance,
                 speed=args.speed, model=args.model, model_config=args.model_config, device=args.device,
-                dtype=args.dtype, allow_pickle=args.allow_pickle, **image)
+                dtype=args.dtype, allow_pickle=args.allow_pickle, vae=args.vae, vae_dir=args.vae_dir, **image)
+    everyday = {"clip_skip": args.clip_skip, "hires": hires_of(args)}  # None: not given (--from-png: the image's)
     if from_png:
+        rest |= everyday
         request = _request_from_png(args, sampling, rest)
     else:
-        request = jobs.Request(prompts, **sampling, seed=args.seed, loras=args.lora, **rest)
+        request = jobs.Request(prompts, **sampling, seed=args.seed, loras=args.lora, **rest,
+                               **{k: v for k, v in everyday.items() if v is not None})
     request.dynamic_prompts, request.wildcard_dir = dynamic_prompts_mode(args), args.wildcard_dir
     job = jobs.check(request)
     request = job.request  # --combinatorial: the job's own request, its prompts every combination

@@ -7,6 +7,8 @@ from pathlib import Path
 from t2i.cli.common import (
     dynamic_prompt_args,
     dynamic_prompts_mode,
+    everyday_args,
+    hires_of,
     model_args,
     output_args,
     print_paths,
@@ -17,7 +19,7 @@ from t2i.cli.startup import no_collections
 from t2i.errors import UsageError
 
 EPILOG = """axes (t2i name or A1111's): seed, steps, cfg ("CFG Scale"), sampler, scheduler ("Schedule type"),
-width, height, autoguidance, negative-prompt, prompt-sr ("Prompt S/R": the first value is replaced by each value, in the prompt and the
+clip-skip ("Clip skip"), width, height, autoguidance, negative-prompt, prompt-sr ("Prompt S/R": the first value is replaced by each value, in the prompt and the
 negative prompt), lora-scale (the scale of every --lora).
 values: comma-separated ("Euler a, DPM++ 2M"; quote one that holds a comma); numbers also as ranges:
 1-5, 10-30 (+10), 30-10 (-10), 1-9 [5] (five evenly spaced).
@@ -44,6 +46,7 @@ def add_parser(sub) -> None:
     dynamic_prompt_args(g)
     model_args(g)
     sampling_args(g)
+    everyday_args(g, hires=True)
     output_args(g)
     g.set_defaults(func=cmd_grid)
 
@@ -83,7 +86,8 @@ def _check(args):
                            width=args.width, height=args.height, loras=args.lora, lora_dir=args.lora_dir,
                            autoguidance=args.autoguidance, speed=args.speed, model=args.model,
                            model_config=args.model_config, device=args.device, dtype=args.dtype,
-                           allow_pickle=args.allow_pickle)
+                           allow_pickle=args.allow_pickle, clip_skip=args.clip_skip or 1, vae=args.vae,
+                           vae_dir=args.vae_dir, hires=hires_of(args))
     request.dynamic_prompts, request.wildcard_dir = dynamic_prompts_mode(args), args.wildcard_dir
     cells = grid.plan(request, axes)
     sizes = [(c.job.request.width, c.job.request.height) for c in cells]

@@ -59,6 +59,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--model-dir", metavar="DIR", help="checkpoints clients may switch to by name "
                                                       "(diffusers folders and .safetensors files)")
     s.add_argument("--lora-dir", metavar="DIR", help="where <lora:NAME:W> finds NAME.safetensors")
+    s.add_argument("--vae-dir", metavar="DIR", help="VAEs clients may choose by name (A1111's models/VAE; "
+                                                    "also NAME.vae.safetensors in --model-dir)")
     s.add_argument("--embedding-dir", metavar="DIR", help="textual-inversion embeddings (listed; not applied yet)")
     s.add_argument("--out", "-o", metavar="DIR", help="also save every image here (numbered, never overwriting)")
     s.add_argument("--queue", type=_queue, default=16, metavar="N",
@@ -113,7 +115,8 @@ def config_from_args(args):
                         model_dir=_folder(args.model_dir, "--model-dir"), lora_dir=_folder(args.lora_dir, "--lora-dir"),
                         embedding_dir=_folder(args.embedding_dir, "--embedding-dir"), out=out, queue=args.queue,
                         device=args.device, devices=devices, cors_allow_origins=origins,
-                        log_prompts=args.log_prompts, client_timeout=args.client_timeout)
+                        log_prompts=args.log_prompts, client_timeout=args.client_timeout,
+                        vae_dir=_folder(getattr(args, "vae_dir", None), "--vae-dir"))
 
 
 def _devices(text: str) -> list[str]:

@@ -60,6 +60,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     history: int = 64  # finished jobs remembered (status, and async results until fetched or evicted)
     preview_every: float = 1.0  # seconds between live-preview decodes of a running job
+    vae_dir: Path | None = None  # --vae-dir: VAEs clients choose by name (override_settings sd_vae)
     client_timeout: float = 30.0  # seconds a request has to arrive whole (t2i.server.http); slower: 408, closed
 
     def flags(self) -> dict:
@@ -70,7 +71,7 @@ class ServerConfig:
                 "embedding_dir": str(self.embedding_dir) if self.embedding_dir else None,
                 "out": str(self.out) if self.out else None, "queue": self.queue, "device": self.device,
                 "devices": self.worker_devices, "cors_allow_origins": list(self.cors_allow_origins),
-                "log_prompts": self.log_prompts, "api": True, "nowebui": False, "listen": self.host != "127.0.0.1"}
+                "log_prompts": self.log_prompts, "vae_dir": str(self.vae_dir) if self.vae_dir else None, "api": True, "nowebui": False, "listen": self.host != "127.0.0.1"}
 
 
     @property

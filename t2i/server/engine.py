@@ -72,6 +72,10 @@ class GenRequest:
     invert_mask: bool = False
     save: bool = False  # also write the PNGs into the server's --out folder
     scheduler: str | None = None  # a t2i schedule key (t2i.samplers.SCHEDULES); None: automatic
+    # A1111's everyday set (issue 29)
+    clip_skip: int = 1
+    vae: str | None = None  # a VAE file or folder the server lists (GET /sdapi/v1/sd-vae); None: the model's own
+    hires: object | None = None  # t2i.pipelines.hires.Hires (text2image), checked
 
     @property
     def images(self) -> int:
@@ -276,7 +280,8 @@ class Engine:
                             height=req.height, batch=req.batch_size, iterations=req.n_iter, lora_dir=self.lora_dir,
                             init_image=req.init_image, strength=req.strength, mask=req.mask,
                             mask_blur=req.mask_blur, invert_mask=req.invert_mask, model=self.location,
-                            device=self.device, scheduler=req.scheduler)
+                            device=self.device, scheduler=req.scheduler, clip_skip=req.clip_skip, vae=req.vae,
+                            hires=req.hires)
 
 
 def is_out_of_memory(e: BaseException) -> bool:

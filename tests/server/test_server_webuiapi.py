@@ -72,5 +72,11 @@ def test_samplers_schedulers_and_lists(api):
 
 def test_a_refusal_reaches_the_client(api):
     with pytest.raises(RuntimeError) as e:
-        api.txt2img(prompt="x", width=32, height=32, enable_hr=True)
-    assert e.value.args[0] == 422 and "enable_hr" in e.value.args[1]
+        api.txt2img(prompt="x", width=32, height=32, tiling=True)
+    assert e.value.args[0] == 422 and "tiling" in e.value.args[1]
+
+
+def test_hires_fix_through_webuiapi(api):
+    result = api.txt2img(prompt="x", width=32, height=32, steps=2, seed=1, enable_hr=True, hr_scale=1.5,
+                         hr_upscaler=webuiapi.HiResUpscaler.Latent, denoising_strength=0.5)
+    assert result.image.size == (48, 48) and "Hires upscale: 1.5" in result.info["infotexts"][0]
