@@ -62,8 +62,8 @@ def test_a1111_parameters_in_jpeg_and_webp_exif(tmp_path, fmt, byte_order):
     assert (p.steps, p.sampler, p.schedule, p.guidance, p.seed, p.width, p.height) == (
         12, "DPM++ 2M", "Exponential", 5.5, 77, 64, 96)
     assert (p.model_name, p.model_hash) == ("sd15", "0123456789")
-    assert any(x.startswith("Clip skip: 2") for x in p.unhonoured)
-    assert any(x.startswith("Hires upscale: 2") for x in p.unhonoured)
+    assert p.clip_skip == 2 and p.unhonoured == []
+    assert p.hires == {"scale": 2.0, "width": 0, "height": 0, "steps": 10, "denoise": 0.7, "upscaler": "latent"}
 
 
 def test_info_prints_a1111_exif_text(run_cli, tmp_path):

@@ -49,11 +49,27 @@ def test_a1111_png_settings_run_with_notes_for_the_rest(run_cli, a1111_png, ink_
     assert (s.prompt, s.negative_prompt) == ("a red circle <lora:ink:0.5>", "blue square")  # the tag stays
     assert (s.steps, s.sampler, s.scheduler, s.guidance, s.seed, s.width, s.height) == (
         2, "dpm++2m", "exponential", 5.5, 77, 32, 40)
+    # A1111's clip skip and hires fix, as recorded: 2 steps at 32x40, then 4 steps at 64x80 from the latents
+    assert (s.clip_skip, s.hires_scale, s.hires_steps, s.hires_denoise, s.hires_upscaler) == (2, 2.0, 4, 0.6, "latent")
+    assert Image.open(out).size == (64, 80)
     notes = [line for line in err.splitlines() if line.startswith("note: ")]
-    assert any("not honoured: Clip skip: 2" in n for n in notes)
-    assert any("Hires upscale: 2" in n and "no hires fix" in n for n in notes)
+    assert not any("Clip skip" in n or "Hires" in n or "Denoising" in n for n in notes)
     assert any("anything-v5 [0123456789]" in n and "tiny-sd" in n for n in notes)  # another model
     assert all(len(n) < 300 for n in notes) and len(err.splitlines()) == len(notes)
+
+
+def test_an_upscaler_model_t2i_lacks_is_replaced_by_lanczos_with_a_note(run_cli, tiny_sd, tmp_path):
+    info = PngInfo()
+    info.add_text("parameters", A1111_TEXT.replace("Hires upscaler: Latent", "Hires upscaler: R-ESRGAN 4x+")
+                  .replace(" <lora:ink:0.5>", ""))
+    source, out = tmp_path / "esrgan.png", tmp_path / "out.png"
+    Image.new("RGB", (32, 40), "white").save(source, pnginfo=info)
+    code, _, err = run_cli("generate", "--from-png", source, "--model", tiny_sd, "--out", out, "-q",
+                           "--clip-skip", "1")
+    assert code == 0, err
+    s = _made(out)
+    assert (s.hires_upscaler, s.clip_skip) == ("lanczos", 1)  # a flag given wins over the image's Clip skip
+    assert any("R-ESRGAN 4x+" in line and "Lanczos" in line for line in err.splitlines() if line.startswith("note: "))
 
 
 def test_flags_given_win_and_a_new_sampler_takes_its_own_schedule(run_cli, a1111_png, ink_dir, tiny_sd, tmp_path):
