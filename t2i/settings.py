@@ -15,6 +15,15 @@ class LoraSpec:
 
 
 @dataclass
+class EmbeddingSpec:
+    """A textual-inversion embedding a prompt called (see t2i.embeddings)."""
+
+    name: str  # the file's stem, the word in the prompt
+    hash: str = ""  # A1111's short hash (12 hex of the file's sha256), its `TI hashes` entry
+    path: str = ""
+
+
+@dataclass
 class Settings:
     prompt: str
     negative_prompt: str = ""
@@ -48,6 +57,8 @@ class Settings:
     batch_size: int = 1  # images made in the same call: reproduce replays the whole call
     batch_index: int = 0  # position in that call (the seed is already per image)
     versions: dict[str, str] = field(default_factory=dict)
+    # textual-inversion embeddings the prompt and negative prompt called, recorded as A1111's `TI hashes`
+    embeddings: list[EmbeddingSpec] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,4 +68,5 @@ class Settings:
         known = {f.name for f in fields(cls)}
         data = {k: v for k, v in data.items() if k in known}
         data["loras"] = [LoraSpec(**l) for l in data.get("loras", [])]
+        data["embeddings"] = [EmbeddingSpec(**e) for e in data.get("embeddings", [])]
         return cls(**data)
