@@ -83,7 +83,8 @@ class Server:
         self.config = config
         self.limits = config.limits
         self.registry = Registry(config.model, config.model_dir, config.lora_dir, config.embedding_dir)
-        self.engines = [core.Engine(device, config.lora_dir, config.out) for device in config.worker_devices]
+        self.engines = [core.Engine(device, config.lora_dir, config.out, config.embedding_dir)
+                        for device in config.worker_devices]
         self.engine = self.engines[0]
         self.models: dict[str, dict] = {}  # name -> model_info of checkpoints loaded so far
         self.queue = JobQueue(self.engines, config.queue, config.history, self._loaded, config.preview_every)
