@@ -77,3 +77,16 @@ def test_a_finished_run_is_never_overwritten(trained, tiny_sd, data, run_cli, no
     _, out = trained
     code, _, err = run_cli("train", "embedding", "--model", tiny_sd, "--data", data, "--output", out, "--token", "zorb")
     assert code == 2 and "exists" in one_line(err)
+
+
+def test_eval_style_measures_an_embedding(trained, sd_pipe, run_cli, tmp_path):
+    from t2i.demo import shapeeval
+    from t2i.demo.styles import embedding_eval
+
+    path, _ = trained
+    prompts = shapeeval.build_prompts()[:2]
+    rows = embedding_eval(sd_pipe, path, "pastel", prompts=prompts, seeds=(0,), data_n=4)
+    assert list(rows) == ["style data", "base", "base + the name as a word", "embedding"]
+    assert not sd_pipe.embeddings.files and not sd_pipe.embeddings.dirs  # the pipeline's own set is back
+    code, _, err = run_cli("eval", "--style", "pastel", "--embedding", tmp_path / "none.safetensors")
+    assert code == 2 and "does not exist" in one_line(err)
