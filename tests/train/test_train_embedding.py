@@ -41,7 +41,7 @@ def test_run_writes_an_a1111_layout_file_that_only_the_vectors_made(trained, sd_
 
 
 def test_the_file_calls_its_vectors_by_name_in_generate(trained, tiny_sd, run_cli, tmp_path):
-    path, out = trained
+    _, out = trained
     code, stdout, err = run_cli("generate", "a square, zorb", "--model", tiny_sd, "--embedding-dir", out,
                                 "--steps", "1", "-q", "--out", tmp_path / "o")
     assert code == 0, err
