@@ -17,7 +17,9 @@ each call's `Result`; the images go to one writer (`t2i.output.save_images` or
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import itertools
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from typing import Callable, Iterator
 
 from PIL import Image
 
-from t2i import guards, metadata, models, speed
+from t2i import dynamic_prompts, guards, metadata, models, speed
 from t2i.embeddings import EmbeddingSet, model_folder_dir
 from t2i.errors import UsageError
 from t2i.images import as_mask, check_mask, read_input
@@ -67,6 +69,11 @@ class Request:
     device: str = "auto"
     dtype: str = "auto"
     allow_pickle: bool = False
+    # dynamic prompts ({red|blue}, __wildcard__; t2i.dynamic_prompts): "off" keeps prompts as written (the
+    # server's default), "random" resolves each image's prompt from its seed, "combinatorial" makes every
+    # combination of each prompt (each one a prompt of its own, starting at the seed)
+    dynamic_prompts: str = "off"
+    wildcard_dir: str | Path | None = None  # where __NAME__ finds NAME.txt
     # textual inversion: where an embedding's name in a prompt finds NAME.safetensors (the model folder's
     # embeddings/ is searched after it)
     embedding_dir: str | Path | None = None
@@ -81,6 +88,9 @@ class Job:
     options: speed.SpeedOptions | None
     inputs: dict  # the task's own arguments of the pipeline call (init image, mask, strength, ...)
     source: models.ModelSource
+    # dynamic prompts: the template each of request.prompts comes from ("" for a prompt as written); with
+    # "combinatorial", request.prompts are the combinations (the Job's own copy of the request)
+    templates: list[str] = field(default_factory=list)
 
     @property
     def images(self) -> int:
@@ -105,12 +115,13 @@ def check(request: Request) -> Job:
             raise UsageError(f"seed {r.seed} + {r.iterations * r.batch} images runs past 2**64-1; use a smaller seed")
     if r.width is not None or r.height is not None:
         guards.check_size(r.width or 8, r.height or 8)
+    r, templates = _dynamic_prompts(r)
     source = models.resolve(r.model)
     inputs = _image_inputs(r)
     loras = _loras(r)
     options = _speed_options(r, source)
     _embeddings(r, source)
-    return Job(r, loras, options, inputs, source)
+    return Job(r, loras, options, inputs, source, templates=templates)
 
 
 def _image_inputs(r: Request) -> dict:
@@ -174,6 +185,30 @@ def _speed_options(r: Request, source: models.ModelSource) -> speed.SpeedOptions
     return options
 
 
+def _dynamic_prompts(r: Request) -> tuple[Request, list[str]]:
+    """Each prompt that is a dynamic-prompt template checked (grammar, wildcard files); with "combinatorial" the
+    request's prompts replaced by every combination (a copy of the request). Returns (request, templates)."""
+    if r.dynamic_prompts not in dynamic_prompts.MODES:
+        raise UsageError(f"unknown dynamic prompts mode {r.dynamic_prompts!r}; use one of: "
+                         f"{', '.join(dynamic_prompts.MODES)}")
+    if r.dynamic_prompts == "off":
+        return r, []
+    templates = ["" if not dynamic_prompts.is_template(p) else p for p in r.prompts]
+    for t in dict.fromkeys(filter(None, templates)):
+        dynamic_prompts.check(t, r.wildcard_dir)
+    if r.dynamic_prompts == "random" or not any(templates):
+        return r, templates
+    prompts, expanded = [], []
+    for p, t in zip(r.prompts, templates):
+        combos = dynamic_prompts.combinations(t, r.wildcard_dir) if t else [p]
+        prompts += combos
+        expanded += [t] * len(combos)
+        if len(prompts) > dynamic_prompts.MAX_COMBINATIONS:
+            raise UsageError(f"the prompts make more than {dynamic_prompts.MAX_COMBINATIONS} combinations; use "
+                             "fewer variants, or leave out --combinatorial (one random combination per image)")
+    return dataclasses.replace(r, prompts=prompts), expanded
+
+
 def load(job: Job):
     """The pipeline of the job's task over its model (`from_pretrained`), set up as the job asks."""
     r = job.request
@@ -216,16 +251,39 @@ def run(pipe, job: Job, progress=None, only: Callable[[int], bool] | None = None
     with speed.apply(pipe, job.options) if job.options else contextlib.nullcontext():
         for i, prompt, seed in calls(job):
             if only is None or only(i):
-                yield call(pipe, job, prompt, seed, progress)
+                yield call(pipe, job, prompt, seed, progress, template=job.templates[i] if job.templates else "")
 
 
-def call(pipe, job: Job, prompt: str, seed: int | None, progress=None):
+def call(pipe, job: Job, prompt: str, seed: int | None, progress=None, template: str = ""):
     """One pipeline call of the job (see `calls`): `batch` images from `seed` on (None: a random seed).
-    The job's speed options must already be on (`run` turns them on for all its calls)."""
+    The job's speed options must already be on (`run` turns them on for all its calls).
+    `template`: the dynamic prompt `prompt` comes from (`job.templates`; see `_call_template`)."""
     r = job.request
+    if template:
+        return _call_template(pipe, job, template, prompt, seed, progress)
     return pipe(prompt, **job.inputs, negative_prompt=r.negative_prompt, steps=r.steps, guidance=r.guidance,
                 sampler=r.sampler, seed=seed, width=r.width, height=r.height, batch=r.batch, loras=job.loras,
                 progress=progress)
+
+
+def _call_template(pipe, job: Job, template: str, prompt: str, seed: int | None, progress):
+    """A call whose prompt comes from a dynamic-prompt template, recorded in each image's settings. Under
+    "random" each image's prompt is resolved from its own seed: images that resolve alike share a call."""
+    r = job.request
+    if r.dynamic_prompts != "random":
+        groups = [(prompt, r.batch)]  # a combination, already resolved
+    else:
+        seed = random.randrange(2**32) if seed is None else seed  # the prompts need the seeds now
+        resolved = dynamic_prompts.resolve_many(template, [seed + j for j in range(r.batch)], r.wildcard_dir)
+        groups = [(text, len(list(same))) for text, same in itertools.groupby(resolved)]
+    images, settings, first = [], [], 0
+    for text, n in groups:
+        part = dataclasses.replace(job, request=dataclasses.replace(r, batch=n))
+        result = call(pipe, part, text, None if seed is None else seed + first, progress)
+        images += result.images
+        settings += [dataclasses.replace(s, prompt_template=template) for s in result.settings]
+        first += n
+    return dataclasses.replace(result, images=images, settings=settings)
 
 
 def png_bytes(image: Image.Image, settings: Settings) -> bytes:

@@ -134,3 +134,19 @@ def read(path: str | Path) -> tuple[str | None, Settings | None]:
         except (json.JSONDecodeError, TypeError, ValueError, KeyError, AttributeError):
             raise UsageError(f"{path} has a malformed t2i metadata chunk") from None
     return text.get(A1111_KEY), settings
+
+
+def grid_png_info(settings: Settings, fields: dict[str, str], record: dict) -> PngInfo:
+    """A grid's chunks, as A1111 writes them: the first image's `parameters` with the grid's own fields added
+    (Script: X/Y/Z plot, X Type, X Values, ...); the JSON chunk is the first image's settings plus a `grid`
+    record (t2i.grid.json_record: its axes and each cell's file)."""
+    info = PngInfo()
+    extra = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items())
+    info.add_text(A1111_KEY, f"{a1111_parameters(settings)}, {extra}")
+    info.add_text(JSON_KEY, json.dumps({**settings.to_dict(), "grid": record}, ensure_ascii=False, sort_keys=True))
+    return info
+
+
+def is_grid(parameters: str | None) -> bool:
+    """Whether an image's A1111 `parameters` are a grid's (A1111's X/Y/Z plot fields, as `grid_png_info` writes)."""
+    return bool(parameters) and parse_a1111(parameters).get("Script") == "X/Y/Z plot"

@@ -89,7 +89,10 @@ def reproduce(image: str | Path, model: str | None = None, device: str | None = 
     Images made by img2img or inpaint replay from their recorded init image and mask
     (or `init`/`mask` when the files moved), which must have the recorded pixels.
     """
-    _, settings = metadata.read(image)
+    parameters, settings = metadata.read(image)
+    if metadata.is_grid(parameters):
+        raise UsageError(f"{image} is an X/Y/Z grid; reproduce one of its single images (t2i grid writes them "
+                         "beside it, its t2i chunk lists them)")
     if settings is None:
         raise UsageError(f"{image} has no t2i settings to replay (A1111 text alone is not exact enough)")
     classes = {"text2image": Text2Image, "image2image": Image2Image, "inpaint": Inpaint}

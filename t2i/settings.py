@@ -57,6 +57,9 @@ class Settings:
     batch_size: int = 1  # images made in the same call: reproduce replays the whole call
     batch_index: int = 0  # position in that call (the seed is already per image)
     versions: dict[str, str] = field(default_factory=dict)
+    # dynamic prompts: the template `prompt` was resolved from ("" when the prompt was written out); the JSON
+    # chunk only: A1111's `parameters` holds the resolved prompt, which is what `reproduce` replays
+    prompt_template: str = ""
     # textual-inversion embeddings the prompt and negative prompt called, recorded as A1111's `TI hashes`
     embeddings: list[EmbeddingSpec] = field(default_factory=list)
 

@@ -102,6 +102,26 @@ def prompt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts-file", metavar="FILE", help="one prompt per line ('#' comments); each prompt starts at --seed")
 
 
+def dynamic_prompt_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("dynamic prompts", "{red|blue} circle: one variant per image, picked from its seed; "
+                             "{0.5::red|2::blue}: weighted; {2$$a|b|c}: two of them; __colors__: a line of "
+                             "colors.txt in --wildcard-dir (the dynamicprompts library's syntax)")
+    g.add_argument("--combinatorial", action="store_true",
+                   help="every combination of the variants and wildcards, each a prompt of its own starting at "
+                        "--seed (at most 1000)")
+    g.add_argument("--wildcard-dir", metavar="DIR", help="where __NAME__ finds NAME.txt (__a/b__: a/b.txt)")
+    g.add_argument("--no-dynamic-prompts", action="store_true", help="keep {, } and __ in the prompt as written")
+
+
+def dynamic_prompts_mode(args) -> str:
+    """The jobs.Request.dynamic_prompts mode the dynamic-prompt arguments ask for."""
+    if args.no_dynamic_prompts:
+        if args.combinatorial:
+            raise UsageError("--combinatorial and --no-dynamic-prompts contradict each other; give one")
+        return "off"
+    return "combinatorial" if args.combinatorial else "random"
+
+
 def image_args(p: argparse.ArgumentParser, mask: bool = False) -> None:
     g = p.add_argument_group("input image")
     g.add_argument("--init", "-i", required=True, metavar="IMAGE",

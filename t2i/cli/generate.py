@@ -7,6 +7,8 @@ import random
 from pathlib import Path
 
 from t2i.cli.common import (
+    dynamic_prompt_args,
+    dynamic_prompts_mode,
     image_args,
     model_args,
     output_args,
@@ -32,6 +34,7 @@ def add_parser(sub) -> None:
     for command, task, help_text, description in generation:
         g = sub.add_parser(command, help=help_text, description=description + " Paths of written PNGs go to stdout.")
         prompt_args(g)
+        dynamic_prompt_args(g)
         if task != "text2image":
             image_args(g, mask=task == "inpaint")
         model_args(g)
@@ -79,10 +82,14 @@ def _check(args):
                            autoguidance=args.autoguidance, speed=args.speed, model=args.model,
                            model_config=args.model_config, device=args.device, dtype=args.dtype,
                            allow_pickle=args.allow_pickle, embedding_dir=args.embedding_dir, **image)
+    request.dynamic_prompts, request.wildcard_dir = dynamic_prompts_mode(args), args.wildcard_dir
     job = jobs.check(request)
+    request = job.request  # --combinatorial: the job's own request, its prompts every combination
+    if len(request.prompts) > 1 and Path(args.out).suffix.lower() == ".png":
+        raise UsageError("--combinatorial makes several prompts; give a folder as --out")
     plan_paths(args.out, args.batch, args.overwrite)
 
-    share = _distributed_share(args, len(prompts))
+    share = _distributed_share(args, len(request.prompts))
     if share is not None:
         state, _, _, seed = share
         request.seed = seed  # every process draws from the seed process 0 chose

@@ -25,6 +25,7 @@ from t2i.server import engine as core
 from t2i.server.auth import BasicAuth, BodyLimit
 from t2i.server.queue import JobQueue
 from t2i.server.registry import Registry
+from t2i.server.workers import ProcessEngine
 
 log = logging.getLogger("t2i.server")
 
@@ -59,6 +60,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     history: int = 64  # finished jobs remembered (status, and async results until fetched or evicted)
     preview_every: float = 1.0  # seconds between live-preview decodes of a running job
+    client_timeout: float = 30.0  # seconds a request has to arrive whole (t2i.server.http); slower: 408, closed
 
     def flags(self) -> dict:
         """The server's settings as /sdapi/v1/cmd-flags shows them (never the credentials)."""
@@ -83,7 +85,9 @@ class Server:
         self.config = config
         self.limits = config.limits
         self.registry = Registry(config.model, config.model_dir, config.lora_dir, config.embedding_dir)
-        self.engines = [core.Engine(device, config.lora_dir, config.out, config.embedding_dir)
+        # several devices: a worker process each (t2i.server.workers); one: the engine runs in this process
+        engine = ProcessEngine if len(config.worker_devices) > 1 else core.Engine
+        self.engines = [engine(device, config.lora_dir, config.out, config.embedding_dir)
                         for device in config.worker_devices]
         self.engine = self.engines[0]
         self.models: dict[str, dict] = {}  # name -> model_info of checkpoints loaded so far
@@ -116,6 +120,9 @@ class Server:
 
     def stop(self) -> None:
         self.queue.stop()
+        for engine in self.engines:
+            if isinstance(engine, ProcessEngine):
+                engine.close()
 
 
 class RequestLog:
