@@ -23,6 +23,7 @@ from PIL import Image
 
 from t2i import __version__, guards, prompts
 from t2i import models
+from t2i.embeddings import EmbeddingSet, model_folder_dir
 from t2i.models.guide import GUIDE_FOLDER, load_guide
 from t2i.devices import dtype_name, resolve_device, resolve_dtype
 from t2i.errors import NumericalError, UsageError
@@ -31,7 +32,7 @@ from t2i.output import save_images
 from t2i.pipelines.unet_calls import autoguided_unet, per_image_unet
 from t2i.progress import StepBar
 from t2i.samplers import DEFAULT_SAMPLER, get_sampler, make_scheduler, resolve
-from t2i.settings import LoraSpec, Settings
+from t2i.settings import EmbeddingSpec, LoraSpec, Settings
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ class BasePipeline:
         self._own_vae = pipe.vae  # what set_vae(None) puts back
         self.vae_path: Path | None = None  # the VAE decoding now, when not the model's own
         self.vae_hash = ""
+        # Textual-inversion embeddings a prompt calls by name: the model folder's embeddings/ by default
+        self.embeddings = EmbeddingSet([d] if (d := model_folder_dir(model.path)) else [])
 
     # ------------------------------------------------------------------ construction
 
@@ -137,6 +140,7 @@ class BasePipeline:
         """The same loaded components (no reload, no copy) behind another task's pipeline."""
         pipe = cls._convert(other.pipe, other.model.arch)
         new = cls(pipe, other.model, other.loras.rebind(pipe), guide=other.guide)
+        new.embeddings = other.embeddings
         new.autoguidance, new.autoguidance_below = other.autoguidance, other.autoguidance_below
         new._clip_skip, new._own_vae, new.vae_path, new.vae_hash = \
             other._clip_skip, other._own_vae, other.vae_path, other.vae_hash
@@ -272,6 +276,7 @@ class BasePipeline:
         autoguidance = self._autoguidance(prompt, specs, guidance)
         if autoguidance:
             extra |= {"autoguidance": autoguidance, "autoguidance_below": int(self.autoguidance_below)}
+        extra |= self._embedding_specs(prompt, negative_prompt)
         base = Settings(
             prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, guidance=guidance,
             seed=seed, width=width, height=height, model=self.model.source.asked, model_name=self.model.source.name,
@@ -315,19 +320,47 @@ class BasePipeline:
         self.loras.activate(loras, tagged)
         return clean
 
+    def _text_encoders(self) -> tuple[list, list]:
+        """(tokenizers, text encoders): one for SD 1.x/2.x, two for SDXL."""
+        p = self.pipe
+        if self.model.arch == "sdxl":
+            return [p.tokenizer, p.tokenizer_2], [p.text_encoder, p.text_encoder_2]
+        return [p.tokenizer], [p.text_encoder]
+
+    def _embedding_tables(self, *texts: str) -> list[dict]:
+        """For each tokenizer, the lookup of the textual-inversion embeddings these texts may call (see
+        t2i.embeddings); empty tables (no file is read) when there are none."""
+        texts = tuple(prompts.extract_loras(t)[0] for t in texts if t)  # a <lora:NAME:..> tag calls no embedding
+        return [self.embeddings.lookup(tok, list(texts)) for tok in self._text_encoders()[0]]
+
+    def _embedding_specs(self, prompt: str, negative: str) -> dict:
+        """{"embeddings": [EmbeddingSpec]} of the embeddings the prompt and negative prompt call, their vectors
+        checked against this model's text encoders (a one-line UsageError naming the file); {} for none."""
+        toks, encs = self._text_encoders()
+        tables = self._embedding_tables(prompt, negative)
+        used: dict[str, EmbeddingSpec] = {}
+        for text in (prompt, negative):
+            chunks = prompts.tokenize(toks[0], prompts.extract_loras(text or "")[0], tables[0])
+            for emb in prompts.used_embeddings(chunks):
+                for k, enc in enumerate(encs):
+                    emb.for_encoder(k, len(encs), enc.get_input_embeddings().embedding_dim)
+                used.setdefault(emb.name, EmbeddingSpec(emb.name, emb.hash, str(emb.path)))
+        return {"embeddings": list(used.values())} if used else {}
+
     def _encode(self, prompt: str, negative: str, guidance: float) -> dict:
         """Prompt embeddings for the diffusers call (chunked, weighted), cond and uncond alike."""
         p = self.pipe
+        tables = self._embedding_tables(prompt, negative)
         if self.model.arch == "sdxl":
             toks, encs = [p.tokenizer, p.tokenizer_2], [p.text_encoder, p.text_encoder_2]
-            cond = prompts.encode_sdxl(toks, encs, prompt)
+            cond = prompts.encode_sdxl(toks, encs, prompt, embeddings=tables)
             zero = not negative and p.config.get("force_zeros_for_empty_prompt", True)
-            uncond = prompts.encode_sdxl(toks, encs, negative, zero=zero)
+            uncond = prompts.encode_sdxl(toks, encs, negative, zero=zero, embeddings=tables)
             empty = prompts.encode_sdxl(toks, encs, "", zero=zero)
         else:
             skip = self._clip_skip if self.model.arch == "sd1" else 1  # SD 2.x ignores it, as in A1111
-            cond = prompts.encode_sd(p.tokenizer, p.text_encoder, prompt, skip)
-            uncond = prompts.encode_sd(p.tokenizer, p.text_encoder, negative, skip)
+            cond = prompts.encode_sd(p.tokenizer, p.text_encoder, prompt, skip, embeddings=tables[0])
+            uncond = prompts.encode_sd(p.tokenizer, p.text_encoder, negative, skip, embeddings=tables[0])
             empty = prompts.encode_sd(p.tokenizer, p.text_encoder, "", skip)
         cond, uncond = prompts.pad_to_same_length(cond, uncond, empty)
         kwargs = {"prompt_embeds": cond.embeds, "negative_prompt_embeds": uncond.embeds}

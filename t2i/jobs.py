@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 from PIL import Image
 
 from t2i import dynamic_prompts, guards, metadata, models, samplers, speed
+from t2i.embeddings import EmbeddingSet, model_folder_dir
 from t2i.errors import UsageError
 from t2i.images import as_mask, check_mask, read_input
 from t2i.lora import LoraSet, parse_lora_arg
@@ -86,6 +87,9 @@ class Request:
     # A1111's schedule type beside the sampler (t2i.samplers.SCHEDULES key or label); None: automatic, the
     # sampler's own in A1111 1.9+ (Karras for DPM++ 2M)
     scheduler: str | None = None
+    # textual inversion: where an embedding's name in a prompt finds NAME.safetensors (the model folder's
+    # embeddings/ is searched after it)
+    embedding_dir: str | Path | None = None
 
 
 @dataclass
@@ -135,6 +139,7 @@ def check(request: Request) -> Job:
     guards.check_clip_skip(r.clip_skip, _text_encoder_depth(source))
     vae = resolve_vae(r.vae, r.vae_dir, r.allow_pickle) if r.vae else None
     hires = _hires(r, source)
+    _embeddings(r, source)
     return Job(r, loras, options, inputs, source, templates=templates, vae=vae, hires=hires)
 
 
@@ -223,6 +228,21 @@ def _loras(r: Request) -> list[LoraSpec]:
     return specs
 
 
+def embedding_set(r: Request, model_path: str | Path | None) -> EmbeddingSet:
+    """The embeddings a request's prompts can call: its embedding folder, then the model folder's embeddings/."""
+    dirs = [Path(d) for d in (r.embedding_dir, model_folder_dir(model_path)) if d]
+    return EmbeddingSet(dirs, allow_pickle=r.allow_pickle)
+
+
+def _embeddings(r: Request, source: models.ModelSource) -> None:
+    """The embedding folder exists, and every embedding file the prompts may call reads (safetensors unless
+    pickles are allowed, a known layout, finite vectors): a broken or hostile one fails here, not after loading."""
+    if r.embedding_dir is not None and not Path(r.embedding_dir).is_dir():
+        raise UsageError(f"the embedding folder {r.embedding_dir} is not a folder")
+    negative = [r.negative_prompt] if r.negative_prompt else []
+    embedding_set(r, source.location if source.kind != "hub" else None).vet([extract_loras(p)[0] for p in r.prompts] + negative)
+
+
 def _speed_options(r: Request, source: models.ModelSource) -> speed.SpeedOptions | None:
     """The parsed speed options (None: the plain, exact path), refused here if they cannot run."""
     if not r.speed:
@@ -279,6 +299,7 @@ def prepare(pipe, job: Job):
     pipe.loras.allow_pickle = r.allow_pickle
     pipe.clip_skip = r.clip_skip  # refuses a clip skip beyond the text encoder's layers
     pipe.set_vae(job.vae, allow_pickle=r.allow_pickle)  # None: the model's own (a shared pipeline gets it back)
+    pipe.embeddings = embedding_set(r, pipe.model.path)
     return pipe
 
 

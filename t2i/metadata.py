@@ -77,6 +77,8 @@ def a1111_parameters(s: Settings) -> str:
         fields += [("Autoguidance", _fmt_number(s.autoguidance)), ("Autoguidance below", str(s.autoguidance_below))]
     if s.loras:
         fields.append(("Lora hashes", ", ".join(f"{l.name}: {l.hash[:12]}" for l in s.loras)))
+    if s.embeddings:  # A1111 drops ':' and ',' from the names in this field
+        fields.append(("TI hashes", ", ".join(f"{re.sub('[:,]', '', e.name)}: {e.hash[:12]}" for e in s.embeddings)))
     fields.append(("Version", f"t2i {s.versions.get('t2i', '')}".strip()))
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields))
     return "\n".join(lines)

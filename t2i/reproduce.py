@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from t2i import metadata, speed
+from t2i.embeddings import EmbeddingSet, embedding_hash
 from t2i.errors import UsageError
 from t2i.images import as_mask, pixel_hash, read_input, to_rgb
 from t2i.output import plan_paths, save_images
@@ -86,6 +87,22 @@ def _hires(settings) -> dict:
                            upscaler=settings.hires_upscaler)}
 
 
+def _recorded_embeddings(settings, image, allow_pickle: bool) -> EmbeddingSet:
+    """Exactly the embeddings the image was made with (its recorded files, checked by hash): a name that called
+    none then is a word now too."""
+    files = {}
+    for e in settings.embeddings:
+        if not Path(e.path).is_file():
+            raise UsageError(f"the embedding {e.path} used for {image} is missing")
+        if e.hash and embedding_hash(e.path) != e.hash[:12]:
+            raise UsageError(f"the embedding {e.path} is not the one {image} was made with (hash "
+                             f"{embedding_hash(e.path)}, recorded {e.hash[:12]})")
+        files[e.name] = Path(e.path)
+    found = EmbeddingSet(files=files, allow_pickle=allow_pickle)
+    found.vet([settings.prompt, settings.negative_prompt])
+    return found
+
+
 def reproduce(image: str | Path, model: str | None = None, device: str | None = None, dtype: str | None = None,
               allow_pickle: bool = False, out: str | Path | None = None, overwrite: bool = False,
               progress: bool = True, model_config: str | None = None, init: str | None = None,
@@ -120,6 +137,7 @@ def reproduce(image: str | Path, model: str | None = None, device: str | None = 
             raise UsageError(f"the LoRA {lora.path} used for {image} is missing")
     vae = _vae(settings, vae, image, allow_pickle)
     hires = _hires(settings)
+    embeddings = _recorded_embeddings(settings, image, allow_pickle)
     pipe = classes[settings.pipeline].from_pretrained(model if model is not None else (settings.model or None),
                                       device=device or settings.device.split(":")[0],
                                       dtype=dtype or settings.dtype, allow_pickle=allow_pickle,
@@ -129,6 +147,7 @@ def reproduce(image: str | Path, model: str | None = None, device: str | None = 
     if settings.autoguidance and pipe.guide is None:
         raise UsageError(f"{image} was made with autoguidance, and the model {pipe.model.path} has no guide/ UNet; "
                          "give the model it was made with (--model)")
+    pipe.embeddings = embeddings
     pipe.autoguidance = settings.autoguidance  # 0 (off) for images made before autoguidance existed
     pipe.clip_skip = settings.clip_skip  # 1 for images made before clip skip existed
     pipe.set_vae(vae, allow_pickle=allow_pickle)

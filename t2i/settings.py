@@ -15,6 +15,15 @@ class LoraSpec:
 
 
 @dataclass
+class EmbeddingSpec:
+    """A textual-inversion embedding a prompt called (see t2i.embeddings)."""
+
+    name: str  # the file's stem, the word in the prompt
+    hash: str = ""  # A1111's short hash (12 hex of the file's sha256), its `TI hashes` entry
+    path: str = ""
+
+
+@dataclass
 class Settings:
     prompt: str
     negative_prompt: str = ""
@@ -71,6 +80,8 @@ class Settings:
     # The schedule the sampler ran on (t2i.samplers.SCHEDULES key, never "automatic" unless the sampler takes
     # none); "": an image made before t2i had schedules, whose sampler name says it ("dpm++2m-karras").
     scheduler: str = ""
+    # textual-inversion embeddings the prompt and negative prompt called, recorded as A1111's `TI hashes`
+    embeddings: list[EmbeddingSpec] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,4 +91,5 @@ class Settings:
         known = {f.name for f in fields(cls)}
         data = {k: v for k, v in data.items() if k in known}
         data["loras"] = [LoraSpec(**l) for l in data.get("loras", [])]
+        data["embeddings"] = [EmbeddingSpec(**e) for e in data.get("embeddings", [])]
         return cls(**data)

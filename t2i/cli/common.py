@@ -89,6 +89,9 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA (diffusers or kohya/A1111 layout); repeatable")
     g.add_argument("--lora-dir", metavar="DIR", help="where <lora:NAME:SCALE> in a prompt looks for NAME.safetensors")
+    g.add_argument("--embedding-dir", metavar="DIR",
+                   help="textual-inversion embeddings: NAME in a prompt calls DIR/NAME.safetensors (A1111's "
+                        "layouts and diffusers'); the model folder's embeddings/ is searched too")
     g.add_argument("--speed", metavar="OPTS", default="",
                    help="speed options, comma-separated (see t2i bench): batched (a batch in one UNet call: image i "
                         "equals the single run with seed+i to within rounding, not bit for bit), cacheN (feature "

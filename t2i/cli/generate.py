@@ -87,6 +87,8 @@ def _check(args):
         raise UsageError("--prompts-file writes several images; give a folder as --out")
     if args.lora_dir and not Path(args.lora_dir).is_dir():
         raise UsageError(f"--lora-dir {args.lora_dir} is not a folder")
+    if args.embedding_dir and not Path(args.embedding_dir).is_dir():
+        raise UsageError(f"--embedding-dir {args.embedding_dir} is not a folder")
     if args.task == "inpaint" and args.mask_blur < 0:
         raise UsageError(f"--mask-blur must be 0 or more pixels, got {args.mask_blur}")
     image = {} if args.task == "text2image" else {"init_image": args.init, "strength": args.strength}
@@ -96,7 +98,8 @@ def _check(args):
                     sampler=args.sampler, scheduler=args.scheduler, width=args.width, height=args.height)
     rest = dict(task=args.task, batch=args.batch, lora_dir=args.lora_dir, autoguidance=args.autoguidance,
                 speed=args.speed, model=args.model, model_config=args.model_config, device=args.device,
-                dtype=args.dtype, allow_pickle=args.allow_pickle, vae=args.vae, vae_dir=args.vae_dir, **image)
+                dtype=args.dtype, allow_pickle=args.allow_pickle, vae=args.vae, vae_dir=args.vae_dir,
+                embedding_dir=args.embedding_dir, **image)
     everyday = {"clip_skip": args.clip_skip, "hires": hires_of(args)}  # None: not given (--from-png: the image's)
     if from_png:
         rest |= everyday

@@ -61,7 +61,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--lora-dir", metavar="DIR", help="where <lora:NAME:W> finds NAME.safetensors")
     s.add_argument("--vae-dir", metavar="DIR", help="VAEs clients may choose by name (A1111's models/VAE; "
                                                     "also NAME.vae.safetensors in --model-dir)")
-    s.add_argument("--embedding-dir", metavar="DIR", help="textual-inversion embeddings (listed; not applied yet)")
+    s.add_argument("--embedding-dir", metavar="DIR", help="textual-inversion embeddings: a prompt calls DIR/NAME.safetensors by NAME, as in A1111")
     s.add_argument("--out", "-o", metavar="DIR", help="also save every image here (numbered, never overwriting)")
     s.add_argument("--queue", type=_queue, default=16, metavar="N",
                    help="jobs that may wait behind the running one; more get 503 (default 16)")

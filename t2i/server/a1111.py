@@ -783,14 +783,18 @@ async def refresh_loras(request: Request):
 
 @router.get("/embeddings")
 async def embeddings(request: Request):
-    """The .safetensors files of --embedding-dir, listed as skipped: t2i does not apply embeddings yet."""
-    reg = request.app.state.server.registry
-    skipped = {}
+    """The .safetensors files of --embedding-dir, as A1111 lists them: `loaded` when their vectors fit the selected
+    checkpoint's text encoders (or before it has loaded), else `skipped`; a prompt calls a loaded one by name."""
+    server = request.app.state.server
+    reg = server.registry
+    width = server.models.get(server.selected, {}).get("embedding_width")
+    found = {"loaded": {}, "skipped": {}}
     for name in reg.embeddings:
         vectors, shape = reg.embedding_shape(name)
-        skipped[name] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": shape,
-                         "vectors": vectors}
-    return {"loaded": {}, "skipped": skipped}
+        fits = shape and (width is None or shape == width)
+        found["loaded" if fits else "skipped"][name] = {
+            "step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": shape, "vectors": vectors}
+    return found
 
 
 @router.post("/refresh-embeddings")

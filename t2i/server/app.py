@@ -88,7 +88,8 @@ class Server:
         self.registry = Registry(config.model, config.model_dir, config.lora_dir, config.embedding_dir)
         # several devices: a worker process each (t2i.server.workers); one: the engine runs in this process
         engine = ProcessEngine if len(config.worker_devices) > 1 else core.Engine
-        self.engines = [engine(device, config.lora_dir, config.out) for device in config.worker_devices]
+        self.engines = [engine(device, config.lora_dir, config.out, config.embedding_dir)
+                        for device in config.worker_devices]
         self.engine = self.engines[0]
         self.models: dict[str, dict] = {}  # name -> model_info of checkpoints loaded so far
         self.queue = JobQueue(self.engines, config.queue, config.history, self._loaded, config.preview_every)

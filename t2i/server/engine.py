@@ -133,10 +133,12 @@ class Engine:
     raise Interrupted or Skipped. Loading another checkpoint replaces the loaded one (one at a time).
     """
 
-    def __init__(self, device: str = "auto", lora_dir: Path | None = None, out: Path | None = None):
+    def __init__(self, device: str = "auto", lora_dir: Path | None = None, out: Path | None = None,
+                 embedding_dir: Path | None = None):
         self.device = device
         self.lora_dir = lora_dir
         self.out = out
+        self.embedding_dir = embedding_dir  # textual-inversion embeddings a prompt calls by name
         self.loaded: str | None = None  # registry name
         self.location: str | None = None
         self._pipes: dict[str, object] = {}
@@ -182,7 +184,9 @@ class Engine:
         return {"name": p.model.source.name, "hash": p.model.hash, "arch": p.model.arch,
                 "width": p.defaults.width, "height": p.defaults.height, "steps": p.defaults.steps,
                 "guidance": p.defaults.guidance, "sampler": p.defaults.sampler,
-                "vae_scale_factor": p.vae_scale_factor, "device": str(p.device)}
+                "vae_scale_factor": p.vae_scale_factor, "device": str(p.device),
+                # the width of an embedding's vectors that fits (SDXL: clip_l's and clip_g's together), as A1111
+                "embedding_width": sum(e.get_input_embeddings().embedding_dim for e in p._text_encoders()[1])}
 
     def _instrument(self, pipe) -> None:
         """Have the pipeline's own step callback report each step, with its latents, to `self.hook`.
@@ -281,7 +285,7 @@ class Engine:
                             init_image=req.init_image, strength=req.strength, mask=req.mask,
                             mask_blur=req.mask_blur, invert_mask=req.invert_mask, model=self.location,
                             device=self.device, scheduler=req.scheduler, clip_skip=req.clip_skip, vae=req.vae,
-                            hires=req.hires)
+                            hires=req.hires, embedding_dir=self.embedding_dir)
 
 
 def is_out_of_memory(e: BaseException) -> bool:

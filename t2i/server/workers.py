@@ -35,8 +35,10 @@ class _LatentsThere:
 class ProcessEngine:
     """An `Engine` in a child process; same attributes and methods as the queue uses of an `Engine`."""
 
-    def __init__(self, device: str = "auto", lora_dir: Path | None = None, out: Path | None = None):
+    def __init__(self, device: str = "auto", lora_dir: Path | None = None, out: Path | None = None,
+                 embedding_dir: Path | None = None):
         self.device, self.lora_dir, self.out = device, lora_dir, out
+        self.embedding_dir = embedding_dir
         self.loaded: str | None = None
         self.location: str | None = None
         self.model_info: dict = {}
@@ -58,7 +60,7 @@ class ProcessEngine:
         # the pixels this process would
         threads = torch.get_num_threads()
         self._process = self._context.Process(target=_serve, args=(child, self.device, self.lora_dir, self.out,
-                                                                    threads),
+                                                                    threads, self.embedding_dir),
                                               name=f"t2i-worker-{self.device}", daemon=True)
         self._process.start()
         child.close()
@@ -151,12 +153,12 @@ class ProcessEngine:
         return Image.open(io.BytesIO(png))
 
 
-def _serve(conn, device: str, lora_dir, out, threads: int) -> None:
+def _serve(conn, device: str, lora_dir, out, threads: int, embedding_dir=None) -> None:
     """The child: an `Engine` answering the parent's requests until told to stop (or the pipe closes)."""
     import torch
 
     torch.set_num_threads(threads)
-    engine = core.Engine(device, lora_dir, out)
+    engine = core.Engine(device, lora_dir, out, embedding_dir)
     while True:
         try:
             message = conn.recv()

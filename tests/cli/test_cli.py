@@ -280,7 +280,7 @@ def test_help_and_argument_errors_do_not_import_torch():
 import sys
 from t2i.cli import main
 for argv in (["--help"], ["generate", "--help"], ["bench", "--help"], ["eval", "--help"], ["train", "lora", "--help"],
-             ["generate", "a", "--steps", "many"], ["genrate", "a"], ["generate", "a", "--device", "cuad"]):
+             ["train", "embedding", "--help"], ["generate", "a", "--steps", "many"], ["genrate", "a"], ["generate", "a", "--device", "cuad"]):
     try:
         main(argv)
     except SystemExit:

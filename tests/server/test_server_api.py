@@ -240,7 +240,7 @@ def test_lists(client):
     assert [s["name"] for s in client.get(f"{A}/schedulers").json()] == [
         "automatic", "uniform", "karras", "exponential", "sgm_uniform", "normal", "beta"]
     assert [l["name"] for l in client.get(f"{A}/loras").json()] == ["ink"]
-    assert client.get(f"{A}/embeddings").json() == {"loaded": {}, "skipped": {"shiny": {
+    assert client.get(f"{A}/embeddings").json() == {"skipped": {}, "loaded": {"shiny": {
         "step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 32, "vectors": 2}}}
     assert client.get(f"{A}/scripts").json() == {"txt2img": [], "img2img": []}
     assert client.get(f"{A}/sd-vae").json() == []  # no --vae-dir (test_server_everyday lists one)
@@ -385,3 +385,12 @@ def test_save_images_into_out_without_overwriting(make_client, tmp_path):
 
 def test_save_images_without_out_is_refused(client):
     assert txt2img(client, save_images=True).status_code == 422
+
+
+def test_an_embedding_of_embedding_dir_is_called_by_name_and_recorded(client):
+    r = txt2img(client, prompt="a shiny circle")
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert 'TI hashes: "shiny: ' in info["infotexts"][0]
+    plain = txt2img(client, prompt="a circle")  # no embedding: no TI hashes
+    assert "TI hashes" not in json.loads(plain.json()["info"])["infotexts"][0]
