@@ -23,6 +23,7 @@ from PIL import Image
 
 from t2i import __version__, guards, prompts
 from t2i import models
+from t2i.embeddings import EmbeddingSet, model_folder_dir
 from t2i.models.guide import GUIDE_FOLDER, load_guide
 from t2i.devices import dtype_name, resolve_device, resolve_dtype
 from t2i.errors import NumericalError, UsageError
@@ -30,8 +31,8 @@ from t2i.lora.apply import LoraSet
 from t2i.output import save_images
 from t2i.pipelines.unet_calls import autoguided_unet, per_image_unet
 from t2i.progress import StepBar
-from t2i.samplers import DEFAULT_SAMPLER, get_sampler, make_scheduler
-from t2i.settings import LoraSpec, Settings
+from t2i.samplers import DEFAULT_SAMPLER, get_sampler, make_scheduler, resolve
+from t2i.settings import EmbeddingSpec, LoraSpec, Settings
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,13 @@ class BasePipeline:
         self.on_step: Callable[[int], None] | None = None  # called after every denoising step (benchmarks, UIs)
         self.decoder = None  # a small VAE decoding in place of pipe.vae (speed option tiny_vae), or None
         pipe.set_progress_bar_config(disable=True)  # t2i draws one bar across a whole job
+        # A1111's everyday set: clip skip (see the clip_skip property) and a VAE in place of the model's own
+        self._clip_skip = 1
+        self._own_vae = pipe.vae  # what set_vae(None) puts back
+        self.vae_path: Path | None = None  # the VAE decoding now, when not the model's own
+        self.vae_hash = ""
+        # Textual-inversion embeddings a prompt calls by name: the model folder's embeddings/ by default
+        self.embeddings = EmbeddingSet([d] if (d := model_folder_dir(model.path)) else [])
 
     # ------------------------------------------------------------------ construction
 
@@ -133,8 +141,11 @@ class BasePipeline:
         """The same loaded components (no reload, no copy) behind another task's pipeline."""
         pipe = cls._convert(other.pipe, other.model.arch)
         new = cls(pipe, other.model, other.loras.rebind(pipe), guide=other.guide)
+        new.embeddings = other.embeddings
         new.autoguidance, new.autoguidance_below = other.autoguidance, other.autoguidance_below
         new.speed = other.speed
+        new._clip_skip, new._own_vae, new.vae_path, new.vae_hash = \
+            other._clip_skip, other._own_vae, other.vae_path, other.vae_hash
         return new
 
     @classmethod
@@ -156,7 +167,7 @@ class BasePipeline:
         dev = resolve_device(str(device)) if device is not None else self.device
         dt = resolve_dtype(dtype, dev) if dtype is not None else self.dtype
         self.pipe.to(dev, dt)
-        for extra in (self.decoder, self.guide):
+        for extra in (self.decoder, self.guide, self._own_vae if self.vae_path is not None else None):
             if extra is not None:
                 extra.to(dev, dt)
         return self
@@ -174,6 +185,39 @@ class BasePipeline:
             raise UsageError(f"the model {self.model.source.name or self.model.path} has no {GUIDE_FOLDER}/ "
                              "UNet, which autoguidance needs; leave autoguidance at 0 (--autoguidance 0, or out)")
         self._autoguidance_scale = scale
+
+    @property
+    def clip_skip(self) -> int:
+        """A1111's clip skip: 1 = the text encoder's last layer, N = its N-th layer from the end through the final
+        layer norm. SD 1.x only: SD 2.x and SDXL encode as they always do (A1111 ignores it there too)."""
+        return self._clip_skip
+
+    @clip_skip.setter
+    def clip_skip(self, n: int) -> None:
+        self._clip_skip = guards.check_clip_skip(n, self.pipe.text_encoder.config.num_hidden_layers)
+
+    def set_vae(self, vae: str | Path | None, vae_dir: str | Path | None = None, allow_pickle: bool = False):
+        """Decode (and encode) with another VAE: a diffusers VAE folder, a weights file (original or diffusers
+        layout; pickles only with allow_pickle), or a name in `vae_dir`; None or "" puts the model's own back.
+        Returns self."""
+        from t2i.models import vae as vaes  # deferred: only a VAE override needs diffusers' converter
+
+        if not vae:
+            self.pipe.register_modules(vae=self._own_vae)
+            self.vae_path, self.vae_hash = None, ""
+            return self
+        path = vaes.resolve_vae(vae, vae_dir, allow_pickle).resolve()  # recorded: replayable from anywhere
+        if path != self.vae_path:
+            new = vaes.load_vae(path, self._own_vae, self.dtype, self.device, allow_pickle)
+            self.pipe.register_modules(vae=new)
+            self.vae_path, self.vae_hash = path, vaes.vae_hash(path)
+        return self
+
+    def _everyday_settings(self) -> dict:
+        """The Settings fields of clip skip and the VAE override."""
+        vae = {"vae": str(self.vae_path), "vae_name": self.vae_path.name, "vae_hash": self.vae_hash} \
+            if self.vae_path is not None else {}
+        return {"clip_skip": self._clip_skip, **vae}
 
     @property
     def device(self) -> torch.device:
@@ -214,7 +258,11 @@ class BasePipeline:
         width = d.width if width is None else int(width)
         height = d.height if height is None else int(height)
         negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
-        sampler = get_sampler(sampler or d.sampler).name
+        # the sampler and schedule that run, split and resolved ("automatic" -> A1111's choice): what is recorded
+        schedule = extra.pop("scheduler", None)
+        if not sampler and schedule not in (None, "", "automatic"):
+            sampler = get_sampler(d.sampler).name  # the model's default sampler, on the schedule asked for
+        sampler, schedule = resolve(sampler or d.sampler, schedule, self._scheduler_config)
         guards.check_steps(steps)
         guards.check_guidance(guidance)
         guards.check_size(width, height, self.vae_scale_factor)
@@ -230,11 +278,13 @@ class BasePipeline:
         autoguidance = self._autoguidance(prompt, specs, guidance)
         if autoguidance:
             extra |= {"autoguidance": autoguidance, "autoguidance_below": int(self.autoguidance_below)}
+        extra |= self._embedding_specs(prompt, negative_prompt)
         base = Settings(
             prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, guidance=guidance,
             seed=seed, width=width, height=height, model=self.model.source.asked, model_name=self.model.source.name,
             model_hash=self.model.hash, model_config=self.model.model_config, arch=self.model.arch, loras=specs, device=str(self.device),
-            dtype=dtype_name(self.dtype), pipeline=self.task, speed=self.speed_names(), versions=versions(), **extra,
+            dtype=dtype_name(self.dtype), pipeline=self.task, speed=self.speed_names(), versions=versions(),
+            scheduler=schedule, **self._everyday_settings(), **extra,
         )
         return [replace(base, seed=seed + i, batch_index=i, batch_size=batch) for i in range(batch)]
 
@@ -272,32 +322,62 @@ class BasePipeline:
         self.loras.activate(loras, tagged)
         return clean
 
+    def _text_encoders(self) -> tuple[list, list]:
+        """(tokenizers, text encoders): one for SD 1.x/2.x, two for SDXL."""
+        p = self.pipe
+        if self.model.arch == "sdxl":
+            return [p.tokenizer, p.tokenizer_2], [p.text_encoder, p.text_encoder_2]
+        return [p.tokenizer], [p.text_encoder]
+
+    def _embedding_tables(self, *texts: str) -> list[dict]:
+        """For each tokenizer, the lookup of the textual-inversion embeddings these texts may call (see
+        t2i.embeddings); empty tables (no file is read) when there are none."""
+        texts = tuple(prompts.extract_loras(t)[0] for t in texts if t)  # a <lora:NAME:..> tag calls no embedding
+        return [self.embeddings.lookup(tok, list(texts)) for tok in self._text_encoders()[0]]
+
+    def _embedding_specs(self, prompt: str, negative: str) -> dict:
+        """{"embeddings": [EmbeddingSpec]} of the embeddings the prompt and negative prompt call, their vectors
+        checked against this model's text encoders (a one-line UsageError naming the file); {} for none."""
+        toks, encs = self._text_encoders()
+        tables = self._embedding_tables(prompt, negative)
+        used: dict[str, EmbeddingSpec] = {}
+        for text in (prompt, negative):
+            chunks = prompts.tokenize(toks[0], prompts.extract_loras(text or "")[0], tables[0])
+            for emb in prompts.used_embeddings(chunks):
+                for k, enc in enumerate(encs):
+                    emb.for_encoder(k, len(encs), enc.get_input_embeddings().embedding_dim)
+                used.setdefault(emb.name, EmbeddingSpec(emb.name, emb.hash, str(emb.path)))
+        return {"embeddings": list(used.values())} if used else {}
+
     def _encode(self, prompt: str, negative: str, guidance: float) -> dict:
         """Prompt embeddings for the diffusers call (chunked, weighted), cond and uncond alike."""
         p = self.pipe
+        tables = self._embedding_tables(prompt, negative)
         if self.model.arch == "sdxl":
             toks, encs = [p.tokenizer, p.tokenizer_2], [p.text_encoder, p.text_encoder_2]
-            cond = prompts.encode_sdxl(toks, encs, prompt)
+            cond = prompts.encode_sdxl(toks, encs, prompt, embeddings=tables)
             zero = not negative and p.config.get("force_zeros_for_empty_prompt", True)
-            uncond = prompts.encode_sdxl(toks, encs, negative, zero=zero)
+            uncond = prompts.encode_sdxl(toks, encs, negative, zero=zero, embeddings=tables)
             empty = prompts.encode_sdxl(toks, encs, "", zero=zero)
         else:
-            cond = prompts.encode_sd(p.tokenizer, p.text_encoder, prompt)
-            uncond = prompts.encode_sd(p.tokenizer, p.text_encoder, negative)
-            empty = prompts.encode_sd(p.tokenizer, p.text_encoder, "")
+            skip = self._clip_skip if self.model.arch == "sd1" else 1  # SD 2.x ignores it, as in A1111
+            cond = prompts.encode_sd(p.tokenizer, p.text_encoder, prompt, skip, embeddings=tables[0])
+            uncond = prompts.encode_sd(p.tokenizer, p.text_encoder, negative, skip, embeddings=tables[0])
+            empty = prompts.encode_sd(p.tokenizer, p.text_encoder, "", skip)
         cond, uncond = prompts.pad_to_same_length(cond, uncond, empty)
         kwargs = {"prompt_embeds": cond.embeds, "negative_prompt_embeds": uncond.embeds}
         if self.model.arch == "sdxl":
             kwargs |= {"pooled_prompt_embeds": cond.pooled, "negative_pooled_prompt_embeds": uncond.pooled}
         return kwargs
 
-    def _generate(self, settings: list[Settings], progress, task_inputs: Callable, finish: Callable | None = None
-                  ) -> Result:
+    def _generate(self, settings: list[Settings], progress, task_inputs: Callable, finish: Callable | None = None,
+                  decode: Callable | None = None) -> Result:
         """The path every task shares: LoRAs, sampler, prompt embeddings, then the diffusers call per group.
 
         `task_inputs(group)` gives the task's own arguments of the diffusers call (initial
         latents, init image, mask, strength, per-image generators); `finish(group, images)`
-        may post-process the decoded images (inpainting pastes the unmasked original back).
+        may post-process the decoded images (inpainting pastes the unmasked original back); `decode(latents)`
+        replaces the VAE decode (hires fix keeps the latents).
         """
         s0 = settings[0]
         text = self._prepare_loras(s0.prompt, s0.loras)
@@ -310,7 +390,8 @@ class BasePipeline:
         try:
             for group in groups:
                 n = len(group)
-                self.pipe.scheduler = make_scheduler(group[0].sampler, self._scheduler_config, seed=group[0].seed)
+                self.pipe.scheduler = make_scheduler(group[0].sampler, self._scheduler_config, seed=group[0].seed,
+                                                     schedule=group[0].scheduler)
                 batched = {k: v.expand(n, *v.shape[1:]) for k, v in embeds.items()}
                 with (per_image_unet(self.pipe.unet, n) if self.exact_batch else contextlib.nullcontext(),
                       autoguided_unet(self.pipe.unet, self.guide, s0, n, self.exact_batch)
@@ -318,7 +399,7 @@ class BasePipeline:
                     out = self.pipe(**batched, **task_inputs(group), num_inference_steps=s0.steps,
                                     guidance_scale=s0.guidance, output_type="latent",
                                     callback_on_step_end=self._step_callback(bar))
-                decoded = self._decode(out.images)
+                decoded = (decode or self._decode)(out.images)
                 images += finish(group, decoded) if finish else decoded
         finally:
             if bar is not None and progress is True:

@@ -48,6 +48,7 @@ class Image2Image(BasePipeline):
         steps: int | None = None,
         guidance: float | None = None,
         sampler: str | None = None,
+        scheduler: str | None = None,  # A1111's schedule type (t2i.samplers.SCHEDULES); None: automatic
         seed: int | None = None,
         width: int | None = None,
         height: int | None = None,
@@ -58,7 +59,7 @@ class Image2Image(BasePipeline):
         """Redraw `init_image` (a path or a PIL image) `batch` times; image i uses seed + i."""
         init, path = read_input(init_image, "init image")
         settings = self._image_settings(prompt, init, path, strength, negative_prompt, steps, guidance, sampler,
-                                        seed, width, height, batch, loras)
+                                        seed, width, height, batch, loras, scheduler=scheduler)
         init = self._fit(init, settings[0], "init image")
         return self._generate(settings, progress, lambda group: {
             "image": [init] * len(group), "strength": strength, "generator": self._generators(group)})

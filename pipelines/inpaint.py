@@ -52,6 +52,7 @@ class Inpaint(Image2Image):
         steps: int | None = None,
         guidance: float | None = None,
         sampler: str | None = None,
+        scheduler: str | None = None,  # A1111's schedule type (t2i.samplers.SCHEDULES); None: automatic
         seed: int | None = None,
         width: int | None = None,
         height: int | None = None,
@@ -68,7 +69,7 @@ class Inpaint(Image2Image):
         settings = self._image_settings(
             prompt, init, init_path, strength, negative_prompt, steps, guidance, sampler, seed, width, height, batch,
             loras, mask_image=mask_path, mask_image_hash=pixel_hash(mask_img), mask_blur=mask_blur,
-            invert_mask=bool(invert_mask))
+            invert_mask=bool(invert_mask), scheduler=scheduler)
         if mask_img.size != init.size:
             log.warning("mask %dx%d resized to the init image's %dx%d", mask_img.width, mask_img.height,
                         init.width, init.height)

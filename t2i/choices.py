@@ -17,3 +17,9 @@ SPEED_OPTIONS = SPEED_MODES + ("batched", "bf16_weights", "bf16_vae", "channels_
 BENCH_PROMPT = "a red circle to the left of a blue square"
 BENCH_ARCHS = ("sd15", "sdxl")
 BENCH_OPTIONS = ("batched",)
+
+# Hires fix upscalers (t2i.pipelines.hires.UPSCALERS says what each does): t2i name -> A1111's name
+HIRES_UPSCALERS = {"latent": "Latent", "latent-antialiased": "Latent (antialiased)",
+                   "latent-bicubic": "Latent (bicubic)", "latent-bicubic-antialiased": "Latent (bicubic antialiased)",
+                   "latent-nearest": "Latent (nearest)", "latent-nearest-exact": "Latent (nearest-exact)",
+                   "lanczos": "Lanczos", "nearest": "Nearest"}

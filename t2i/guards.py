@@ -85,6 +85,16 @@ def check_strength(strength: float) -> None:
         raise UsageError(f"strength must be in (0, 1], got {strength}")
 
 
+def check_clip_skip(n, depth: int | None = None) -> int:
+    """A1111's clip skip: 1 (the last layer) .. the text encoder's depth; returns it as an int."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UsageError(f"clip skip must be a whole number >= 1 (1 = the last layer, 2 = the one before), got {n!r}")
+    if depth is not None and n > depth:
+        raise UsageError(f"clip skip {n} is beyond this model's text encoder, which has {depth} layers; "
+                         f"use 1 .. {depth}")
+    return n
+
+
 def read_prompts_file(path: str | Path) -> list[str]:
     """One prompt per line; blank lines and lines starting with '#' are skipped."""
     path = Path(path)

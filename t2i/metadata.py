@@ -5,7 +5,10 @@ A1111, ComfyUI's loaders, Civitai and most image browsers read the
 
     <prompt>
     Negative prompt: <negative prompt>
-    Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: ..., Model: ...
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: ...
+
+(sampler and schedule apart, as A1111 1.9+ writes them: the schedule that ran, never left to
+A1111's "automatic", which reads a missing Schedule type as the sampler's own).
 
 The `t2i` chunk holds `Settings` as JSON (with library versions), which is
 what `t2i reproduce` replays.
@@ -20,8 +23,9 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from t2i.choices import HIRES_UPSCALERS
 from t2i.errors import UsageError
-from t2i.samplers import SAMPLERS
+from t2i.samplers import a1111_names
 from t2i.settings import Settings
 
 JSON_KEY = "t2i"
@@ -48,10 +52,11 @@ def a1111_parameters(s: Settings) -> str:
     lines = [prompt]
     if s.negative_prompt:
         lines.append(f"Negative prompt: {s.negative_prompt}")
-    sampler = SAMPLERS[s.sampler].a1111 if s.sampler in SAMPLERS else s.sampler
+    sampler, schedule = a1111_names(s.sampler, s.scheduler)
     fields: list[tuple[str, str]] = [
         ("Steps", str(s.steps)),
         ("Sampler", sampler),
+        *([("Schedule type", schedule)] if schedule else []),
         ("CFG scale", _fmt_number(s.guidance)),
         ("Seed", str(s.seed)),
         ("Size", f"{s.width}x{s.height}"),
@@ -60,8 +65,10 @@ def a1111_parameters(s: Settings) -> str:
         fields.append(("Model hash", s.model_hash[:10]))
     if s.model_name:
         fields.append(("Model", s.model_name))
+    fields += _vae_fields(s)
     if s.strength is not None:
         fields.append(("Denoising strength", _fmt_number(s.strength)))
+    fields += _clip_skip_and_hires_fields(s)
     if s.mask_blur is not None:
         fields.append(("Mask blur", str(s.mask_blur)))
     if s.invert_mask:
@@ -70,9 +77,37 @@ def a1111_parameters(s: Settings) -> str:
         fields += [("Autoguidance", _fmt_number(s.autoguidance)), ("Autoguidance below", str(s.autoguidance_below))]
     if s.loras:
         fields.append(("Lora hashes", ", ".join(f"{l.name}: {l.hash[:12]}" for l in s.loras)))
+    if s.embeddings:  # A1111 drops ':' and ',' from the names in this field
+        fields.append(("TI hashes", ", ".join(f"{re.sub('[:,]', '', e.name)}: {e.hash[:12]}" for e in s.embeddings)))
     fields.append(("Version", f"t2i {s.versions.get('t2i', '')}".strip()))
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields))
     return "\n".join(lines)
+
+
+def _vae_fields(s: Settings) -> list[tuple[str, str]]:
+    """A1111's "VAE hash" and "VAE" (the file name) of a VAE override; none for the model's own."""
+    if not s.vae:
+        return []
+    return [("VAE hash", s.vae_hash[:10]), ("VAE", s.vae_name)]
+
+
+def _clip_skip_and_hires_fields(s: Settings) -> list[tuple[str, str]]:
+    """A1111's "Clip skip" (above 1 only) and hires fix fields: "Denoising strength", "Hires upscale" (or
+    "Hires resize"), "Hires steps" (when not the first pass's), "Hires upscaler"."""
+    fields = []
+    if s.hires_upscaler and s.strength is None:
+        fields.append(("Denoising strength", _fmt_number(s.hires_denoise)))
+    if s.clip_skip > 1:
+        fields.append(("Clip skip", str(s.clip_skip)))
+    if s.hires_upscaler:
+        if s.hires_width or s.hires_height:
+            fields.append(("Hires resize", f"{s.hires_width}x{s.hires_height}"))
+        else:
+            fields.append(("Hires upscale", _fmt_number(s.hires_scale)))
+        if s.hires_steps:
+            fields.append(("Hires steps", str(s.hires_steps)))
+        fields.append(("Hires upscaler", HIRES_UPSCALERS.get(s.hires_upscaler, s.hires_upscaler)))
+    return fields
 
 
 _FIELD = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
@@ -132,3 +167,19 @@ def read(path: str | Path) -> tuple[str | None, Settings | None]:
         except (json.JSONDecodeError, TypeError, ValueError, KeyError, AttributeError):
             raise UsageError(f"{path} has a malformed t2i metadata chunk") from None
     return text.get(A1111_KEY), settings
+
+
+def grid_png_info(settings: Settings, fields: dict[str, str], record: dict) -> PngInfo:
+    """A grid's chunks, as A1111 writes them: the first image's `parameters` with the grid's own fields added
+    (Script: X/Y/Z plot, X Type, X Values, ...); the JSON chunk is the first image's settings plus a `grid`
+    record (t2i.grid.json_record: its axes and each cell's file)."""
+    info = PngInfo()
+    extra = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items())
+    info.add_text(A1111_KEY, f"{a1111_parameters(settings)}, {extra}")
+    info.add_text(JSON_KEY, json.dumps({**settings.to_dict(), "grid": record}, ensure_ascii=False, sort_keys=True))
+    return info
+
+
+def is_grid(parameters: str | None) -> bool:
+    """Whether an image's A1111 `parameters` are a grid's (A1111's X/Y/Z plot fields, as `grid_png_info` writes)."""
+    return bool(parameters) and parse_a1111(parameters).get("Script") == "X/Y/Z plot"

@@ -53,3 +53,23 @@ class StepBar:
         with tqdm.external_write_mode(file=file):
             file.write(text)
             file.flush()
+
+
+class PlannedBar(StepBar):
+    """A StepBar whose whole total is known up front from each call's expected steps (a grid's cells): a call
+    that reports its real steps (second-order samplers run more) replaces its own estimate, not adds to it."""
+
+    def __init__(self, desc: str, expected: list[int], leave: bool = True):
+        super().__init__(desc, leave)
+        self._expected = list(expected)
+
+    @property
+    def total(self) -> int:
+        return StepBar.total.fget(self)
+
+    @total.setter
+    def total(self, steps: int) -> None:
+        now = StepBar.total.fget(self)
+        added = steps - now  # what the call adds (pipelines grow the total by their steps)
+        estimate = self._expected.pop(0) if self._expected else 0
+        StepBar.total.fset(self, (now or sum(self._expected) + estimate) - estimate + added)

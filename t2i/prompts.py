@@ -15,7 +15,8 @@ its weight, then the whole chunk is rescaled so its mean is what it was.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 
 import torch
 
@@ -101,42 +102,77 @@ def plain_text(prompt: str) -> str:
 class Chunk:
     ids: list[int]  # at most CHUNK real token ids (no start, end or padding)
     weights: list[float]
+    # textual inversion: (index in ids, embedding) of each embedding's placeholder tokens (see t2i.embeddings)
+    embeddings: list[tuple[int, object]] = field(default_factory=list)
 
 
-def tokenize(tokenizer, prompt: str) -> list[Chunk]:
-    """Weighted token chunks of CHUNK tokens each (A1111's layout: commas and BREAK respected)."""
+def tokenize(tokenizer, prompt: str, embeddings: dict | None = None) -> list[Chunk]:
+    """Weighted token chunks of CHUNK tokens each (A1111's layout: commas and BREAK respected).
+
+    `embeddings` (EmbeddingSet.lookup): a run of token ids that spells an embedding's name becomes its N
+    placeholder tokens, kept in one chunk, carrying the fragment's weight.
+    """
     comma = tokenizer.convert_tokens_to_ids(",</w>")
+    placeholder = tokenizer.bos_token_id  # any id but the end token's (CLIP pools at the end token)
     chunks: list[Chunk] = []
     ids: list[int] = []
     weights: list[float] = []
+    fixes: list[tuple[int, object]] = []
     last_comma = -1
 
     def flush() -> None:
-        nonlocal ids, weights, last_comma
-        chunks.append(Chunk(ids, weights))
-        ids, weights, last_comma = [], [], -1
+        nonlocal ids, weights, fixes, last_comma
+        chunks.append(Chunk(ids, weights, fixes))
+        ids, weights, fixes, last_comma = [], [], [], -1
 
     for frag in parse(prompt):
         if frag.weight < 0:  # BREAK
             flush()
             continue
-        for tid in tokenizer(frag.text, add_special_tokens=False, truncation=False).input_ids:
+        tokens = tokenizer(frag.text, add_special_tokens=False, truncation=False).input_ids
+        pos = 0
+        while pos < len(tokens):
+            tid = tokens[pos]
             if tid == comma:
                 last_comma = len(ids)
             elif len(ids) == CHUNK and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
                 # Move the words after the last comma into the next chunk, keeping a phrase whole.
                 cut = last_comma + 1
                 rest_ids, rest_w = ids[cut:], weights[cut:]
-                ids, weights = ids[:cut], weights[:cut]
+                rest_fixes = [(i - cut, e) for i, e in fixes if i >= cut]
+                ids, weights, fixes = ids[:cut], weights[:cut], [(i, e) for i, e in fixes if i < cut]
                 flush()
-                ids, weights = rest_ids, rest_w
+                ids, weights, fixes = rest_ids, rest_w, rest_fixes
             if len(ids) == CHUNK:
                 flush()
-            ids.append(tid)
-            weights.append(frag.weight)
+            emb, spelled = _embedding_at(embeddings, tokens, pos)
+            if emb is None:
+                ids.append(tid)
+                weights.append(frag.weight)
+                pos += 1
+                continue
+            if len(ids) + emb.count > CHUNK:  # an embedding's vectors stay together
+                flush()
+            fixes.append((len(ids), emb))
+            ids += [placeholder] * emb.count
+            weights += [frag.weight] * emb.count
+            pos += spelled
     if ids or not chunks:
         flush()
     return chunks
+
+
+def _embedding_at(embeddings: dict | None, tokens: list[int], pos: int):
+    """(embedding, how many tokens spell its name) if one's name starts at tokens[pos], else (None, 0)."""
+    for ids, emb in (embeddings or {}).get(tokens[pos], ()):
+        if tokens[pos:pos + len(ids)] == ids:
+            return emb, len(ids)
+    return None, 0
+
+
+def used_embeddings(chunks: list[Chunk]) -> list:
+    """The embeddings the chunks call, each once, in order of appearance."""
+    return list({id(e): e for c in chunks for _, e in c.embeddings}.values())
 
 
 def _pad_id(tokenizer) -> int:
@@ -186,36 +222,74 @@ def _mean_restoring_factor(before: torch.Tensor, weighted: torch.Tensor, w: torc
 class Encoded:
     embeds: torch.Tensor  # (1, 77 * chunks, D)
     pooled: torch.Tensor | None = None  # SDXL: (1, 1280)
+    used: list = field(default_factory=list)  # the textual-inversion embeddings the prompt called
 
 
-def encode_sd(tokenizer, text_encoder, prompt: str, clip_skip: int | None = None) -> Encoded:
-    """SD 1.x/2.x: last hidden state (or an earlier layer with clip_skip) per chunk, concatenated."""
+@contextlib.contextmanager
+def _vectors_in(text_encoder, chunk: Chunk, index: int, n_encoders: int):
+    """While encoding `chunk`'s window: the token embedding layer gives each embedding's vectors in place of its
+    placeholders (A1111's way: before the position embeddings are added). Nothing changes without embeddings."""
+    if not chunk.embeddings:
+        yield
+        return
+    layer = text_encoder.get_input_embeddings()
+    width = layer.embedding_dim
+    rows = [(i + 1, e.for_encoder(index, n_encoders, width)) for i, e in chunk.embeddings]  # +1: the start token
+
+    def put_vectors(module, args, out):  # out (1, 77, D)
+        out = out.clone()
+        for pos, vec in rows:
+            out[:, pos:pos + vec.shape[0]] = vec.to(out.device, out.dtype)  # (N, D)
+        return out
+
+    handle = layer.register_forward_hook(put_vectors)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def encode_sd(tokenizer, text_encoder, prompt: str, clip_skip: int | None = None, embeddings: dict | None = None,
+              grad: bool = False) -> Encoded:
+    """SD 1.x/2.x: last hidden state per chunk, concatenated; or, with A1111's clip skip N > 1, the output of
+    the N-th layer from the end (hidden_states[-N]) through the final layer norm, as A1111's
+    sd_hijack_clip applies it (1 or None: the last layer, the norm included as the encoder applies it).
+
+    `embeddings`: EmbeddingSet.lookup's table (textual inversion); `grad`: keep the graph (training one).
+    """
     device = text_encoder.device
     parts = []
-    for chunk in tokenize(tokenizer, prompt):
+    chunks = tokenize(tokenizer, prompt, embeddings)
+    for chunk in chunks:
         ids, w = _window(tokenizer, chunk, device)
-        with torch.no_grad():
-            if clip_skip:
+        with (torch.enable_grad() if grad else torch.no_grad()), _vectors_in(text_encoder, chunk, 0, 1):
+            if clip_skip and clip_skip > 1:
                 out = text_encoder(ids, output_hidden_states=True)
-                z = text_encoder.text_model.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
+                norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm  # transformers 4 | 5
+                z = norm(out.hidden_states[-clip_skip])  # (1, 77, D)
             else:
                 z = text_encoder(ids)[0]  # (1, 77, D)
         parts.append(_apply_weights(z, w))
-    return Encoded(torch.cat(parts, dim=1))
+    return Encoded(torch.cat(parts, dim=1), used=used_embeddings(chunks))
 
 
-def encode_sdxl(tokenizers, text_encoders, prompt: str, zero: bool = False) -> Encoded:
-    """SDXL: both encoders' penultimate states side by side per chunk; pooled from the first chunk."""
-    chunk_lists = [tokenize(tok, prompt) for tok in tokenizers]
+def encode_sdxl(tokenizers, text_encoders, prompt: str, zero: bool = False, embeddings: list | None = None
+                ) -> Encoded:
+    """SDXL: both encoders' penultimate states side by side per chunk; pooled from the first chunk.
+
+    `embeddings`: EmbeddingSet.lookup's table for each tokenizer (textual inversion: clip_l, clip_g vectors).
+    """
+    tables = embeddings or [None] * len(tokenizers)
+    chunk_lists = [tokenize(tok, prompt, table) for tok, table in zip(tokenizers, tables)]
     n = max(len(c) for c in chunk_lists)
     for tok, chunks in zip(tokenizers, chunk_lists):  # the two BPEs agree; this only guards the odd case
         chunks += [Chunk([], []) for _ in range(n - len(chunks))]
     parts, pooled = [], None
     for i in range(n):
         per_encoder = []
-        for tok, enc, chunks in zip(tokenizers, text_encoders, chunk_lists):
+        for k, (tok, enc, chunks) in enumerate(zip(tokenizers, text_encoders, chunk_lists)):
             ids, w = _window(tok, chunks[i], enc.device)
-            with torch.no_grad():
+            with torch.no_grad(), _vectors_in(enc, chunks[i], k, len(text_encoders)):
                 out = enc(ids, output_hidden_states=True)
             if pooled is None and enc is text_encoders[-1]:
                 pooled = out[0]  # (1, 1280) text_embeds of the projection model
@@ -224,7 +298,7 @@ def encode_sdxl(tokenizers, text_encoders, prompt: str, zero: bool = False) -> E
     embeds = torch.cat(parts, dim=1)
     if zero:  # SDXL's "force zeros for empty prompt"
         return Encoded(torch.zeros_like(embeds), torch.zeros_like(pooled))
-    return Encoded(embeds, pooled)
+    return Encoded(embeds, pooled, used=used_embeddings(chunk_lists[0]))
 
 
 def pad_to_same_length(a: Encoded, b: Encoded, empty: Encoded) -> tuple[Encoded, Encoded]:
@@ -236,4 +310,4 @@ def pad_to_same_length(a: Encoded, b: Encoded, empty: Encoded) -> tuple[Encoded,
         b, a = pad_to_same_length(b, a, empty)
         return a, b
     reps = (la - lb) // empty.embeds.shape[1]
-    return a, Encoded(torch.cat([b.embeds, *[empty.embeds] * reps], dim=1), b.pooled)
+    return a, Encoded(torch.cat([b.embeds, *[empty.embeds] * reps], dim=1), b.pooled, b.used)

@@ -15,6 +15,15 @@ class LoraSpec:
 
 
 @dataclass
+class EmbeddingSpec:
+    """A textual-inversion embedding a prompt called (see t2i.embeddings)."""
+
+    name: str  # the file's stem, the word in the prompt
+    hash: str = ""  # A1111's short hash (12 hex of the file's sha256), its `TI hashes` entry
+    path: str = ""
+
+
+@dataclass
 class Settings:
     prompt: str
     negative_prompt: str = ""
@@ -48,6 +57,31 @@ class Settings:
     batch_size: int = 1  # images made in the same call: reproduce replays the whole call
     batch_index: int = 0  # position in that call (the seed is already per image)
     versions: dict[str, str] = field(default_factory=dict)
+    # A1111's everyday set (issue 29). Clip skip in A1111's count: 1 = the encoder's last layer, 2 = the one
+    # before it through the final layer norm (SD 1.x; SD 2.x and SDXL ignore it, as in A1111).
+    clip_skip: int = 1
+    # A VAE decoding (and encoding) in place of the model's own: as given, A1111's "VAE" (the file name) and
+    # "VAE hash" (sha256 of the file, 10 hex; of its weights for a diffusers folder). "" = the model's own.
+    vae: str = ""
+    vae_name: str = ""
+    vae_hash: str = ""
+    # Hires fix: the first pass at width x height, upscaled (t2i.pipelines.hires.UPSCALERS; "" = off) to
+    # hires_scale times that size or to hires_width x hires_height (A1111's hr_resize_x/y; 0 = from the
+    # other side's ratio), then redrawn by image-to-image with hires_steps (0 = steps) at hires_denoise.
+    hires_upscaler: str = ""
+    hires_scale: float = 0.0
+    hires_width: int = 0
+    hires_height: int = 0
+    hires_steps: int = 0
+    hires_denoise: float = 0.0
+    # dynamic prompts: the template `prompt` was resolved from ("" when the prompt was written out); the JSON
+    # chunk only: A1111's `parameters` holds the resolved prompt, which is what `reproduce` replays
+    prompt_template: str = ""
+    # The schedule the sampler ran on (t2i.samplers.SCHEDULES key, never "automatic" unless the sampler takes
+    # none); "": an image made before t2i had schedules, whose sampler name says it ("dpm++2m-karras").
+    scheduler: str = ""
+    # textual-inversion embeddings the prompt and negative prompt called, recorded as A1111's `TI hashes`
+    embeddings: list[EmbeddingSpec] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,4 +91,5 @@ class Settings:
         known = {f.name for f in fields(cls)}
         data = {k: v for k, v in data.items() if k in known}
         data["loras"] = [LoraSpec(**l) for l in data.get("loras", [])]
+        data["embeddings"] = [EmbeddingSpec(**e) for e in data.get("embeddings", [])]
         return cls(**data)

@@ -1,5 +1,6 @@
 """Hostile and broken files in every role a file can take: the model (a file, or the UNet, VAE or
-text encoder weights of a model folder), a LoRA, and a training checkpoint given to `--resume`.
+text encoder weights of a model folder), a LoRA, a VAE given with `--vae`, a training checkpoint given to
+`--resume`, and a textual-inversion embedding a prompt calls by name.
 
 Each case: exit code 2, one line on stderr that names the problem, no traceback, and the marker
 file that the pickle payloads would write never appears (also with --allow-pickle, which reads
@@ -35,7 +36,7 @@ KINDS = {  # kind -> (file suffix, words in the refusal)
 }
 ZIPPED = {".ckpt", ".pt"}  # written by torch.save as real ones are; the other pickles are raw pickle streams
 FOLDER_ROLES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
-ROLES = ["model", *FOLDER_ROLES, "lora", "checkpoint"]
+ROLES = ["model", *FOLDER_ROLES, "lora", "vae-override", "checkpoint", "embedding"]  # vae-override: --vae FILE
 # A checkpoint is read by fixed names (optimizer.pt, lr_scheduler.pt, rng_and_tensors.safetensors): a .ckpt,
 # .bin or .pth in it is never opened, so those three kinds make no sense in the checkpoint role.
 CASES = [(kind, role) for kind in KINDS for role in ROLES
@@ -99,6 +100,14 @@ def test_hostile_file_is_refused_in_one_line_and_runs_nothing(run_cli, evil, mar
     elif role == "lora":
         _write(kind, tmp_path / f"x{suffix}", evil, tiny_sd)
         args += ["--model", tiny_sd, "--lora", tmp_path / f"x{suffix}"]
+    elif role == "vae-override":
+        _write(kind, tmp_path / f"x{suffix}", evil, tiny_sd)
+        args += ["--model", tiny_sd, "--vae", tmp_path / f"x{suffix}"]
+    elif role == "embedding":  # called by its name, x, in the prompt
+        (tmp_path / "emb").mkdir()
+        _write(kind, tmp_path / "emb" / f"x{suffix}", evil, tiny_sd)
+        args[1] = "a x"
+        args += ["--model", tiny_sd, "--embedding-dir", tmp_path / "emb"]
     else:
         checkpoint, args = _resume_args(finished, tmp_path)
         _write(kind, checkpoint / ("optimizer.pt" if suffix == ".pt" else "rng_and_tensors.safetensors"), evil, tiny_sd)

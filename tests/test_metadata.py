@@ -35,7 +35,7 @@ def test_png_carries_a1111_parameters_and_t2i_json(made, tiny_sd):
     assert lines[1] == "Negative prompt: blue, green"
     _, settings = metadata.read(made)
     assert lines[2].startswith(
-        f"Steps: 2, Sampler: Euler a, CFG scale: 6.5, Seed: 42, Size: 32x32, Model hash: {settings.model_hash}, "
+        f"Steps: 2, Sampler: Euler a, Schedule type: Uniform, CFG scale: 6.5, Seed: 42, Size: 32x32, Model hash: {settings.model_hash}, "
         f"Model: {tiny_sd.name}"
     )
     data = json.loads(text["t2i"])
@@ -64,8 +64,9 @@ def test_parse_a1111_round_trips_quoted_values():
     assert fields["Model"] == 'my, "best": model'
     assert fields["Model hash"] == "0123456789"
     assert fields["Lora hashes"] == "ink: aaaaaaaaaaaa, film: cccccccccccc"
-    assert (fields["Steps"], fields["Sampler"], fields["Seed"], fields["Size"]) == (
-        "25", "DPM++ 2M Karras", str(2**40), "512x768")
+    # an old record's combined sampler name is written apart, as A1111 1.9+ does
+    assert (fields["Steps"], fields["Sampler"], fields["Schedule type"], fields["Seed"], fields["Size"]) == (
+        "25", "DPM++ 2M", "Karras", str(2**40), "512x768")
 
 
 def test_parse_a1111_reads_a1111s_own_text():

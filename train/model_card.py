@@ -83,7 +83,7 @@ def _params(folder: Path, part: str) -> int:
 
 def write_card(folder: Path, eval_json: Path, psnr: float, seeds: int = 4, tiny_psnr: float | None = None,
                ceiling: float | None = None) -> Path:
-    from t2i.samplers import DEFAULT_SAMPLER, get_sampler
+    from t2i.samplers import DEFAULT_SAMPLER, a1111_names, resolve
 
     summary = json.loads(eval_json.read_text())["summary"]
     defaults = json.loads((folder / "t2i.json").read_text())
@@ -98,7 +98,7 @@ def write_card(folder: Path, eval_json: Path, psnr: float, seeds: int = 4, tiny_
     rows = "\n".join(f"| {k.replace('_', ' ')} | {v:.3f} |" for k, v in summary.items())
     card = CARD.format(
         folder=folder.name, guidance=defaults["guidance"], steps=defaults["steps"], seeds=seeds,
-        sampler=get_sampler(defaults.get("sampler", DEFAULT_SAMPLER)).a1111,
+        sampler=" ".join(filter(None, a1111_names(*resolve(defaults.get("sampler", DEFAULT_SAMPLER))))),
         vae_channels=vae_cfg["block_out_channels"], vae_params=f"{_params(folder, 'vae') / 1e6:.2f} M",
         text_layers=train["text"]["num_hidden_layers"], text_width=train["text"]["hidden_size"],
         text_params=f"{_params(folder, 'text_encoder') / 1e6:.2f} M", unet_channels=unet_cfg["block_out_channels"],

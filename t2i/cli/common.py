@@ -76,7 +76,12 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
                    help="autoguidance scale in the late steps, steering away from the model's weaker guide/ UNet "
                         "in place of classifier-free guidance (default: the model's; 0 turns it off, as does a LoRA "
                         "at a non-zero scale)")
-    g.add_argument("--sampler", "-s", help="sampler name or A1111 name, e.g. euler-a, \"DPM++ 2M Karras\" (see t2i samplers)")
+    g.add_argument("--sampler", "-s", help="sampler name or A1111 name, e.g. euler-a, \"DPM++ 2M\" (see t2i samplers); "
+                                          "old combined names (dpm++2m-karras, \"DPM++ 2M Karras\") still work")
+    g.add_argument("--scheduler", "--schedule-type", metavar="NAME",
+                   help="the schedule beside the sampler, as A1111 1.9+: automatic (the sampler's own: Karras for "
+                        "DPM++ 2M, Uniform for Euler), uniform, karras, exponential, sgm_uniform, normal, beta "
+                        "(default: automatic; the one that ran is recorded)")
     g.add_argument("--seed", type=positive_int, default=-1, help="seed of the first image; image i uses seed+i (default: random)")
     g.add_argument("--width", "-W", type=positive_int, help="multiple of 8 (default: the model's native size)")
     g.add_argument("--height", "-H", type=positive_int, help="multiple of 8 (default: the model's native size)")
@@ -84,6 +89,9 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA (diffusers or kohya/A1111 layout); repeatable")
     g.add_argument("--lora-dir", metavar="DIR", help="where <lora:NAME:SCALE> in a prompt looks for NAME.safetensors")
+    g.add_argument("--embedding-dir", metavar="DIR",
+                   help="textual-inversion embeddings: NAME in a prompt calls DIR/NAME.safetensors (A1111's "
+                        "layouts and diffusers'); the model folder's embeddings/ is searched too")
     g.add_argument("--speed", metavar="OPTS", default="auto",
                    help="auto (default: what measures faster on this device at no quality cost: batched UNet calls, "
                         "and bf16 weights on a CPU with AMX/AVX512-BF16), exact (the bit-exact fp32 path: a batch "
@@ -100,6 +108,26 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
 def prompt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="the prompt (A1111 syntax: (word:1.2), [word], BREAK, <lora:NAME:0.8>)")
     p.add_argument("--prompts-file", metavar="FILE", help="one prompt per line ('#' comments); each prompt starts at --seed")
+
+
+def dynamic_prompt_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("dynamic prompts", "{red|blue} circle: one variant per image, picked from its seed; "
+                             "{0.5::red|2::blue}: weighted; {2$$a|b|c}: two of them; __colors__: a line of "
+                             "colors.txt in --wildcard-dir (the dynamicprompts library's syntax)")
+    g.add_argument("--combinatorial", action="store_true",
+                   help="every combination of the variants and wildcards, each a prompt of its own starting at "
+                        "--seed (at most 1000)")
+    g.add_argument("--wildcard-dir", metavar="DIR", help="where __NAME__ finds NAME.txt (__a/b__: a/b.txt)")
+    g.add_argument("--no-dynamic-prompts", action="store_true", help="keep {, } and __ in the prompt as written")
+
+
+def dynamic_prompts_mode(args) -> str:
+    """The jobs.Request.dynamic_prompts mode the dynamic-prompt arguments ask for."""
+    if args.no_dynamic_prompts:
+        if args.combinatorial:
+            raise UsageError("--combinatorial and --no-dynamic-prompts contradict each other; give one")
+        return "off"
+    return "combinatorial" if args.combinatorial else "random"
 
 
 def image_args(p: argparse.ArgumentParser, mask: bool = False) -> None:
@@ -201,3 +229,50 @@ def load_pipeline(args, task: str = "text2image"):
         cls = {"text2image": Text2Image, "image2image": Image2Image, "inpaint": Inpaint}[task]
         return cls.from_pretrained(args.model, device=args.device or "auto", dtype=args.dtype or "auto",
                                    allow_pickle=args.allow_pickle, model_config=args.model_config)
+
+
+def everyday_args(p: argparse.ArgumentParser, hires: bool = False) -> None:
+    """A1111's everyday set: clip skip, a VAE override and (text to image) the hires fix."""
+    from t2i.choices import HIRES_UPSCALERS
+
+    g = p.add_argument_group("A1111 everyday set")
+    g.add_argument("--clip-skip", type=positive_int, metavar="N",
+                   help="stop the text encoder N-1 layers early, as A1111 counts: 1 = the last layer (default), "
+                        "2 = the one before (SD 1.x; SD 2.x and SDXL ignore it, as in A1111)")
+    g.add_argument("--vae", metavar="PATH|NAME",
+                   help="decode with this VAE instead of the model's: a diffusers VAE folder, a .safetensors file "
+                        "(original or diffusers layout) or a name in --vae-dir; pickles only with --allow-pickle")
+    g.add_argument("--vae-dir", metavar="DIR", help="where --vae NAME is found (A1111's models/VAE)")
+    if not hires:
+        return
+    h = p.add_argument_group("hires fix (A1111's): generate, upscale, redraw at the larger size")
+    h.add_argument("--hires-scale", type=number, metavar="F", help="turn it on: each side times F (e.g. 2)")
+    h.add_argument("--hires-width", type=positive_int, default=0, metavar="W",
+                   help="turn it on: this width (with --hires-height: both, the overhang cropped; alone: the "
+                        "height in the first pass's ratio)")
+    h.add_argument("--hires-height", type=positive_int, default=0, metavar="H", help="turn it on: this height")
+    h.add_argument("--hires-steps", type=positive_int, metavar="N",
+                   help="steps of the second pass (default 0: as many as --steps)")
+    h.add_argument("--hires-denoise", type=number, metavar="F",
+                   help="denoising strength of the second pass, in (0, 1] (default 0.7)")
+    h.add_argument("--hires-upscaler", choices=list(HIRES_UPSCALERS), metavar="NAME",
+                   help=f"how the first pass is enlarged: {', '.join(HIRES_UPSCALERS)} (latent*: in latent space; "
+                        "lanczos, nearest: as pixels). Default: latent")
+
+
+def hires_of(args):
+    """The t2i.pipelines.hires.Hires the --hires-* flags ask for, or None when no size turns it on."""
+    if getattr(args, "hires_scale", None) is None and not getattr(args, "hires_width", 0) \
+            and not getattr(args, "hires_height", 0):
+        if any(getattr(args, f"hires_{x}", None) is not None for x in ("steps", "denoise", "upscaler")):
+            raise UsageError("--hires-steps, --hires-denoise and --hires-upscaler need --hires-scale or "
+                             "--hires-width/--hires-height, which turn the hires fix on")
+        return None
+    from t2i.pipelines.hires import Hires  # deferred: torch; --help must not import it
+
+    if args.hires_scale is not None and (args.hires_width or args.hires_height):
+        raise UsageError("give --hires-scale or --hires-width/--hires-height, not both")
+    return Hires(scale=args.hires_scale if args.hires_scale is not None else 2.0, width=args.hires_width,
+                 height=args.hires_height, steps=args.hires_steps or 0,
+                 denoise=args.hires_denoise if args.hires_denoise is not None else 0.7,
+                 upscaler=args.hires_upscaler or "latent")

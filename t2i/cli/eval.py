@@ -48,6 +48,9 @@ def add_parser(sub) -> None:
     e.add_argument("--style", help="instead of ShapeEval: measure a style LoRA (outline | pastel); needs --lora")
     e.add_argument("--lora", metavar="FILE[:SCALE]", help="the style LoRA for --style (scale default 1)")
     e.add_argument("--trigger", default="", help="the LoRA's trigger phrase, for --style")
+    e.add_argument("--embedding", metavar="FILE",
+                   help="with --style: measure a style embedding instead of a LoRA, its name (the file's stem) "
+                        "appended to the prompts")
     e.add_argument("--transfer", metavar="S[,S...]",
                    help="with --style: measure style transfer instead, img2img of content renders at these "
                         "strengths, e.g. 0.3,0.5,0.7 (style metric, and ShapeEval of the content)")
@@ -123,8 +126,10 @@ def _style_eval(args) -> int:
 
     if args.style not in STYLES:
         raise UsageError(f"unknown style {args.style!r}; use one of: {', '.join(STYLES)}")
+    if args.embedding:
+        return _embedding_eval(args)
     if not args.lora:
-        raise UsageError("--style needs the LoRA to measure: --lora FILE[:SCALE]")
+        raise UsageError("--style needs the LoRA or embedding to measure: --lora FILE[:SCALE] or --embedding FILE")
     strengths = _strengths(args.transfer) if args.transfer else None
     spec = LoraSet(None, None, args.allow_pickle).spec(parse_lora_arg(args.lora))
     models.resolve(args.model)
@@ -140,6 +145,27 @@ def _style_eval(args) -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         name = "style-transfer.json" if strengths else "style-eval.json"
         (Path(args.out) / name).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def _embedding_eval(args) -> int:
+    # deferred: torch and diffusers; --help must not import them
+    from t2i import embeddings, models
+    from t2i.demo.styles import embedding_eval, style_table
+
+    if args.lora or args.transfer:
+        raise UsageError("--embedding measures an embedding alone; leave out --lora and --transfer")
+    if not Path(args.embedding).is_file():
+        raise UsageError(f"embedding file {args.embedding} does not exist")
+    embeddings.read(args.embedding, args.allow_pickle)  # a broken or hostile file fails before the model loads
+    models.resolve(args.model)
+    pipe = load_pipeline(args)
+    pipe.exact_batch = False
+    rows = embedding_eval(pipe, args.embedding, args.style, seeds=tuple(range(args.seeds)))
+    print(style_table(rows))
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "embedding-eval.json").write_text(json.dumps(rows, indent=1))
     return 0
 
 

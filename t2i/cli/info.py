@@ -1,4 +1,4 @@
-"""`t2i info`: the generation settings stored in a PNG."""
+"""`t2i info`: the generation settings stored in an image (t2i's, A1111's, ComfyUI's)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from t2i.errors import UsageError
 
 
 def add_parser(sub) -> None:
-    i = sub.add_parser("info", help="print the generation settings stored in a PNG")
+    i = sub.add_parser("info", help="print the generation settings stored in an image",
+                       description="Print how an image was made: t2i's and A1111's parameters (PNG text, or A1111's "
+                                   "EXIF UserComment in a JPEG or WebP), or a summary of a ComfyUI workflow (its "
+                                   "KSampler's sampler, scheduler, seed, steps, CFG, prompts, size and checkpoint).")
     i.add_argument("image")
     i.add_argument("--json", action="store_true", help="print t2i's JSON settings instead of A1111's text")
     i.set_defaults(func=cmd_info)
@@ -16,15 +19,16 @@ def add_parser(sub) -> None:
 
 
 def cmd_info(args) -> int:
-    from t2i import metadata  # deferred: PIL; --help must not import it
+    from t2i import infotext  # deferred: PIL; --help must not import it
 
-    text, settings = metadata.read(args.image)
-    if text is None and settings is None:
+    found = infotext.read(args.image)
+    if found is None:
         raise UsageError(f"{args.image} carries no generation metadata")
     if args.json:
-        if settings is None:
-            raise UsageError(f"{args.image} has A1111 parameters but no t2i JSON settings; drop --json")
-        print(json.dumps(settings.to_dict(), indent=2, ensure_ascii=False))
+        if found.settings is None:
+            raise UsageError(f"{args.image} has {'A1111' if found.source == 'a1111' else 'ComfyUI'} parameters but "
+                             "no t2i JSON settings; drop --json")
+        print(json.dumps(found.settings.to_dict(), indent=2, ensure_ascii=False))
     else:
-        print(text if text is not None else json.dumps(settings.to_dict(), indent=2, ensure_ascii=False))
+        print(found.text)
     return 0

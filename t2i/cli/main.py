@@ -15,7 +15,7 @@ import traceback
 
 from t2i import __version__
 from t2i.errors import T2IError
-from t2i.cli import bench, eval, generate, guide, info, lora, reproduce, samplers, serve, train
+from t2i.cli import bench, eval, generate, grid, guide, info, lora, reproduce, samplers, serve, train
 from t2i.log import notices_on_stderr
 from t2i.cli.common import EXAMPLES, Parser
 from t2i.cli.startup import defer_import, no_collections
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the full traceback behind an error (also T2I_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
-    for command in (generate, samplers, info, reproduce, eval, bench, train, lora, guide, serve):
+    for command in (generate, grid, samplers, info, reproduce, eval, bench, train, lora, guide, serve):
         command.add_parser(sub)
     return parser
 

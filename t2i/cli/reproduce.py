@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
     r.add_argument("--allow-pickle", action="store_true", help="allow pickle-based weights (trusted files only)")
     r.add_argument("--init", metavar="IMAGE", help="img2img/inpaint: the init image, if it moved from the recorded path")
     r.add_argument("--mask", metavar="IMAGE", help="inpaint: the mask, if it moved from the recorded path")
+    r.add_argument("--vae", metavar="PATH", help="the VAE the image was made with, if it moved from the recorded path")
     r.add_argument("--out", "-o", metavar="PNG", help="also save the regenerated image here")
     r.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -33,6 +34,7 @@ def cmd_reproduce(args) -> int:
     with tidy_folders(args.out) if args.out else contextlib.nullcontext():  # no new empty folder left behind
         report = reproduce(args.image, model=args.model, device=args.device, dtype=args.dtype,
                            allow_pickle=args.allow_pickle, out=args.out, overwrite=args.overwrite,
-                           progress=not args.quiet, model_config=args.model_config, init=args.init, mask=args.mask)
+                           progress=not args.quiet, model_config=args.model_config, init=args.init, mask=args.mask,
+                           vae=args.vae)
     print(report.summary())
     return 0 if report.identical else 1

@@ -36,6 +36,16 @@ def _queue(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"--client-timeout must be more than 0 and at most 3600 s, got {text}")
+    return value
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `t2i serve` on the CLI's subparsers."""
     s = subparsers.add_parser("serve", help="web page and A1111-compatible HTTP API, model kept loaded",
@@ -49,18 +59,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--model-dir", metavar="DIR", help="checkpoints clients may switch to by name "
                                                       "(diffusers folders and .safetensors files)")
     s.add_argument("--lora-dir", metavar="DIR", help="where <lora:NAME:W> finds NAME.safetensors")
-    s.add_argument("--embedding-dir", metavar="DIR", help="textual-inversion embeddings (listed; not applied yet)")
+    s.add_argument("--vae-dir", metavar="DIR", help="VAEs clients may choose by name (A1111's models/VAE; "
+                                                    "also NAME.vae.safetensors in --model-dir)")
+    s.add_argument("--embedding-dir", metavar="DIR", help="textual-inversion embeddings: a prompt calls DIR/NAME.safetensors by NAME, as in A1111")
     s.add_argument("--out", "-o", metavar="DIR", help="also save every image here (numbered, never overwriting)")
     s.add_argument("--queue", type=_queue, default=16, metavar="N",
                    help="jobs that may wait behind the running one; more get 503 (default 16)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default: auto")
     s.add_argument("--devices", metavar="DEV,DEV,...",
-                   help="one worker per device, each with its own copy of the model, taking jobs from one queue "
+                   help="one worker process per device, each with its own copy of the model, taking jobs from one queue "
                         "(e.g. cuda:0,cuda:1; cpu,cpu runs two CPU workers); overrides --device")
     s.add_argument("--cors-allow-origins", metavar="ORIGIN[,ORIGIN2]",
                    help="web origins whose pages may call this API from a browser (e.g. http://localhost:3000); "
                         "default: none, no cross-origin headers are sent")
     s.add_argument("--log-prompts", action="store_true", help="write prompts into the request log")
+    s.add_argument("--client-timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                   help="seconds a client has to send a whole request, headers and body; slower ones get 408 and "
+                        "are disconnected (default 30; generating has no limit)")
     s.set_defaults(func=cmd_serve)
     return s
 
@@ -100,7 +115,8 @@ def config_from_args(args):
                         model_dir=_folder(args.model_dir, "--model-dir"), lora_dir=_folder(args.lora_dir, "--lora-dir"),
                         embedding_dir=_folder(args.embedding_dir, "--embedding-dir"), out=out, queue=args.queue,
                         device=args.device, devices=devices, cors_allow_origins=origins,
-                        log_prompts=args.log_prompts)
+                        log_prompts=args.log_prompts, client_timeout=args.client_timeout,
+                        vae_dir=_folder(getattr(args, "vae_dir", None), "--vae-dir"))
 
 
 def _devices(text: str) -> list[str]:
@@ -164,8 +180,9 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from t2i.server.app import create_app
+    from t2i.server.http import uvicorn_options
 
     app = create_app(config)
     print(f"t2i: serving on http://{config.host}:{config.port}/ (Ctrl-C stops)", file=sys.stderr)
-    uvicorn.run(app, host=config.host, port=config.port, access_log=False, log_level="warning")
+    uvicorn.run(app, **uvicorn_options(config))
     return 0

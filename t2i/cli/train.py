@@ -13,7 +13,7 @@ from t2i.cli.common import Parser, number, positive_int
 
 
 def add_parser(sub) -> None:
-    t = sub.add_parser("train", help="training: the demo model from scratch, or a LoRA")
+    t = sub.add_parser("train", help="training: the demo model from scratch, a LoRA, or an embedding")
     tsub = t.add_subparsers(dest="what", metavar="WHAT", parser_class=Parser)
     d = tsub.add_parser("demo", help="train the bundled demo model t2i-shapes from scratch (resumable)")
     d.add_argument("--config", default=None, metavar="TOML",
@@ -29,6 +29,7 @@ def add_parser(sub) -> None:
                    help="override any config key, e.g. --set unet.steps=6000 (TOML values)")
     d.set_defaults(func=cmd_train_demo)
     _train_lora_parser(tsub)
+    _train_embedding_parser(tsub)
     sd = tsub.add_parser("style-data", help="write a style dataset from the shapes world (images + captions)",
                          description="Render shapes-world scenes in a style (e.g. outlines only) with a .txt "
                                      "caption beside each image: ready for `t2i train lora --data`.")
@@ -107,6 +108,66 @@ def _train_lora_parser(tsub) -> None:
     a("--resume", metavar="latest|PATH", help="continue from the newest (or this) checkpoint in --output")
     a("--allow-pickle", action="store_true", default=None, help="allow a pickle-based base model (trusted only)")
     lo.set_defaults(func=cmd_train_lora)
+
+
+def _embedding_default(key: str) -> str:
+    """The Python API's default of a `t2i train embedding` key, as help text shows it."""
+    from t2i.train.embedding_config import EmbeddingTrainConfig  # no torch
+
+    value = {f.name: f.default for f in dataclasses.fields(EmbeddingTrainConfig)}[key]
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _train_embedding_parser(tsub) -> None:
+    D = _embedding_default
+    em = tsub.add_parser(
+        "embedding", help="textual inversion: learn an embedding (new token vectors) from a folder of images "
+                          "(resumable)",
+        description="Learn N token vectors that NAME in a prompt stands for, the model frozen (A1111's textual "
+                    "inversion). Writes OUT/NAME.safetensors in A1111's layout (emb_params). Flags override keys "
+                    "of --config.",
+        epilog="example:\n  t2i train style-data --style pastel --out data/pastel\n"
+               "  t2i train embedding --data data/pastel --output runs/pastelstyle --token pastelstyle\n"
+               "  t2i generate \"a red circle, pastelstyle\" --embedding-dir runs/pastelstyle",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = em.add_argument
+    a("--config", metavar="TOML", help="a TOML file with any of the keys below (flags win)")
+    a("--model", "-m", metavar="PATH|ID", help="base model (default: the bundled t2i-shapes)")
+    a("--data", metavar="DIR", help="images with a .txt caption beside each, or a metadata.jsonl")
+    a("--output", "-o", metavar="DIR", help="checkpoints and the embedding file go here")
+    a("--token", metavar="NAME", help="the embedding's name: the word that calls it in prompts, and its file name")
+    a("--init-words", metavar="TEXT", help=f"words whose token vectors the embedding starts from "
+                                           f"(default {D('init_words')!r})")
+    a("--vectors", type=positive_int, metavar="N", help=f"vectors per token (default {D('vectors')})")
+    a("--steps", type=positive_int, metavar="N", help=f"optimizer steps (default {D('steps')})")
+    a("--lr", type=number, metavar="X", help=f"learning rate (default {D('lr')})")
+    a("--batch", type=positive_int, metavar="N", help=f"images per step and process (default {D('batch')})")
+    a("--resolution", type=positive_int, metavar="N", help="training side length (default: the model's)")
+    a("--no-buckets", dest="buckets", action="store_false", default=None,
+      help="crop everything square instead of aspect-ratio buckets")
+    a("--mixed-precision", choices=["no", "fp16", "bf16"], help="default: no (fp16 needs a GPU)")
+    a("--min-snr-gamma", type=number, metavar="X", help=f"min-SNR loss weighting (default {D('min_snr_gamma')}; 0 = off)")
+    a("--seed", type=positive_int, metavar="N", help="default 0")
+    a("--checkpoint-every", type=positive_int, metavar="N", help=f"default {D('checkpoint_every')}")
+    a("--keep-checkpoints", type=positive_int, metavar="N", help=f"default {D('keep_checkpoints')}")
+    a("--max-bad-steps", type=positive_int, metavar="N", help="stop after this many non-finite steps in a row (default 5)")
+    a("--max-minutes", type=number, metavar="X",
+      help="stop at the next checkpoint after this many minutes (default 0: no limit); --resume latest goes on")
+    a("--resume", metavar="latest|PATH", help="continue from the newest (or this) checkpoint in --output")
+    a("--allow-pickle", action="store_true", default=None, help="allow a pickle-based base model (trusted only)")
+    em.set_defaults(func=cmd_train_embedding)
+
+
+def cmd_train_embedding(args) -> int:
+    from t2i.train import embedding  # deferred: torch and diffusers; --help must not import them
+
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(embedding.EmbeddingTrainConfig)
+             if hasattr(args, f.name)}
+    with _notices():
+        path = embedding.run(args.config, flags, args.resume)
+    if path is not None:
+        print(path)
+    return 0
 
 
 def cmd_train_demo(args) -> int:

@@ -148,6 +148,36 @@ def style_eval(pipe, lora: str, style: str, trigger: str, prompts=None, seeds=(0
     return rows
 
 
+def embedding_eval(pipe, embedding: str | Path, style: str, prompts=None, seeds=(0, 1),
+                   data_n: int = 64) -> dict[str, dict[str, float]]:
+    """Style metric and ShapeEval accuracy of the same prompts without and with a style embedding's name.
+
+    Rows: `style data` (renders of the style itself), `base` (the prompts alone), `base + the name as a word`
+    (the name appended, no embedding file: just a word), `embedding` (the name calls the embedding).
+    """
+    from t2i.embeddings import EmbeddingSet  # deferred: torch; `t2i train style-data` renders with PIL alone
+    from t2i.train.data import with_trigger
+
+    name = Path(embedding).stem
+    prompts = list(prompts or shapeeval.build_prompts()[::12])
+    scenes = [sample_scene(10**8 + 10**6 + i) for i in range(data_n)]
+    rows = {"style data": {"style": style_score([STYLES[style](s) for s in scenes], style)}}
+    runs = {"base": ("", {}), "base + the name as a word": (name, {}), "embedding": (name, {name: Path(embedding)})}
+    kept = pipe.embeddings
+    try:
+        for row, (words, files) in runs.items():
+            pipe.embeddings = EmbeddingSet(files=files, allow_pickle=kept.allow_pickle)
+            images, passed = [], []
+            for p in prompts:
+                out = pipe(with_trigger(p.prompt, words), seed=seeds[0], batch=len(seeds), progress=False).images
+                images += out
+                passed += [shapeeval.check(img, p) for img in out]
+            rows[row] = {"style": style_score(images, style), "shapeeval": float(np.mean(passed))}
+    finally:
+        pipe.embeddings = kept
+    return rows
+
+
 def transfer_eval(pipe, lora: str, style: str, trigger: str, strengths=(0.3, 0.5, 0.7), prompts=None,
                   seeds=(0, 1), scale: float = 1.0) -> dict[str, dict[str, float]]:
     """Style transfer by img2img: ground-truth renders of ShapeEval prompts (the content) redrawn with the LoRA.

@@ -27,6 +27,9 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
+from t2i.guards import check_clip_skip
+from t2i.models.vae import vae_names
+from t2i.pipelines.hires import UPSCALERS, Hires, plan as hires_plan
 from t2i.server import engine as core
 from t2i.server.queue import INTERRUPTED, QUEUED, RUNNING, Job, JobError, QueueFull, b64, new_id
 
@@ -49,7 +52,8 @@ class _Request(BaseModel):
     seed_resize_from_h: int = -1
     seed_resize_from_w: int = -1
     sampler_name: str | None = Field(None, description="A1111 or t2i sampler name (GET /samplers); default: the model's")
-    scheduler: str | None = Field(None, description="Automatic (as the sampler is) or Karras (its Karras variant)")
+    scheduler: str | None = Field(None, description="schedule type (GET /schedulers): Automatic (the sampler's own in A1111 "
+                                                        "1.9+), Uniform, Karras, Exponential, SGM Uniform, Normal, Beta")
     sampler_index: str | None = Field(None, description="old name of sampler_name")
     batch_size: int = 1
     n_iter: int = 1
@@ -168,9 +172,20 @@ def _eta(value, req) -> bool:
 
 _ANY = lambda value, req: True  # noqa: E731
 
+
+def _same_sampler(name, req) -> bool:
+    try:
+        return resolve_sampler(name, None) == req.get("_t2i_sampler")
+    except HTTPException:
+        return False
+
+
+def _hr(*accepted) -> Callable[[Any, Any], bool]:
+    """A hires fix field: anything while enable_hr is off (A1111 ignores it then), else one of `accepted`."""
+    return lambda value, req: not req.get("enable_hr") or value in accepted
+
 # field -> (is this value one t2i honours?, what t2i lacks). One table, so the refusals are all in one place.
 UNSUPPORTED: dict[str, tuple[Callable[[Any, Any], bool], str]] = {
-    "enable_hr": (_off(False, None), "hires fix is not implemented in t2i; leave enable_hr false"),
     "restore_faces": (_off(False, None), "face restoration is not implemented in t2i"),
     "tiling": (_off(False, None), "tiling is not implemented in t2i"),
     "styles": (_off(None, []), "prompt styles are not implemented in t2i; put the words in the prompt"),
@@ -185,8 +200,22 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any, Any], bool], str]] = {
     "s_noise": (_off(None, 1), "sigma noise is not implemented in t2i"),
     "refiner_checkpoint": (_off(None, "", "None"), "refiners are not implemented in t2i"),
     "disable_extra_networks": (_off(False), "t2i always reads <lora:...> tags"),
-    "firstpass_image": (_off(None, ""), "hires fix is not implemented in t2i"),
-    "clip_skip": (_off(None, 0, 1), "clip skip is not implemented in t2i; use 1"),
+    "firstpass_image": (_off(None, ""), "a given first-pass image is not implemented in t2i; leave it out and "
+                                        "t2i makes the first pass"),
+    # hires fix: t2i's second pass runs the first pass's model, sampler, prompts and CFG scale
+    "hr_checkpoint_name": (_hr(None, "", "Use same checkpoint"), "the hires pass runs the same checkpoint"),
+    "hr_sampler_name": (lambda v, r: not r.get("enable_hr") or v in (None, "", "Use same sampler")
+                        or _same_sampler(v, r), "the hires pass runs the same sampler"),
+    "hr_scheduler": (_hr(None, "", "Use same scheduler", "Automatic", "automatic"),
+                     "the hires pass runs the same scheduler"),
+    "hr_prompt": (lambda v, r: not r.get("enable_hr") or v in ("", r.get("prompt")), "the hires pass runs the "
+                                                                                     "same prompt"),
+    "hr_negative_prompt": (lambda v, r: not r.get("enable_hr") or v in ("", r.get("negative_prompt")),
+                           "the hires pass runs the same negative prompt"),
+    "hr_cfg": (lambda v, r: not r.get("enable_hr") or v is None or v == r.get("cfg_scale"),
+               "the hires pass runs the same CFG scale"),
+    "firstphase_width": (_hr(0), "the old hires fix sizes are not implemented; send width/height and hr_scale"),
+    "firstphase_height": (_hr(0), "the old hires fix sizes are not implemented; send width/height and hr_scale"),
     "script_name": (_off(None, ""), "scripts are not implemented in t2i (GET /scripts lists none)"),
     "alwayson_scripts": (lambda v, r: not v, "scripts and extensions are not implemented in t2i"),
     "infotext": (_off(None, ""), "setting fields from infotext is not implemented in t2i; send the fields"),
@@ -216,29 +245,25 @@ def _field_error(field: str, message: str, status: int = 422) -> HTTPException:
 # --------------------------------------------------------------------------- request -> job
 
 
-SCHEDULERS = {"automatic": ("Automatic", ""), "karras": ("Karras", " Karras")}
+SCHEDULERS = {k: s.label for k, s in core.SCHEDULES.items() if s.a1111}  # A1111 key -> label (GET /schedulers)
 
 
-def resolve_sampler(name: str | None, scheduler: str | None) -> str | None:
-    """A1111's sampler_name plus scheduler (1.9+) or a combined old name -> a t2i sampler name.
+def resolve_sampler(name: str | None, scheduler: str | None) -> tuple[str | None, str | None]:
+    """A1111's sampler_name plus scheduler (1.9+), or a combined old name -> (t2i sampler, schedule).
 
-    The scheduler is case-free: "automatic" (or none) keeps the sampler as named; "karras" picks its
-    Karras variant ("DPM++ 2M" + "Karras" = "DPM++ 2M Karras")."""
-    key = (scheduler or "automatic").strip().lower()
-    if key not in SCHEDULERS:
-        raise _field_error("scheduler", f"unknown scheduler {scheduler!r}; t2i has: "
-                                        f"{', '.join(label for label, _ in SCHEDULERS.values())}")
-    if name is None or name == "":
-        if key != "automatic":
-            raise _field_error("scheduler", f"scheduler {scheduler!r} needs a sampler_name")
-        return None
-    suffix = SCHEDULERS[key][1]
-    wanted = name if name.lower().endswith(suffix.lower()) else name + suffix
+    Names are case-free; a scheduler may be a key ("sgm_uniform") or a label ("SGM Uniform"). "Automatic" (or
+    none) is the sampler's own schedule in A1111 1.9+ (Karras for DPM++ 2M); the one that ran is in the infotext.
+    Without a sampler_name, the model's default sampler runs with the scheduler (checked once it is known)."""
+    field = "sampler_name"
     try:
-        return core.get_sampler(wanted).name
-    except core.UsageError:
-        what = f"sampler {name!r}" + (f" with scheduler {scheduler!r}" if suffix else "")
-        raise _field_error("sampler_name", f"t2i has no {what}; GET /sdapi/v1/samplers lists them") from None
+        if name:
+            core.get_sampler(name)  # an unknown sampler is the sampler's fault; the rest, the scheduler's
+        field = "scheduler"
+        if not name:
+            return None, None if scheduler is None else core.get_schedule(scheduler).name
+        return core.resolve(name, scheduler)
+    except core.UsageError as e:
+        raise _field_error(field, f"{e}; GET /sdapi/v1/samplers and /schedulers list them") from None
 
 
 def _decode_b64(text: str, field: str) -> bytes:
@@ -276,7 +301,7 @@ def check_override_settings(server, settings: dict | None) -> None:
     """override_settings: the checkpoint may differ; every other option must keep its value."""
     current = options(server)
     for key, value in (settings or {}).items():
-        if key == "sd_model_checkpoint":
+        if key in ("sd_model_checkpoint", *PER_REQUEST_OPTIONS):
             continue
         if key not in current:
             raise _field_error("override_settings", f"option {key!r} is not one t2i has (GET /sdapi/v1/options)")
@@ -339,10 +364,11 @@ def check_loras(server, prompt: str) -> None:
 
 def build_request(server, req: _Request, task: str, images=None) -> tuple[core.GenRequest, Any]:
     """Check a txt2img/img2img request whole, before any compute; the job's request and its checkpoint."""
-    sampler = resolve_sampler(req.sampler_name or req.sampler_index or None, req.scheduler)
+    sampler, schedule = resolve_sampler(req.sampler_name or req.sampler_index or None, req.scheduler)
     _unsupported(req, sampler)
     check_override_settings(server, req.override_settings)
     checkpoint = checkpoint_for(server, req)
+    everyday = everyday_fields(server, req, checkpoint)
     if req.batch_size < 1 or req.n_iter < 1:
         raise _field_error("batch_size" if req.batch_size < 1 else "n_iter", "batch_size and n_iter must be at least 1")
     if req.cfg_scale is not None and (not math.isfinite(req.cfg_scale) or req.cfg_scale < 0):
@@ -367,7 +393,8 @@ def build_request(server, req: _Request, task: str, images=None) -> tuple[core.G
     gen = core.GenRequest(task="text2image", prompt=req.prompt, negative_prompt=req.negative_prompt,
                           steps=req.steps, guidance=req.cfg_scale, sampler=sampler, seed=seed, width=req.width,
                           height=req.height, batch_size=req.batch_size, n_iter=req.n_iter, model=checkpoint.name,
-                          save=server.config.out is not None)
+                          save=server.config.out is not None, scheduler=schedule)
+    gen.clip_skip, gen.vae, gen.hires = everyday["clip_skip"], everyday["vae"], everyday["hires"]
     if images is not None:
         gen.task, gen.init_image, gen.strength = images["task"], images["init"], req.denoising_strength
         if images.get("mask") is not None:
@@ -438,6 +465,12 @@ async def wait_for(server, job: Job, request: Request | None) -> Job:
         raise HTTPException(e.status, e.message) from None
 
 
+def _extra_params(s0) -> dict:
+    """A1111's extra_generation_params: the schedule type that ran (as its infotext says it)."""
+    schedule = core.a1111_names(s0.sampler, s0.scheduler)[1] if s0 else None
+    return {"Schedule type": schedule} if schedule else {}
+
+
 def result(server, job: Job) -> dict:
     """A1111's response: images (bare base64), the echoed request, and info as a JSON string."""
     gen: core.GenRequest = job.request
@@ -453,16 +486,18 @@ def result(server, job: Job) -> dict:
         "seed": gen.seed, "all_seeds": seeds, "subseed": echo.get("subseed", -1),
         "all_subseeds": [echo.get("subseed", -1)] * gen.images, "subseed_strength": 0,
         "width": s0.width if s0 else gen.width, "height": s0.height if s0 else gen.height,
-        "sampler_name": core.SAMPLERS[s0.sampler].a1111 if s0 else echo.get("sampler_name"),
+        "sampler_name": core.a1111_names(s0.sampler, s0.scheduler)[0] if s0 else echo.get("sampler_name"),
         "cfg_scale": s0.guidance if s0 else gen.guidance, "steps": s0.steps if s0 else gen.steps,
         "batch_size": gen.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": s0.model_name if s0 else checkpoint.name,
         "sd_model_hash": s0.model_hash[:10] if s0 else checkpoint.hash,
-        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": s0.strength if s0 else None, "extra_generation_params": {},
+        "sd_vae_name": (s0.vae_name or None) if s0 else None, "sd_vae_hash": (s0.vae_hash[:10] or None) if s0 else None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": (s0.strength if s0.strength is not None else (s0.hires_denoise or None)) if s0 else None,
+        "extra_generation_params": _extra_params(s0),
         "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),
-        "clip_skip": 1, "is_using_inpainting_conditioning": False, "version": f"t2i {core_version()}",
+        "clip_skip": s0.clip_skip if s0 else 1, "is_using_inpainting_conditioning": False, "version": f"t2i {core_version()}",
         # t2i's own
         "task_id": job.id, "interrupted": out.interrupted, "skipped_iterations": out.skipped,
         "saved": out.saved, "save_error": out.save_error, "comments": job.meta.get("comments", []),
@@ -583,6 +618,79 @@ async def skip(request: Request):
     return {}
 
 
+# --------------------------------------------------------------------------- A1111's everyday set (issue 29)
+
+PER_REQUEST_OPTIONS = ("CLIP_stop_at_last_layers", "sd_vae")  # options a request may override for itself
+OWN_VAE = {"automatic", "none", ""}  # A1111's sd_vae values that mean the model's own VAE here
+
+
+def server_vaes(server) -> dict[str, Any]:
+    """The VAEs a request may name: --vae-dir's .safetensors files and diffusers VAE folders, and
+    NAME.vae.safetensors files in --model-dir (never a pickle: the server loads none)."""
+    found = {n: p for n, p in vae_names(server.config.model_dir).items() if n.endswith(".vae.safetensors")}
+    found |= vae_names(server.config.vae_dir)
+    return {n: p for n, p in found.items() if p.is_dir() or p.suffix.lower() == ".safetensors"}
+
+
+def everyday_fields(server, req: _Request, checkpoint) -> dict:
+    """Clip skip (the clip_skip field some clients send, or override_settings' CLIP_stop_at_last_layers), the
+    VAE (override_settings' sd_vae, by name) and, for txt2img, the hires fix; 422s naming the field."""
+    override = req.override_settings or {}
+    skip = override.get("CLIP_stop_at_last_layers", req.clip_skip)
+    field = "override_settings" if "CLIP_stop_at_last_layers" in override else "clip_skip"
+    if skip in (None, 0):
+        skip = 1
+    try:
+        skip = check_clip_skip(skip)
+    except core.UsageError as e:
+        raise _field_error(field, str(e)) from None
+    vae = override.get("sd_vae")
+    if vae is not None and (not isinstance(vae, str) or vae.lower() in OWN_VAE):
+        vae = None if isinstance(vae, str) else vae
+    if vae is not None:
+        found = server_vaes(server).get(vae) if isinstance(vae, str) else None
+        if found is None:
+            raise _field_error("override_settings", f"unknown VAE {json.dumps(vae)}; GET /sdapi/v1/sd-vae lists "
+                                                    "those this server has (--vae-dir)", status=404)
+        vae = str(found)
+    return {"clip_skip": skip, "vae": vae, "hires": _hires(server, req, checkpoint)}
+
+
+def _hires(server, req: _Request, checkpoint) -> Hires | None:
+    """enable_hr's fields as t2i's Hires, its size and work within the server's limits."""
+    if not getattr(req, "enable_hr", False):
+        return None
+    try:
+        hires = Hires(scale=req.hr_scale, width=req.hr_resize_x, height=req.hr_resize_y,
+                      steps=req.hr_second_pass_steps, denoise=req.denoising_strength if req.denoising_strength
+                      is not None else 0.75, upscaler=req.hr_upscaler).checked()
+    except core.UsageError as e:
+        field = {"upscaler": "hr_upscaler", "denois": "denoising_strength", "steps": "hr_second_pass_steps",
+                 "width": "hr_resize_x", "height": "hr_resize_y"}
+        name = next((f for k, f in field.items() if k in str(e)), "hr_scale")
+        raise _field_error(name, str(e)) from None
+    d = server.model_defaults(checkpoint.name)
+    width, height, steps = req.width or d["width"], req.height or d["height"], req.steps or d["steps"]
+    try:
+        p = hires_plan(hires, width, height)
+    except core.UsageError as e:
+        raise _field_error("hr_scale", str(e)) from None
+    lim = server.limits
+    if hires.steps_for(steps) > lim.max_steps:
+        raise _field_error("hr_second_pass_steps", f"hr_second_pass_steps must be 0..{lim.max_steps}, "
+                                                   f"got {req.hr_second_pass_steps}")
+    if max(p.up_w, p.up_h) > lim.max_side:
+        raise _field_error("hr_scale", f"the hires size {p.up_w}x{p.up_h} is over this server's limit of "
+                                       f"{lim.max_side} a side; use a smaller hr_scale or hr_resize")
+    images = req.batch_size * req.n_iter
+    cost = (width * height * steps + p.out_w * p.out_h * hires.steps_for(steps)) * images
+    if cost > lim.max_pixel_steps:
+        raise _field_error("hr_scale", f"both passes' width x height x steps x images = {cost} is over this "
+                                       f"server's budget of {lim.max_pixel_steps}; ask for a smaller hires size, "
+                                       "fewer steps or images", status=413)
+    return hires
+
+
 # --------------------------------------------------------------------------- options and lists
 
 
@@ -648,14 +756,17 @@ async def refresh_checkpoints(request: Request):
 
 @router.get("/samplers")
 async def samplers():
-    return [{"name": a1111, "aliases": [name], "options": {"scheduler": "karras"} if opts.get("use_karras_sigmas")
-             else {}} for a1111, name, opts in core.sampler_entries()]
+    """A1111 1.9+'s list: each sampler once, its automatic schedule in options (old combined names still work)."""
+    old = {name: [n for n, (base, _) in core.COMBINED.items() if base == name] for name in core.SAMPLERS}
+    return [{"name": s.a1111, "aliases": [s.name, *old[s.name]], "options": {} if s.automatic in ("automatic",
+             "uniform") else {"scheduler": s.automatic}} for s in core.SAMPLERS.values()]
 
 
 @router.get("/schedulers")
 async def schedulers():
-    return [{"name": key, "label": label, "aliases": None, "default_rho": 7.0 if key == "karras" else -1,
-             "need_inner_model": False} for key, (label, _) in SCHEDULERS.items()]
+    return [{"name": key, "label": label, "aliases": ["SGMUniform"] if key == "sgm_uniform" else None,
+             "default_rho": 7.0 if key == "karras" else -1,
+             "need_inner_model": key in ("uniform", "sgm_uniform", "normal")} for key, label in SCHEDULERS.items()]
 
 
 @router.get("/loras")
@@ -672,14 +783,18 @@ async def refresh_loras(request: Request):
 
 @router.get("/embeddings")
 async def embeddings(request: Request):
-    """The .safetensors files of --embedding-dir, listed as skipped: t2i does not apply embeddings yet."""
-    reg = request.app.state.server.registry
-    skipped = {}
+    """The .safetensors files of --embedding-dir, as A1111 lists them: `loaded` when their vectors fit the selected
+    checkpoint's text encoders (or before it has loaded), else `skipped`; a prompt calls a loaded one by name."""
+    server = request.app.state.server
+    reg = server.registry
+    width = server.models.get(server.selected, {}).get("embedding_width")
+    found = {"loaded": {}, "skipped": {}}
     for name in reg.embeddings:
         vectors, shape = reg.embedding_shape(name)
-        skipped[name] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": shape,
-                         "vectors": vectors}
-    return {"loaded": {}, "skipped": skipped}
+        fits = shape and (width is None or shape == width)
+        found["loaded" if fits else "skipped"][name] = {
+            "step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": shape, "vectors": vectors}
+    return found
 
 
 @router.post("/refresh-embeddings")
@@ -689,18 +804,22 @@ async def refresh_embeddings(request: Request):
 
 
 @router.get("/sd-vae")
-async def sd_vae():
-    return []  # t2i decodes with the model's own VAE
+async def sd_vae(request: Request):
+    """The VAEs of --vae-dir (and NAME.vae.* beside the checkpoints of --model-dir), by file name, as A1111
+    lists its models/VAE; the file name is what override_settings' sd_vae takes."""
+    return [{"model_name": name, "filename": name} for name in server_vaes(request.app.state.server)]
 
 
 @router.get("/upscalers")
 async def upscalers():
-    return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 1}]
+    """A1111's built-in pixel upscalers (hires fix's Lanczos and Nearest); no model-based ones."""
+    return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4 if name != "None"
+             else 1} for name in ("None", *(u.a1111 for u in UPSCALERS.values() if u.mode is None))]
 
 
 @router.get("/latent-upscale-modes")
 async def latent_upscale_modes():
-    return []  # hires fix is not implemented
+    return [{"name": u.a1111} for u in UPSCALERS.values() if u.mode is not None]
 
 
 @router.get("/memory")

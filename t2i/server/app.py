@@ -25,6 +25,7 @@ from t2i.server import engine as core
 from t2i.server.auth import BasicAuth, BodyLimit
 from t2i.server.queue import JobQueue
 from t2i.server.registry import Registry
+from t2i.server.workers import ProcessEngine
 
 log = logging.getLogger("t2i.server")
 
@@ -59,6 +60,8 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     history: int = 64  # finished jobs remembered (status, and async results until fetched or evicted)
     preview_every: float = 1.0  # seconds between live-preview decodes of a running job
+    vae_dir: Path | None = None  # --vae-dir: VAEs clients choose by name (override_settings sd_vae)
+    client_timeout: float = 30.0  # seconds a request has to arrive whole (t2i.server.http); slower: 408, closed
 
     def flags(self) -> dict:
         """The server's settings as /sdapi/v1/cmd-flags shows them (never the credentials)."""
@@ -68,7 +71,7 @@ class ServerConfig:
                 "embedding_dir": str(self.embedding_dir) if self.embedding_dir else None,
                 "out": str(self.out) if self.out else None, "queue": self.queue, "device": self.device,
                 "devices": self.worker_devices, "cors_allow_origins": list(self.cors_allow_origins),
-                "log_prompts": self.log_prompts, "api": True, "nowebui": False, "listen": self.host != "127.0.0.1"}
+                "log_prompts": self.log_prompts, "vae_dir": str(self.vae_dir) if self.vae_dir else None, "api": True, "nowebui": False, "listen": self.host != "127.0.0.1"}
 
 
     @property
@@ -83,7 +86,10 @@ class Server:
         self.config = config
         self.limits = config.limits
         self.registry = Registry(config.model, config.model_dir, config.lora_dir, config.embedding_dir)
-        self.engines = [core.Engine(device, config.lora_dir, config.out) for device in config.worker_devices]
+        # several devices: a worker process each (t2i.server.workers); one: the engine runs in this process
+        engine = ProcessEngine if len(config.worker_devices) > 1 else core.Engine
+        self.engines = [engine(device, config.lora_dir, config.out, config.embedding_dir)
+                        for device in config.worker_devices]
         self.engine = self.engines[0]
         self.models: dict[str, dict] = {}  # name -> model_info of checkpoints loaded so far
         self.queue = JobQueue(self.engines, config.queue, config.history, self._loaded, config.preview_every)
@@ -115,6 +121,9 @@ class Server:
 
     def stop(self) -> None:
         self.queue.stop()
+        for engine in self.engines:
+            if isinstance(engine, ProcessEngine):
+                engine.close()
 
 
 class RequestLog:

@@ -24,13 +24,14 @@ from t2i.models import tiny_vae
 from t2i.errors import ModelLoadError, T2IError, UnsafeFileError, UsageError
 from t2i.images import as_mask, check_mask, to_rgb
 from t2i.output import save_images
-from t2i.samplers import SAMPLERS, get_sampler
+from t2i.samplers import COMBINED, SAMPLERS, SCHEDULES, a1111_names, get_sampler, get_schedule, resolve
 from t2i.settings import Settings
 
 __all__ = ["Engine", "GenRequest", "Interrupted", "Skipped", "T2IError", "UsageError", "ModelLoadError",
            "UnsafeFileError",
            "check_mask", "decode_image", "read_png_text", "SAMPLERS", "get_sampler", "metadata", "prompts",
-           "models", "Settings"]
+           "models", "Settings",
+           "COMBINED", "SCHEDULES", "get_schedule", "resolve", "a1111_names"]
 
 # One model load at a time in a process: diffusers builds modules on the meta device through accelerate's
 # init_empty_weights, which patches torch.nn.Module for the whole process while it runs; two workers loading
@@ -70,6 +71,11 @@ class GenRequest:
     mask_blur: int = 4
     invert_mask: bool = False
     save: bool = False  # also write the PNGs into the server's --out folder
+    scheduler: str | None = None  # a t2i schedule key (t2i.samplers.SCHEDULES); None: automatic
+    # A1111's everyday set (issue 29)
+    clip_skip: int = 1
+    vae: str | None = None  # a VAE file or folder the server lists (GET /sdapi/v1/sd-vae); None: the model's own
+    hires: object | None = None  # t2i.pipelines.hires.Hires (text2image), checked
 
     @property
     def images(self) -> int:
@@ -129,10 +135,12 @@ class Engine:
 
     speed = "auto"  # the speed mode of its jobs (t2i.jobs.Request.speed): what `t2i generate` runs by default
 
-    def __init__(self, device: str = "auto", lora_dir: Path | None = None, out: Path | None = None):
+    def __init__(self, device: str = "auto", lora_dir: Path | None = None, out: Path | None = None,
+                 embedding_dir: Path | None = None):
         self.device = device
         self.lora_dir = lora_dir
         self.out = out
+        self.embedding_dir = embedding_dir  # textual-inversion embeddings a prompt calls by name
         self.loaded: str | None = None  # registry name
         self.location: str | None = None
         self._pipes: dict[str, object] = {}
@@ -178,7 +186,9 @@ class Engine:
         return {"name": p.model.source.name, "hash": p.model.hash, "arch": p.model.arch,
                 "width": p.defaults.width, "height": p.defaults.height, "steps": p.defaults.steps,
                 "guidance": p.defaults.guidance, "sampler": p.defaults.sampler,
-                "vae_scale_factor": p.vae_scale_factor, "device": str(p.device)}
+                "vae_scale_factor": p.vae_scale_factor, "device": str(p.device),
+                # the width of an embedding's vectors that fits (SDXL: clip_l's and clip_g's together), as A1111
+                "embedding_width": sum(e.get_input_embeddings().embedding_dim for e in p._text_encoders()[1])}
 
     def _instrument(self, pipe) -> None:
         """Have the pipeline's own step callback report each step, with its latents, to `self.hook`.
@@ -276,7 +286,8 @@ class Engine:
                             height=req.height, batch=req.batch_size, iterations=req.n_iter, lora_dir=self.lora_dir,
                             init_image=req.init_image, strength=req.strength, mask=req.mask,
                             mask_blur=req.mask_blur, invert_mask=req.invert_mask, model=self.location,
-                            device=self.device, speed=self.speed)
+                            device=self.device, scheduler=req.scheduler, clip_skip=req.clip_skip, vae=req.vae,
+                            hires=req.hires, embedding_dir=self.embedding_dir, speed=self.speed)
 
 
 def is_out_of_memory(e: BaseException) -> bool:

@@ -113,8 +113,11 @@ class Registry:
             header = engine.safetensors_header(self.embeddings[name])
         except (engine.T2IError, OSError):
             return 0, 0
-        for key, info in header.items():
-            shape = info.get("shape") if isinstance(info, dict) else None
-            if key != "__metadata__" and shape:
+        shapes = {k: v.get("shape") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+        if all(shapes.get(k) for k in ("clip_l", "clip_g")):  # SDXL: A1111 gives the two widths' sum
+            l, g = shapes["clip_l"], shapes["clip_g"]
+            return (l[0] if len(l) > 1 else 1), l[-1] + g[-1]
+        for shape in shapes.values():
+            if shape:
                 return (shape[0] if len(shape) > 1 else 1), shape[-1]
         return 0, 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import socket
 import threading
@@ -32,9 +33,11 @@ def running(app, port: int | None = None):
     """A real uvicorn serving `app` on 127.0.0.1 in a thread; yields its base URL; always stopped."""
     import uvicorn
 
+    from t2i.server.http import uvicorn_options
+
     port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False))
+    config = dataclasses.replace(app.state.server.config, host="127.0.0.1", port=port)
+    server = uvicorn.Server(uvicorn.Config(app, **uvicorn_options(config)))  # as `t2i serve` runs it
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30

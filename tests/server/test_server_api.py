@@ -66,8 +66,8 @@ def test_send_images_false(client):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("enable_hr", True), ("restore_faces", True), ("tiling", True), ("styles", ["anime"]),
-    ("subseed_strength", 0.5), ("clip_skip", 2), ("script_name", "x/y/z plot"), ("s_churn", 0.3),
+    ("firstpass_image", "abc"), ("restore_faces", True), ("tiling", True), ("styles", ["anime"]),
+    ("subseed_strength", 0.5), ("script_name", "x/y/z plot"), ("s_churn", 0.3),
     ("refiner_checkpoint", "sdxl-refiner"), ("alwayson_scripts", {"ControlNet": {"args": [{}]}}),
 ])
 def test_unsupported_field_is_a_422_naming_it(client, field, value):
@@ -77,9 +77,9 @@ def test_unsupported_field_is_a_422_naming_it(client, field, value):
     assert detail["loc"] == ["body", field] and field in detail["msg"]
 
 
-def test_clip_skip_in_override_settings_is_refused(client):
-    r = txt2img(client, override_settings={"CLIP_stop_at_last_layers": 2})
-    assert r.status_code == 422 and "CLIP_stop_at_last_layers" in r.text
+def test_an_unknown_override_setting_is_refused(client):
+    r = txt2img(client, override_settings={"eta_noise_seed_delta": 31337})
+    assert r.status_code == 422 and "eta_noise_seed_delta" in r.text
     assert txt2img(client, override_settings={"CLIP_stop_at_last_layers": 1}).status_code == 200
 
 
@@ -93,7 +93,7 @@ def test_bad_type_is_a_422_naming_the_field(client, field, value):
 @pytest.mark.parametrize("fields, named", [
     ({"width": 33}, "width"), ({"steps": 0}, "steps"), ({"batch_size": 0}, "batch_size"),
     ({"batch_size": 17}, "batch_size"), ({"width": 4096}, "width"), ({"cfg_scale": -1}, "cfg_scale"),
-    ({"seed": -5}, "seed"), ({"sampler_name": "Nonexistent"}, "sampler_name"), ({"scheduler": "Exponential"}, "scheduler"),
+    ({"seed": -5}, "seed"), ({"sampler_name": "Nonexistent"}, "sampler_name"), ({"scheduler": "Polyexponential"}, "scheduler"),
 ])
 def test_bad_values_are_refused_before_queueing(client, fields, named):
     r = txt2img(client, **fields)
@@ -122,10 +122,24 @@ def test_sampler_and_scheduler_combine_like_a1111_19(client):
     a = json.loads(txt2img(client, sampler_name="DPM++ 2M", scheduler="Karras").json()["info"])
     b = json.loads(txt2img(client, sampler_name="DPM++ 2M Karras").json()["info"])
     c = json.loads(txt2img(client, sampler_name="DPM++ 2M Karras", scheduler="Automatic").json()["info"])
-    assert a["sampler_name"] == b["sampler_name"] == c["sampler_name"] == "DPM++ 2M Karras"
+    # A1111 1.9+: the sampler apart, the schedule that ran in the infotext and extra_generation_params
+    assert a["sampler_name"] == b["sampler_name"] == c["sampler_name"] == "DPM++ 2M"
     assert a["infotexts"] == b["infotexts"] == c["infotexts"]
-    plain = json.loads(txt2img(client, sampler_name="DPM++ 2M", scheduler="automatic").json()["info"])
-    assert plain["sampler_name"] == "DPM++ 2M"
+    assert "Sampler: DPM++ 2M, Schedule type: Karras," in a["infotexts"][0]
+    assert a["extra_generation_params"] == {"Schedule type": "Karras"}
+    automatic = json.loads(txt2img(client, sampler_name="DPM++ 2M", scheduler="automatic").json()["info"])
+    assert automatic["infotexts"] == a["infotexts"]  # DPM++ 2M's automatic schedule is Karras, as in A1111 1.9+
+    uniform = json.loads(txt2img(client, sampler_name="DPM++ 2M", scheduler="Uniform").json()["info"])
+    assert "Sampler: DPM++ 2M, Schedule type: Uniform," in uniform["infotexts"][0]
+    sgm = json.loads(txt2img(client, sampler_name="Euler", scheduler="sgm_uniform").json()["info"])
+    assert "Sampler: Euler, Schedule type: SGM Uniform," in sgm["infotexts"][0]
+    for fields, named in [({"sampler_name": "Euler a", "scheduler": "Karras"}, "scheduler"),
+                          ({"sampler_name": "Euler", "scheduler": "Align Your Steps"}, "scheduler"),
+                          ({"sampler_name": "Euler", "scheduler": "nope"}, "scheduler"),
+                          ({"sampler_name": "DDIM", "scheduler": "Karras"}, "scheduler"),
+                          ({"sampler_name": "DPM++ 9M"}, "sampler_name")]:
+        r = txt2img(client, **fields)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", named], (fields, r.text)
 
 
 def test_lora_by_name_from_the_lora_dir(client):
@@ -203,6 +217,10 @@ def test_png_info_reads_a_server_png(client):
     body = r.json()
     assert body["info"].startswith("a red circle\n")
     assert body["parameters"]["Seed"] == "7" and body["parameters"]["Size-1"] == "32"
+    assert (body["parameters"]["Sampler"], body["parameters"]["Schedule type"]) == ("DPM++ 2M", "Karras")
+    made = txt2img(client, sampler_name="DPM++ 2M SDE", scheduler="Beta").json()["images"][0]
+    again = client.post(f"{A}/png-info", json={"image": made}).json()["parameters"]
+    assert (again["Sampler"], again["Schedule type"]) == ("DPM++ 2M SDE", "Beta")  # round trip
     assert "t2i" in body["items"]
     empty = client.post(f"{A}/png-info", json={"image": png_b64(Image.new("RGB", (8, 8)))}).json()
     assert empty == {"info": "", "items": {}, "parameters": {}}
@@ -216,13 +234,17 @@ def test_lists(client):
     assert all(set(m) == {"title", "model_name", "hash", "sha256", "filename", "config"} for m in models)
     assert all(not m["filename"].startswith("/") for m in models)  # no server paths
     samplers = client.get(f"{A}/samplers").json()
-    assert {"DPM++ 2M Karras", "Euler a"} <= {s["name"] for s in samplers}
-    assert {s["name"] for s in client.get(f"{A}/schedulers").json()} == {"automatic", "karras"}
+    assert {"DPM++ 2M", "Euler a", "DPM++ 2M SDE"} <= {s["name"] for s in samplers}
+    assert "DPM++ 2M Karras" not in {s["name"] for s in samplers}  # A1111 1.9+ lists each sampler once
+    assert next(s for s in samplers if s["name"] == "DPM++ 2M")["options"] == {"scheduler": "karras"}
+    assert [s["name"] for s in client.get(f"{A}/schedulers").json()] == [
+        "automatic", "uniform", "karras", "exponential", "sgm_uniform", "normal", "beta"]
     assert [l["name"] for l in client.get(f"{A}/loras").json()] == ["ink"]
-    assert client.get(f"{A}/embeddings").json() == {"loaded": {}, "skipped": {"shiny": {
+    assert client.get(f"{A}/embeddings").json() == {"skipped": {}, "loaded": {"shiny": {
         "step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 32, "vectors": 2}}}
     assert client.get(f"{A}/scripts").json() == {"txt2img": [], "img2img": []}
-    assert client.get(f"{A}/sd-vae").json() == [] and client.get(f"{A}/latent-upscale-modes").json() == []
+    assert client.get(f"{A}/sd-vae").json() == []  # no --vae-dir (test_server_everyday lists one)
+    assert client.get(f"{A}/latent-upscale-modes").json()[0] == {"name": "Latent"}
     assert client.get(f"{A}/upscalers").json()[0]["name"] == "None"
     memory = client.get(f"{A}/memory").json()
     assert memory["ram"]["total"] > 0 and "cuda" in memory
@@ -292,7 +314,7 @@ def test_async_jobs(client):
     wait_until(lambda: client.get(job["status_url"]).json()["state"] == "done")
     result = client.get(job["result_url"]).json()
     assert json.loads(result["info"])["all_seeds"] == [5]
-    assert client.post("/t2i/v1/jobs", json={"prompt": "x", "enable_hr": True}).status_code == 422  # as txt2img
+    assert client.post("/t2i/v1/jobs", json={"prompt": "x", "tiling": True}).status_code == 422  # as txt2img
     assert client.post("/t2i/v1/jobs", json={"prompt": "x", "steps": "many"}).json()["detail"][0]["loc"] == [
         "body", "steps"]
     events = client.get(job["events_url"]).text
@@ -363,3 +385,12 @@ def test_save_images_into_out_without_overwriting(make_client, tmp_path):
 
 def test_save_images_without_out_is_refused(client):
     assert txt2img(client, save_images=True).status_code == 422
+
+
+def test_an_embedding_of_embedding_dir_is_called_by_name_and_recorded(client):
+    r = txt2img(client, prompt="a shiny circle")
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert 'TI hashes: "shiny: ' in info["infotexts"][0]
+    plain = txt2img(client, prompt="a circle")  # no embedding: no TI hashes
+    assert "TI hashes" not in json.loads(plain.json()["info"])["infotexts"][0]

@@ -194,6 +194,62 @@ def test_slow_loris_connections_do_not_stop_the_server(live):
         assert rounds >= 1
 
 
+def test_a_request_that_does_not_arrive_whole_in_time_gets_408_and_is_closed(live):
+    """With --client-timeout 1.5: connections that dribble headers or a body past it are answered 408 and closed
+    by the server (their file descriptors go), a request sent at once is served, and a generation that takes
+    longer than the timeout is not cut (the deadline is for the request to arrive, not for the answer)."""
+    global HOSTILE_CASES
+    from t2i.server import Limits
+
+    url = live(client_timeout=1.5, limits=Limits(max_steps=5000, max_pixel_steps=10**10))
+    host, port = "127.0.0.1", int(url.rsplit(":", 1)[1])
+    me = psutil.Process()
+    with httpx.Client(base_url=url, timeout=120) as c:
+        t0 = time.time()
+        assert c.post(f"{A}/txt2img", json={"prompt": "warm", **FAST, "steps": 40}).status_code == 200
+        long_steps = min(5000, int(3 * 1.5 / ((time.time() - t0) / 40)) + 1)  # a generation of about 4.5 s
+        fds = me.num_fds()
+        socks = []
+        for i in range(16):
+            s = socket.create_connection((host, port), timeout=10)
+            s.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\n" if i % 2 else
+                      b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"prompt\": \"")
+            socks.append(s)
+        t0 = time.time()
+        answers = []
+        try:
+            for s in socks:  # each keeps dribbling until the server ends it
+                data = b""
+                while True:
+                    try:
+                        s.sendall(b"X-Slow: 1\r\n" if socks.index(s) % 2 else b"a")
+                        s.settimeout(0.05)
+                        chunk = s.recv(4096)
+                    except TimeoutError:
+                        assert time.time() - t0 < 15, "a slow client was never cut off"
+                        continue
+                    except (BrokenPipeError, ConnectionResetError):
+                        break
+                    if not chunk:
+                        break
+                    data += chunk
+                answers.append(data)
+        finally:
+            for s in socks:
+                s.close()
+        assert time.time() - t0 >= 1.4
+        assert sum(a.startswith(b"HTTP/1.1 408") for a in answers) >= 8  # the rest may see the close first
+        assert all(a == b"" or a.startswith(b"HTTP/1.1 408") for a in answers)
+        t0 = time.time()
+        r = c.post(f"{A}/txt2img", json={"prompt": "takes a while", "steps": long_steps, "width": 32, "height": 32})
+        assert r.status_code == 200 and time.time() - t0 > 1.5, "the generation was not longer than the timeout"
+        HOSTILE_CASES += 16
+        from srv import wait_until
+
+        wait_until(lambda: me.num_fds() <= fds + 4, timeout=20)
+
+
 def test_an_oversized_body_without_a_length_is_cut_at_the_limit(live):
     """A chunked body (no Content-Length) of 64 MB against a 256 KB limit: 413, and the server holds no more than
     the limit (what the client goes on sending is dropped, not kept)."""

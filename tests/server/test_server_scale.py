@@ -29,11 +29,14 @@ def pixels(answer: dict) -> list[bytes]:
     return [decode(b).tobytes() for b in answer["images"]]
 
 
-def test_two_workers_run_two_jobs_at_once_and_make_the_single_worker_images(make_client, client):
+def test_two_worker_processes_run_two_jobs_at_once_and_a_dead_one_costs_only_its_job(make_client, client):
+    """Two workers, each a process of its own: two jobs at once, an interrupt stops both, each image equals the
+    single-worker one. kill -9 of a worker mid-job: that request gets one line naming the worker, the server
+    goes on, and the dead worker's next job starts a fresh process that gives the same pixels again."""
     c = make_client(devices=["cpu", "cpu"], limits=ROOMY)
     health = c.get("/t2i/v1/health").json()
     assert [w["device"] for w in health["workers"]] == ["cpu", "cpu"]
-    wait_until(lambda: all(w["loaded"] for w in c.get("/t2i/v1/health").json()["workers"]))  # both loaded at start
+    wait_until(lambda: all(w["loaded"] for w in c.get("/t2i/v1/health").json()["workers"]), timeout=180)  # loaded at start
     for job_id in ("one", "two"):
         c.post("/t2i/v1/jobs", json={**LONG, "force_task_id": job_id})
     both = wait_until(lambda: (h := c.get("/t2i/v1/health").json())["running_jobs"] and
@@ -45,9 +48,26 @@ def test_two_workers_run_two_jobs_at_once_and_make_the_single_worker_images(make
     for job_id in ("one", "two"):
         wait_until(lambda: c.get(f"/t2i/v1/jobs/{job_id}").json()["state"] == "interrupted")
     single = [pixels(client.post(f"{A}/txt2img", json=b).json()) for b in BODIES]
+    pids = {e.pid for e in c.app.state.server.engines}
+    assert len(pids) == 2 and os.getpid() not in pids  # a process per device
     with concurrent.futures.ThreadPoolExecutor(len(BODIES)) as pool:
         double = list(pool.map(lambda b: pixels(c.post(f"{A}/txt2img", json=b).json()), BODIES))
     assert double == single
+
+    # kill -9 of a worker mid-job
+    c.post("/t2i/v1/jobs", json={**LONG, "force_task_id": "victim"})
+    wait_until(lambda: c.get("/t2i/v1/jobs/victim").json()["step"] > 1)
+    preview = wait_until(lambda: c.get(f"{A}/progress").json()["current_image"])  # decoded in the worker
+    assert decode(preview).size == (32, 32)
+    engines = c.app.state.server.engines
+    victim = next(e for e in engines if e.loaded and e.hook is not None)
+    os.kill(victim.pid, 9)
+    failed = wait_until(lambda: (j := c.get("/t2i/v1/jobs/victim").json())["state"] == "failed" and j)
+    assert "worker process on cpu ended" in failed["error"] and "\n" not in failed["error"]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # both workers busy again, one of them new
+        again = list(pool.map(lambda b: pixels(c.post(f"{A}/txt2img", json=b).json()), BODIES[:3]))
+    assert again == single[:3]
+    assert all(e.pid is not None for e in engines)
 
 
 def test_devices_flag(run_cli, monkeypatch, tiny_sd):

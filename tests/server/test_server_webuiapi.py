@@ -56,10 +56,12 @@ def test_options_switch_models(api):
 
 
 def test_samplers_schedulers_and_lists(api):
-    assert "DPM++ 2M Karras" in api.util_get_sampler_names()
-    assert api.util_get_scheduler_names() == ["automatic", "karras"]
+    assert {"DPM++ 2M", "Euler a"} <= set(api.util_get_sampler_names())
+    assert api.util_get_scheduler_names() == sorted(["automatic", "uniform", "karras", "exponential", "sgm_uniform",
+                                                     "normal", "beta"])
     result = api.txt2img(prompt="x", seed=2, width=32, height=32, sampler_name="DPM++ 2M", scheduler="Karras")
-    assert result.info["sampler_name"] == "DPM++ 2M Karras"
+    assert result.info["sampler_name"] == "DPM++ 2M"
+    assert "Schedule type: Karras" in result.info["infotexts"][0]
     assert [l["name"] for l in api.get_loras()] == ["ink"]
     assert api.get_progress()["state"]["job_count"] == 0
     assert api.get_scripts() == {"txt2img": [], "img2img": []}
@@ -70,5 +72,11 @@ def test_samplers_schedulers_and_lists(api):
 
 def test_a_refusal_reaches_the_client(api):
     with pytest.raises(RuntimeError) as e:
-        api.txt2img(prompt="x", width=32, height=32, enable_hr=True)
-    assert e.value.args[0] == 422 and "enable_hr" in e.value.args[1]
+        api.txt2img(prompt="x", width=32, height=32, tiling=True)
+    assert e.value.args[0] == 422 and "tiling" in e.value.args[1]
+
+
+def test_hires_fix_through_webuiapi(api):
+    result = api.txt2img(prompt="x", width=32, height=32, steps=2, seed=1, enable_hr=True, hr_scale=1.5,
+                         hr_upscaler=webuiapi.HiResUpscaler.Latent, denoising_strength=0.5)
+    assert result.image.size == (48, 48) and "Hires upscale: 1.5" in result.info["infotexts"][0]
