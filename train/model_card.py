@@ -98,7 +98,7 @@ def write_card(folder: Path, eval_json: Path, psnr: float, seeds: int = 4, tiny_
     rows = "\n".join(f"| {k.replace('_', ' ')} | {v:.3f} |" for k, v in summary.items())
     card = CARD.format(
         folder=folder.name, guidance=defaults["guidance"], steps=defaults["steps"], seeds=seeds,
-        sampler=" ".join(filter(None, a1111_names(*resolve(defaults.get("sampler", DEFAULT_SAMPLER))))),
+        sampler=_sampler_words(*a1111_names(*resolve(defaults.get("sampler", DEFAULT_SAMPLER)))),
         vae_channels=vae_cfg["block_out_channels"], vae_params=f"{_params(folder, 'vae') / 1e6:.2f} M",
         text_layers=train["text"]["num_hidden_layers"], text_width=train["text"]["hidden_size"],
         text_params=f"{_params(folder, 'text_encoder') / 1e6:.2f} M", unet_channels=unet_cfg["block_out_channels"],
@@ -250,3 +250,8 @@ if __name__ == "__main__":
     ap.add_argument("--ceiling", type=float, help="overall of `t2i eval --ground-truth --through-vae`")
     a = ap.parse_args()
     print(write_card(a.folder, a.eval, a.psnr, a.seeds, a.tiny_psnr, a.ceiling))
+
+
+def _sampler_words(sampler: str, schedule: str | None) -> str:
+    """A sampler and its schedule as a reader of A1111 1.9+ knows them: "DPM++ 2M, Karras schedule"."""
+    return f"{sampler}, {schedule} schedule" if schedule else sampler

@@ -128,7 +128,7 @@ def test_model_card_reports_the_measured_numbers(trained, tmp_path):
             " colours; 25% of counting scenes with four objects)") in card
     assert "400 steps of batch 128, to draw the objects" in card and "grid of 8x8 cells" in card
     assert "kept that task on at weight 5" in card and "AdamW 0.0001 with a cosine decay to 5%" in card
-    assert "Scheduler: DPM++ 2M Karras" in card and "20 steps, DPM++ 2M Karras," in card
+    assert "Scheduler: DPM++ 2M, Karras schedule" in card and "20 steps, DPM++ 2M, Karras schedule," in card
     assert "UNet, VAE, text encoder, vae_tiny/ in fp16, which stock diffusers and transformers load as fp32" in card
     assert "guide/" not in card
     from safetensors.torch import load_file, save_file
@@ -146,7 +146,8 @@ def test_model_card_reports_the_measured_numbers(trained, tmp_path):
     assert "guidance 5.0, autoguidance 2.5 with guide/ below timestep 400)" in card
     (folder / "t2i.json").write_text(json.dumps({"steps": 30, "guidance": 4.0, "sampler": "euler-a"}))
     card = write_card(folder, tmp_path / "eval.json", psnr=28.5, seeds=2).read_text()
-    assert "Scheduler: Euler a" in card and "30 steps, Euler a," in card and "num_inference_steps=30" in card
+    assert "Scheduler: Euler a, Uniform schedule" in card and "30 steps, Euler a, Uniform schedule," in card
+    assert "num_inference_steps=30" in card
 
 
 def test_export_makes_the_guide_from_an_earlier_checkpoint_of_the_run(trained, tmp_path, caplog):
