@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -173,7 +174,8 @@ def test_kill_9_mid_job_leaves_no_half_written_png_and_a_restart_goes_on(tiny_sd
         proc.wait(timeout=30)
         proc.stderr.close()
     temps = [p.name for p in out.iterdir() if p.name.startswith(".")]
-    assert all(n.startswith(".t2i-") and n.endswith(".png") for n in temps)  # at most a hidden temporary file
+    # at most a hidden temporary file, t2i.files.atomic_write's: .NNNNN-SEED.png.XXXXXXXX.tmp
+    assert all(re.fullmatch(r"\.\d{5}-\d+\.png\.\w+\.tmp", n) for n in temps), temps
 
 
 def test_a_full_disk_while_saving_is_one_clear_error_and_nothing_is_lost(make_client, tmp_path, monkeypatch,
