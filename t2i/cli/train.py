@@ -41,14 +41,17 @@ def add_parser(sub) -> None:
     t.set_defaults(func=lambda args: t.print_help() or 2)
 
 
-def _lora_default(key: str) -> str:
-    """The Python API's default of a `t2i train lora` key, as help text shows it: one set of defaults."""
-    import dataclasses
+def _config_default(config: type, key: str) -> str:
+    """The Python API's default of a training config's key (a dataclass), as help text shows it: one set of
+    defaults for the CLI and the API."""
+    value = {f.name: f.default for f in dataclasses.fields(config)}[key]
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
+
+def _lora_default(key: str) -> str:
     from t2i.train.lora_config import LoraTrainConfig  # no torch: every t2i command builds this parser
 
-    value = {f.name: f.default for f in dataclasses.fields(LoraTrainConfig)}[key]
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return _config_default(LoraTrainConfig, key)
 
 
 def _train_lora_parser(tsub) -> None:
@@ -111,11 +114,9 @@ def _train_lora_parser(tsub) -> None:
 
 
 def _embedding_default(key: str) -> str:
-    """The Python API's default of a `t2i train embedding` key, as help text shows it."""
     from t2i.train.embedding_config import EmbeddingTrainConfig  # no torch
 
-    value = {f.name: f.default for f in dataclasses.fields(EmbeddingTrainConfig)}[key]
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return _config_default(EmbeddingTrainConfig, key)
 
 
 def _train_embedding_parser(tsub) -> None:

@@ -127,15 +127,14 @@ class ProcessEngine:
                     if on_iteration is not None:
                         on_iteration(message[1])
                 elif kind == "step":
-                    self._conn.send((self._step(req.task, message[1], message[2]),))
+                    self._conn.send((self._step(message[1], message[2]),))
                 else:
                     return self._answer(message)
 
-    def _step(self, task: str, step: int, total: int) -> str:
+    def _step(self, step: int, total: int) -> str:
         """The queue's hook on one step of the child; what the child is to do next."""
         if self.hook is None:
             return _GO
-        self._task = task
         try:
             self.hook(step, total, _LatentsThere())
         except core.Interrupted:
