@@ -38,10 +38,13 @@ def loaded_guide(model: Path):
 
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_packing_round_trips_every_width(bits):
-    codes = torch.randint(0, 2**bits, (1001,), dtype=torch.uint8)  # not a multiple of 8 bits
-    packed = guides.pack(codes, bits)
-    assert packed.dtype == torch.uint8 and len(packed) == -(-1001 * bits // 8)
-    assert torch.equal(guides.unpack(packed, bits, 1001), codes)
+    for count in (1001, 1, 7, 8, 9, 64):  # 1001 is not a multiple of 8 codes; unpack reads 8 codes at a time
+        codes = torch.randint(0, 2**bits, (count,), dtype=torch.uint8)
+        packed = guides.pack(codes, bits)
+        assert packed.dtype == torch.uint8 and len(packed) == -(-count * bits // 8)
+        assert torch.equal(guides.unpack(packed, bits, count), codes)
+    every = torch.arange(2**bits, dtype=torch.uint8).repeat(3)  # every code, at every place in a group
+    assert torch.equal(guides.unpack(guides.pack(every, bits), bits, len(every)), every)
 
 
 def test_more_bits_keep_more_of_the_difference():
