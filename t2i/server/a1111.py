@@ -485,7 +485,7 @@ def result(server, job: Job) -> dict:
     checkpoint = job.meta["checkpoint"]
     echo = job.meta["echo"]
     info = {
-        "prompt": gen.prompt, "all_prompts": core.resolved_prompts(gen),  # dynamic prompts: each image's
+        "prompt": gen.prompt, "all_prompts": _all_prompts(gen, out),  # dynamic prompts: each image's own
         "negative_prompt": gen.negative_prompt, "all_negative_prompts": [gen.negative_prompt] * gen.images,
         "seed": gen.seed, "all_seeds": seeds, "subseed": echo.get("subseed", -1),
         "all_subseeds": [echo.get("subseed", -1)] * gen.images, "subseed_strength": 0,
@@ -511,6 +511,14 @@ def result(server, job: Job) -> dict:
     return {"images": images, "parameters": echo, "info": json.dumps(info, ensure_ascii=False)}
 
 
+def _all_prompts(gen: core.GenRequest, out: core.Output) -> list[str]:
+    """Each image's prompt: as its settings say when every image was made, else resolved again from the seeds
+    (the library parses the template again: slow for a long one)."""
+    if len(out.settings) == gen.images and out.settings and all(s.prompt_template for s in out.settings):
+        return [s.prompt for s in out.settings]
+    return core.resolved_prompts(gen)
+
+
 def core_version() -> str:
     from t2i.server.app import core_version as v
 
@@ -527,6 +535,7 @@ def _echo(req: _Request) -> dict:
 async def _generate(request: Request, req: _Request, task: str) -> dict:
     server = request.app.state.server
     images = await decode_img2img(req) if task == "img2img" else None
+    await run_in_threadpool(dynamic_prompts_mode, server, req)  # parsing a long template takes seconds: not here
     gen, checkpoint = build_request(server, req, task, images)
     request.scope.setdefault("state", {}).update(seed=gen.seed, prompt=gen.prompt)
     job = new_job(server, gen, checkpoint, _echo(req), req.force_task_id)

@@ -87,3 +87,14 @@ def test_a_server_without_dynamic_prompts_keeps_prompts_as_written(make_client):
     info = _info(txt2img(make_client(dynamic_prompts=False), prompt="a {red|blue} circle __x__"))
     assert info["all_prompts"] == ["a {red|blue} circle __x__"]
     assert info["infotexts"][0].startswith("a {red|blue} circle __x__\n")
+
+
+def test_prompts_of_images_never_made_are_resolved_from_their_seeds_as_the_job_would():
+    from t2i.server import engine
+
+    gen = engine.GenRequest(task="text2image", prompt=TEMPLATE, negative_prompt="", steps=2, guidance=7,
+                            sampler=None, seed=10, width=32, height=32, batch_size=2, n_iter=2,
+                            dynamic_prompts="random")
+    assert engine.resolved_prompts(gen) == dynamic_prompts.resolve_many(TEMPLATE, [10, 11, 12, 13])
+    gen.dynamic_prompts = "off"
+    assert engine.resolved_prompts(gen) == [TEMPLATE] * 4
