@@ -739,7 +739,7 @@ def dynamic_prompts_mode(server, req: _Request) -> str:
             if mode == "random" and len(args) > i and args[i] not in (False, None, 0):  # checkboxes: off
                 raise _field_error("alwayson_scripts", f"alwayson_scripts {name!r} args[{i}] ({what}) is not "
                                                        "supported: t2i picks one variant per image, from its seed")
-    if mode == "random":
+    if mode == "random" and len(req.prompt) <= server.limits.max_prompt:  # a longer one: build_request's 413
         try:
             core.check_dynamic_prompt(req.prompt, str(server.config.wildcard_dir) if server.config.wildcard_dir
                                       else None)

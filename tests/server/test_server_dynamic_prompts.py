@@ -98,3 +98,11 @@ def test_prompts_of_images_never_made_are_resolved_from_their_seeds_as_the_job_w
     assert engine.resolved_prompts(gen) == dynamic_prompts.resolve_many(TEMPLATE, [10, 11, 12, 13])
     gen.dynamic_prompts = "off"
     assert engine.resolved_prompts(gen) == [TEMPLATE] * 4
+
+
+def test_a_template_over_the_prompt_limit_is_refused_unparsed(make_client, monkeypatch):
+    from t2i.server import Limits, engine
+
+    monkeypatch.setattr(engine.dynamic_prompts, "is_template", lambda p: pytest.fail("parsed"))
+    r = txt2img(make_client(limits=Limits(max_prompt=50)), prompt="{a|b} " * 20)
+    assert r.status_code == 413 and "at most 50" in r.text
