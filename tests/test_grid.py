@@ -242,3 +242,15 @@ def test_hires_axes_make_each_cell_at_its_size_with_its_settings(run_cli, tiny_s
         ((32, 32), 1, 0.5, 1, 32), ((64, 64), 2, 0.5, 1, 32), ((32, 32), 1, 1, 1, 32), ((64, 64), 2, 1, 1, 32)]
     grid_image = Image.open(stdout.split()[-1])
     assert grid_image.width > 2 * 64 and grid_image.height > 2 * 64  # cells as large as the largest
+
+
+@pytest.mark.parametrize("axis, words", [
+    ("vae=None,nope", "--x vae value 'nope'"),
+    ("Checkpoint name=/no/such/model", "--x model value '/no/such/model'"),
+    ("Denoising=0", "--x hires-denoise value 0.0"),
+])
+def test_bad_grid_axes_exit_2_in_one_line_before_loading(run_cli, no_model_load, tiny_sd, tmp_path, axis, words):
+    from helpers import one_line
+
+    code, _, stderr = run_cli("grid", "a red circle", "--model", tiny_sd, "--x", axis, "--out", tmp_path)
+    assert code == 2 and words in one_line(stderr) and "Traceback" not in stderr
