@@ -2,9 +2,8 @@
 
     axes = [grid.parse_axis("steps=10-30 (+10)", "--x"), grid.parse_axis("sampler=Euler a,DPM++ 2M", "--y")]
     cells = grid.plan(jobs.Request(["a red circle"], seed=1), axes)  # every cell checked, nothing loaded
-    pipe = jobs.load(cells[0].job)
-    for cell in cells:
-        grid.run_cell(pipe, cell)  # sets cell.result
+    for cell in grid.run(cells):  # sets cell.result; each model loads once (a Checkpoint axis: several)
+        print(cell.index)
     image, layout = grid.draw(cells, axes)
 
 Each cell is an ordinary request through `t2i.jobs` (checked whole before any model loads), so its image is the
