@@ -2,9 +2,8 @@
 
     axes = [grid.parse_axis("steps=10-30 (+10)", "--x"), grid.parse_axis("sampler=Euler a,DPM++ 2M", "--y")]
     cells = grid.plan(jobs.Request(["a red circle"], seed=1), axes)  # every cell checked, nothing loaded
-    pipe = jobs.load(cells[0].job)
-    for cell in cells:
-        grid.run_cell(pipe, cell)  # sets cell.result
+    for cell in grid.run(cells):  # sets cell.result; each model loads once (a Checkpoint axis: several)
+        print(cell.index)
     image, layout = grid.draw(cells, axes)
 
 Each cell is an ordinary request through `t2i.jobs` (checked whole before any model loads), so its image is the
@@ -22,7 +21,7 @@ import itertools
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from t2i.errors import UsageError
 
@@ -50,6 +49,31 @@ def _lora_scale(request, value: float, values: list) -> dict:
     return {"loras": [dataclasses.replace(s, scale=value) for s in specs]}
 
 
+OWN_VAE = ("none", "automatic")  # A1111's VAE axis values for the model's own VAE
+
+
+def _vae(request, value: str, values: list) -> dict:
+    """A VAE as --vae takes it (a folder, a file, a name in --vae-dir); None/Automatic: the model's own."""
+    return {"vae": None if value.strip().lower() in OWN_VAE else value}
+
+
+def _hires(name: str) -> Callable:
+    """An axis that sets one field of the hires fix, turning it on (the other fields: the --hires-* flags', or
+    their defaults)."""
+
+    def apply(request, value, values):
+        from t2i.pipelines.hires import Hires  # deferred: torch; --help must not import it
+
+        return {"hires": dataclasses.replace(request.hires or Hires(), **{name: value})}
+
+    return apply
+
+
+def _file_name(value: str) -> str:
+    """A path's last part, as A1111 labels checkpoints and VAEs by name ("None" and names stay as given)."""
+    return re.split(r"[\\/]", str(value).rstrip("/\\"))[-1] or str(value)
+
+
 @dataclass(frozen=True)
 class Axis:
     name: str  # t2i's name, as --x takes it
@@ -57,6 +81,7 @@ class Axis:
     kind: type  # int | float | str: how values are read (int and float take ranges)
     apply: Callable[[Any, Any, list], dict]  # (request, value, all values) -> the request's changed fields
     aliases: tuple[str, ...] = ()
+    show: Callable[[Any], str] = str  # a str value's label on the grid
 
 
 # One line per setting: the fields are jobs.Request's.
@@ -73,6 +98,13 @@ AXES: dict[str, Axis] = {a.name: a for a in [
     Axis("negative-prompt", "Negative prompt", str, _set("negative_prompt")),
     Axis("prompt-sr", "Prompt S/R", str, _prompt_sr, ("sr",)),
     Axis("lora-scale", "LoRA scale", float, _lora_scale),
+    # A1111's everyday set (issue 29): checkpoints (each loads once: see `run_order`), VAEs, the hires fix
+    Axis("model", "Checkpoint name", str, _set("model"), ("checkpoint",), show=_file_name),
+    Axis("vae", "VAE", str, _vae, show=_file_name),
+    Axis("hires-scale", "Hires upscale", float, _hires("scale")),
+    Axis("hires-steps", "Hires steps", int, _hires("steps")),
+    Axis("hires-denoise", "Denoising", float, _hires("denoise"), ("denoising-strength",)),
+    Axis("hires-upscaler", "Hires upscaler", str, _hires("upscaler")),
 ]}
 
 
@@ -106,7 +138,7 @@ class AxisValues:
 
     def labels(self) -> list[str]:
         if self.axis.kind is str:
-            return [str(v) for v in self.values]
+            return [self.axis.show(v) for v in self.values]
         return [f"{self.axis.label}: {v:g}" if isinstance(v, float) else f"{self.axis.label}: {v}"
                 for v in self.values]
 
@@ -234,6 +266,35 @@ def plan(base, axes: list[AxisValues]) -> list[Cell]:
                 request = dataclasses.replace(request, **a.axis.apply(request, v, a.values))
         cells.append(Cell((ix, iy, iz), jobs.check(request)))
     return cells
+
+
+def _model(cell: Cell):
+    return cell.job.request.model
+
+
+def run_order(cells: list[Cell]) -> list[Cell]:
+    """The cells in the order to make them: grouped by model, each model's cells in drawing order, so that a
+    Checkpoint axis loads each model once (A1111 runs its checkpoint axis outermost for the same reason)."""
+    first = {}
+    for i, c in enumerate(cells):
+        first.setdefault(_model(c), i)
+    return sorted(cells, key=lambda c: first[_model(c)])
+
+
+def run(cells: list[Cell], pipe=None, progress=None, load=None) -> Iterator[Cell]:
+    """Make every cell (in `run_order`), yielding each once made. `pipe`: an already loaded pipeline of the first
+    cell's model; another model is loaded with `load(job)` (default `jobs.load`) when its first cell comes, the
+    previous one dropped first."""
+    from t2i import jobs  # deferred: torch; --help must not import it
+
+    load = load or jobs.load
+    loaded = _model(run_order(cells)[0]) if pipe is not None else object()
+    for cell in run_order(cells):
+        if _model(cell) != loaded:
+            pipe = None  # the previous model's memory goes before the next one loads
+            pipe, loaded = load(cell.job), _model(cell)
+        run_cell(pipe, cell, progress=progress)
+        yield cell
 
 
 def run_cell(pipe, cell: Cell, progress=None):

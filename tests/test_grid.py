@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from t2i import grid, jobs
+from t2i import grid, jobs, metadata
 from t2i.errors import UsageError
 
 
@@ -22,6 +23,12 @@ from t2i.errors import UsageError
     ("cfg=0.5-2 (+0.5), 7", "cfg", [0.5, 1.0, 1.5, 2.0, 7.0]),
     ("sampler=Euler a, DPM++ 2M", "sampler", ["Euler a", "DPM++ 2M"]),
     ('Prompt S/R=red,"blue, dark"', "prompt-sr", ["red", "blue, dark"]),  # CSV: a quoted value keeps its comma
+    ("Checkpoint name=models/a, b", "model", ["models/a", "b"]),
+    ("VAE=None,vaes/x.safetensors", "vae", ["None", "vaes/x.safetensors"]),
+    ("Hires upscale=1.5-2.5 [3]", "hires-scale", [1.5, 2.0, 2.5]),
+    ("Hires steps=0,5", "hires-steps", [0, 5]),
+    ("Denoising=0.3-0.7 (+0.2)", "hires-denoise", [0.3, 0.5, 0.7]),
+    ("hires-upscaler=Latent (bicubic),lanczos", "hires-upscaler", ["Latent (bicubic)", "lanczos"]),
 ])
 def test_axis_values_and_ranges_read_as_a1111_does(spec, name, values):
     a = grid.parse_axis(spec)
@@ -136,3 +143,114 @@ def test_the_grid_bar_knows_its_whole_total_and_takes_each_calls_real_steps(caps
     bar.total = bar.total + 2
     assert bar.total == 8
     bar.close()
+
+
+# --------------------------------------------------------------------------- model, VAE and hires fix axes
+
+
+def test_model_and_vae_axes_are_labelled_by_file_name():
+    assert grid.parse_axis("model=/m/sd15/,other").labels() == ["sd15", "other"]
+    assert grid.parse_axis(r"vae=None,C:\\vaes\\x.safetensors").labels() == ["None", "x.safetensors"]
+
+
+def test_a_hires_axis_turns_the_hires_fix_on_and_keeps_the_other_settings(tiny_sd, no_model_load):
+    from t2i.pipelines.hires import Hires
+
+    axes = [grid.parse_axis("hires-scale=1.5,2"), grid.parse_axis("Denoising=0.4,0.6", "--y")]
+    cells = grid.plan(jobs.Request(["a"], model=str(tiny_sd), steps=2), axes)
+    assert [(c.job.hires.scale, c.job.hires.denoise) for c in cells] == [(1.5, 0.4), (2.0, 0.4), (1.5, 0.6),
+                                                                          (2.0, 0.6)]
+    base = jobs.Request(["a"], model=str(tiny_sd), hires=Hires(scale=3, steps=4, upscaler="nearest"))
+    (cell,) = grid.plan(base, [grid.parse_axis("Hires upscaler=Latent (bicubic)")])
+    assert (cell.job.hires.scale, cell.job.hires.steps, cell.job.hires.upscaler) == (3, 4, "latent-bicubic")
+    (cell,) = grid.plan(jobs.Request(["a"], model=str(tiny_sd)), [grid.parse_axis("vae=Automatic")])
+    assert cell.job.vae is None  # A1111's Automatic/None: the model's own
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("hires-denoise=0.5,1.5", "--x hires-denoise value 1.5: hires denoising strength must be in (0, 1]"),
+    ("hires-upscaler=latent,ESRGAN_4x", "--x hires-upscaler value 'ESRGAN_4x': unknown hires upscaler"),
+    ("hires-scale=2,0", "--x hires-scale value 0.0: hires scale must be a number above 0"),
+    ("vae=None,nope", "--x vae value 'nope'"),
+    ("model=MISSING", "--x model value"),
+])
+def test_bad_model_vae_and_hires_values_are_one_line_before_loading(tiny_sd, no_model_load, tmp_path, spec, words):
+    spec = spec.replace("MISSING", str(tmp_path / "no-such-model"))
+    with pytest.raises(UsageError, match=re.escape(words)) as err:
+        grid.plan(jobs.Request(["a red circle"], model=str(tiny_sd)), [grid.parse_axis(spec)])
+    assert "\n" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def second_model(tiny_sd, tmp_path_factory):
+    """A copy of the tiny SD model with other UNet weights (another checkpoint), and a VAE unlike its own."""
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("grid-models")
+    other = Path(shutil.copytree(tiny_sd, root / "second-sd"))
+    (weights,) = (other / "unet").glob("*.safetensors")
+    torch.manual_seed(3)
+    save_file({k: v + torch.randn_like(v) * 0.05 for k, v in load_file(str(weights)).items()}, str(weights))
+    vae = AutoencoderKL.from_pretrained(str(tiny_sd / "vae"))
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    vae.save_pretrained(str(root / "vaes" / "warm-vae"))
+    return other, root / "vaes"
+
+
+def test_a_checkpoint_and_a_vae_axis_run_each_model_once_and_record_what_ran(run_cli, tiny_sd, second_model,
+                                                                              tmp_path, monkeypatch):
+    from t2i.reproduce import reproduce
+
+    other, vae_dir = second_model
+    loads = []
+    real = jobs.load
+    monkeypatch.setattr(jobs, "load", lambda job: loads.append(job.request.model) or real(job))
+    code, stdout, stderr = run_cli("grid", "a red circle", "--x", f"model={tiny_sd},{other}", "--y",
+                                   "VAE=None,warm-vae", "--vae-dir", vae_dir, "--seed", 5, "--steps", 1,
+                                   "--out", tmp_path, "-q")
+    assert code == 0, stderr
+    assert loads == [str(tiny_sd), str(other)]  # model is the fastest axis, yet each loads once
+    by_cell = {}
+    for path in stdout.split()[:4]:
+        _, s = metadata.read(path)
+        by_cell[(s.model_name, s.vae_name)] = np.asarray(Image.open(path).convert("RGB"), dtype=int)
+        assert s.model in (str(tiny_sd), str(other)) and (s.vae_name == "") == (s.vae == "")
+    assert set(by_cell) == {(tiny_sd.name, ""), (other.name, ""), (tiny_sd.name, "warm-vae"),
+                            (other.name, "warm-vae")}
+    assert np.abs(by_cell[(tiny_sd.name, "")] - by_cell[(other.name, "")]).max() > 0  # another checkpoint ran
+    assert np.abs(by_cell[(other.name, "")] - by_cell[(other.name, "warm-vae")]).max() > 0  # another VAE
+    fields = metadata.parse_a1111(metadata.read(stdout.split()[-1])[0])
+    assert (fields["X Type"], fields["Y Type"]) == ("Checkpoint name", "VAE")
+    last = stdout.split()[3]  # printed as made, each model's cells together: the second model, the other VAE
+    assert (metadata.read(last)[1].model_name, metadata.read(last)[1].vae_name) == (other.name, "warm-vae")
+    assert reproduce(last, progress=False).identical
+
+
+def test_hires_axes_make_each_cell_at_its_size_with_its_settings(run_cli, tiny_sd, tmp_path):
+    code, stdout, stderr = run_cli("grid", "a red circle", "--x", "Hires upscale=1,2", "--y", "Denoising=0.5,1",
+                                   "--hires-steps", 1, "--seed", 2, "--steps", 1, "--model", tiny_sd,
+                                   "--out", tmp_path, "-q")
+    assert code == 0, stderr
+    made = [(Image.open(p).size, metadata.read(p)[1]) for p in stdout.split()[:4]]
+    assert [(size, s.hires_scale, s.hires_denoise, s.hires_steps, s.width) for size, s in made] == [
+        ((32, 32), 1, 0.5, 1, 32), ((64, 64), 2, 0.5, 1, 32), ((32, 32), 1, 1, 1, 32), ((64, 64), 2, 1, 1, 32)]
+    grid_image = Image.open(stdout.split()[-1])
+    assert grid_image.width > 2 * 64 and grid_image.height > 2 * 64  # cells as large as the largest
+
+
+@pytest.mark.parametrize("axis, words", [
+    ("vae=None,nope", "--x vae value 'nope'"),
+    ("Checkpoint name=/no/such/model", "--x model value '/no/such/model'"),
+    ("Denoising=0", "--x hires-denoise value 0.0"),
+])
+def test_bad_grid_axes_exit_2_in_one_line_before_loading(run_cli, no_model_load, tiny_sd, tmp_path, axis, words):
+    from helpers import one_line
+
+    code, _, stderr = run_cli("grid", "a red circle", "--model", tiny_sd, "--x", axis, "--out", tmp_path)
+    assert code == 2 and words in one_line(stderr) and "Traceback" not in stderr

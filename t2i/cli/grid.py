@@ -20,7 +20,10 @@ from t2i.errors import UsageError
 
 EPILOG = """axes (t2i name or A1111's): seed, steps, cfg ("CFG Scale"), sampler, scheduler ("Schedule type"),
 clip-skip ("Clip skip"), width, height, autoguidance, negative-prompt, prompt-sr ("Prompt S/R": the first value is replaced by each value, in the prompt and the
-negative prompt), lora-scale (the scale of every --lora).
+negative prompt), lora-scale (the scale of every --lora), model ("Checkpoint name": as --model takes it; each
+loads once), vae ("VAE": as --vae takes it; None or Automatic: the model's own), hires-scale ("Hires upscale"),
+hires-steps ("Hires steps"), hires-denoise ("Denoising"), hires-upscaler ("Hires upscaler"); a hires axis turns
+the hires fix on, its other settings from the --hires-* flags.
 values: comma-separated ("Euler a, DPM++ 2M"; quote one that holds a comma); numbers also as ranges:
 1-5, 10-30 (+10), 30-10 (-10), 1-9 [5] (five evenly spaced).
 
@@ -55,9 +58,9 @@ def cmd_grid(args) -> int:
     with tidy_folders(args.out):  # a run stopped before its first image leaves no new empty folder
         with no_collections():  # imports and loading make millions of lasting objects: no collections over them
             cells, axes = _check(args)
-            from t2i import jobs  # deferred: torch and diffusers; --help must not import them
+            from t2i import grid, jobs  # deferred: torch and diffusers; --help must not import them
 
-            pipe = jobs.load(cells[0].job)
+            pipe = jobs.load(grid.run_order(cells)[0].job)
         _grid(args, pipe, cells, axes)
     return 0
 
@@ -87,7 +90,7 @@ def _check(args):
                            autoguidance=args.autoguidance, speed=args.speed, model=args.model,
                            model_config=args.model_config, device=args.device, dtype=args.dtype,
                            allow_pickle=args.allow_pickle, clip_skip=args.clip_skip or 1, vae=args.vae,
-                           vae_dir=args.vae_dir, hires=hires_of(args))
+                           vae_dir=args.vae_dir, hires=_hires(args, names))
     request.dynamic_prompts, request.wildcard_dir = dynamic_prompts_mode(args), args.wildcard_dir
     cells = grid.plan(request, axes)
     sizes = [(c.job.request.width, c.job.request.height) for c in cells]
@@ -95,6 +98,24 @@ def _check(args):
         grid.check_pixels(axes, max(w for w, _ in sizes), max(h for _, h in sizes))
     check_writable_folder(args.out)
     return cells, axes
+
+
+def _hires(args, names: list[str]):
+    """The --hires-* flags' hires fix; with a hires axis, on even without a size flag (the axis turns it on)."""
+    import argparse
+
+    if any(n.startswith("hires-") for n in names) and args.hires_scale is None and not args.hires_width \
+            and not args.hires_height:
+        args = argparse.Namespace(**{**vars(args), "hires_scale": 2.0})
+    return hires_of(args)
+
+
+def _load(job):
+    """Another model of a Checkpoint axis: loaded as the first one was (no collections over its objects)."""
+    from t2i import jobs  # deferred: torch; --help must not import it
+
+    with no_collections():
+        return jobs.load(job)
 
 
 def _grid(args, pipe, cells, axes) -> None:
@@ -106,11 +127,11 @@ def _grid(args, pipe, cells, axes) -> None:
     d = pipe.defaults
     grid.check_pixels(axes, max(c.job.request.width or d.width for c in cells),
                       max(c.job.request.height or d.height for c in cells))
-    bar = False if args.quiet else PlannedBar("grid", [c.job.request.steps or d.steps for c in cells])
+    order = grid.run_order(cells)  # by model: a Checkpoint axis loads each model once
+    bar = False if args.quiet else PlannedBar("grid", [c.job.request.steps or d.steps for c in order])
     try:
-        for cell in cells:
-            result = grid.run_cell(pipe, cell, progress=bar)
-            cell.paths = save_images(result.images, result.settings, args.out)
+        for cell in grid.run(cells, pipe, progress=bar, load=_load):
+            cell.paths = save_images(cell.result.images, cell.result.settings, args.out)
             print_paths(cell.paths, bar)
         image, _ = grid.draw(cells, axes)
         path = _save_grid(image, cells, axes, Path(args.out))

@@ -62,6 +62,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--vae-dir", metavar="DIR", help="VAEs clients may choose by name (A1111's models/VAE; "
                                                     "also NAME.vae.safetensors in --model-dir)")
     s.add_argument("--embedding-dir", metavar="DIR", help="textual-inversion embeddings: a prompt calls DIR/NAME.safetensors by NAME, as in A1111")
+    s.add_argument("--wildcard-dir", metavar="DIR", help="where __NAME__ in a prompt finds NAME.txt (dynamic prompts; "
+                                                         "default: no wildcards)")
+    s.add_argument("--no-dynamic-prompts", action="store_true",
+                   help="keep {, } and __ in prompts as written (A1111 without its Dynamic Prompts extension)")
     s.add_argument("--out", "-o", metavar="DIR", help="also save every image here (numbered, never overwriting)")
     s.add_argument("--queue", type=_queue, default=16, metavar="N",
                    help="jobs that may wait behind the running one; more get 503 (default 16)")
@@ -116,7 +120,9 @@ def config_from_args(args):
                         embedding_dir=_folder(args.embedding_dir, "--embedding-dir"), out=out, queue=args.queue,
                         device=args.device, devices=devices, cors_allow_origins=origins,
                         log_prompts=args.log_prompts, client_timeout=args.client_timeout,
-                        vae_dir=_folder(getattr(args, "vae_dir", None), "--vae-dir"))
+                        vae_dir=_folder(getattr(args, "vae_dir", None), "--vae-dir"),
+                        wildcard_dir=_folder(getattr(args, "wildcard_dir", None), "--wildcard-dir"),
+                        dynamic_prompts=not getattr(args, "no_dynamic_prompts", False))
 
 
 def _devices(text: str) -> list[str]:

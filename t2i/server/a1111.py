@@ -217,7 +217,8 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any, Any], bool], str]] = {
     "firstphase_width": (_hr(0), "the old hires fix sizes are not implemented; send width/height and hr_scale"),
     "firstphase_height": (_hr(0), "the old hires fix sizes are not implemented; send width/height and hr_scale"),
     "script_name": (_off(None, ""), "scripts are not implemented in t2i (GET /scripts lists none)"),
-    "alwayson_scripts": (lambda v, r: not v, "scripts and extensions are not implemented in t2i"),
+    "alwayson_scripts": (lambda v, r: not _other_scripts(v), "scripts and extensions are not implemented in t2i "
+                                                             "(but for Dynamic Prompts' on/off: see docs/server.md)"),
     "infotext": (_off(None, ""), "setting fields from infotext is not implemented in t2i; send the fields"),
     # img2img
     "resize_mode": (_off(0), "t2i resizes the init image to the output size (resize_mode 0, just resize)"),
@@ -387,6 +388,7 @@ def build_request(server, req: _Request, task: str, images=None) -> tuple[core.G
                                       f"{server.limits.max_prompt}", status=413)
     check_loras(server, req.prompt)
     check_loras(server, req.negative_prompt)
+    dynamic = dynamic_prompts_mode(server, req)
     if req.save_images and server.config.out is None:
         raise _field_error("save_images", "this server saves nowhere: start it with --out DIR")
     seed = req.seed if req.seed != -1 else random.randrange(4294967294)  # A1111's range for a random seed
@@ -395,6 +397,8 @@ def build_request(server, req: _Request, task: str, images=None) -> tuple[core.G
                           height=req.height, batch_size=req.batch_size, n_iter=req.n_iter, model=checkpoint.name,
                           save=server.config.out is not None, scheduler=schedule)
     gen.clip_skip, gen.vae, gen.hires = everyday["clip_skip"], everyday["vae"], everyday["hires"]
+    gen.dynamic_prompts = dynamic
+    gen.wildcard_dir = str(server.config.wildcard_dir) if server.config.wildcard_dir else None
     if images is not None:
         gen.task, gen.init_image, gen.strength = images["task"], images["init"], req.denoising_strength
         if images.get("mask") is not None:
@@ -481,7 +485,7 @@ def result(server, job: Job) -> dict:
     checkpoint = job.meta["checkpoint"]
     echo = job.meta["echo"]
     info = {
-        "prompt": gen.prompt, "all_prompts": [gen.prompt] * gen.images,
+        "prompt": gen.prompt, "all_prompts": _all_prompts(gen, out),  # dynamic prompts: each image's own
         "negative_prompt": gen.negative_prompt, "all_negative_prompts": [gen.negative_prompt] * gen.images,
         "seed": gen.seed, "all_seeds": seeds, "subseed": echo.get("subseed", -1),
         "all_subseeds": [echo.get("subseed", -1)] * gen.images, "subseed_strength": 0,
@@ -507,6 +511,14 @@ def result(server, job: Job) -> dict:
     return {"images": images, "parameters": echo, "info": json.dumps(info, ensure_ascii=False)}
 
 
+def _all_prompts(gen: core.GenRequest, out: core.Output) -> list[str]:
+    """Each image's prompt: as its settings say when every image was made, else resolved again from the seeds
+    (the library parses the template again: slow for a long one)."""
+    if len(out.settings) == gen.images and out.settings and all(s.prompt_template for s in out.settings):
+        return [s.prompt for s in out.settings]
+    return core.resolved_prompts(gen)
+
+
 def core_version() -> str:
     from t2i.server.app import core_version as v
 
@@ -523,6 +535,7 @@ def _echo(req: _Request) -> dict:
 async def _generate(request: Request, req: _Request, task: str) -> dict:
     server = request.app.state.server
     images = await decode_img2img(req) if task == "img2img" else None
+    await run_in_threadpool(dynamic_prompts_mode, server, req)  # parsing a long template takes seconds: not here
     gen, checkpoint = build_request(server, req, task, images)
     request.scope.setdefault("state", {}).update(seed=gen.seed, prompt=gen.prompt)
     job = new_job(server, gen, checkpoint, _echo(req), req.force_task_id)
@@ -689,6 +702,52 @@ def _hires(server, req: _Request, checkpoint) -> Hires | None:
                                        f"server's budget of {lim.max_pixel_steps}; ask for a smaller hires size, "
                                        "fewer steps or images", status=413)
     return hires
+
+
+# --------------------------------------------------------------------------- dynamic prompts (issue 29)
+
+# The Dynamic Prompts extension's script args (alwayson_scripts {"Dynamic Prompts vX": {"args": [...]}}) are
+# positional: [0] is_enabled, then its modes. t2i honours [0] and refuses those of its on/off modes it lacks.
+DYNAMIC_PROMPTS_MODES = {1: "combinatorial generation", 3: "magic prompt", 4: "I'm feeling lucky",
+                         5: "attention grabber", 10: "fixed seed", 11: "unlink seed from prompt",
+                         13: "Jinja2 templates", 14: "don't generate images"}
+
+
+def _is_dynamic_prompts(name) -> bool:
+    return isinstance(name, str) and name.strip().lower().startswith("dynamic prompts")  # A1111: case-free
+
+
+def _other_scripts(scripts) -> bool:
+    """Whether alwayson_scripts names a script other than the Dynamic Prompts extension."""
+    return bool(scripts) and (not isinstance(scripts, dict) or not all(map(_is_dynamic_prompts, scripts)))
+
+
+def dynamic_prompts_mode(server, req: _Request) -> str:
+    """"random" (each image's prompt resolved from its seed, as A1111's Dynamic Prompts extension does by default)
+    or "off": the server's --no-dynamic-prompts, or the extension's is_enabled arg in alwayson_scripts. A template
+    is checked here (grammar, wildcard files): a 422 naming `prompt`."""
+    mode = "random" if server.config.dynamic_prompts else "off"
+    for name, value in (req.alwayson_scripts or {}).items():
+        if not _is_dynamic_prompts(name):
+            continue
+        args = value.get("args", []) if isinstance(value, dict) else None
+        if not isinstance(args, list):
+            raise _field_error("alwayson_scripts", f"alwayson_scripts {name!r} must be {{\"args\": [...]}}")
+        if args:
+            mode = "random" if args[0] else "off"
+        for i, what in DYNAMIC_PROMPTS_MODES.items():
+            if mode == "random" and len(args) > i and args[i] not in (False, None, 0):  # checkboxes: off
+                raise _field_error("alwayson_scripts", f"alwayson_scripts {name!r} args[{i}] ({what}) is not "
+                                                       "supported: t2i picks one variant per image, from its seed")
+    if mode == "random" and len(req.prompt) <= server.limits.max_prompt:  # a longer one: build_request's 413
+        try:
+            core.check_dynamic_prompt(req.prompt, str(server.config.wildcard_dir) if server.config.wildcard_dir
+                                      else None)
+        except core.UsageError as e:
+            message = str(e).replace("pass --no-dynamic-prompts", "turn dynamic prompts off for this request "
+                                     '(alwayson_scripts {"Dynamic Prompts": {"args": [false]}})')
+            raise _field_error("prompt", message.replace("--wildcard-dir", "the server's --wildcard-dir")) from None
+    return mode
 
 
 # --------------------------------------------------------------------------- options and lists

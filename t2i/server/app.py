@@ -62,6 +62,10 @@ class ServerConfig:
     preview_every: float = 1.0  # seconds between live-preview decodes of a running job
     vae_dir: Path | None = None  # --vae-dir: VAEs clients choose by name (override_settings sd_vae)
     client_timeout: float = 30.0  # seconds a request has to arrive whole (t2i.server.http); slower: 408, closed
+    # dynamic prompts ({red|blue}, __wildcard__), as A1111 with its Dynamic Prompts extension: each image's
+    # prompt resolved from its seed unless off here or in the request (alwayson_scripts)
+    dynamic_prompts: bool = True
+    wildcard_dir: Path | None = None  # --wildcard-dir: where __NAME__ finds NAME.txt; None: no wildcards
 
     def flags(self) -> dict:
         """The server's settings as /sdapi/v1/cmd-flags shows them (never the credentials)."""

@@ -18,7 +18,7 @@ from typing import Callable
 
 from PIL import Image, UnidentifiedImageError
 
-from t2i import jobs, metadata, models, prompts
+from t2i import dynamic_prompts, jobs, metadata, models, prompts
 from t2i.files import check_safetensors
 from t2i.models import tiny_vae
 from t2i.errors import ModelLoadError, T2IError, UnsafeFileError, UsageError
@@ -76,6 +76,9 @@ class GenRequest:
     clip_skip: int = 1
     vae: str | None = None  # a VAE file or folder the server lists (GET /sdapi/v1/sd-vae); None: the model's own
     hires: object | None = None  # t2i.pipelines.hires.Hires (text2image), checked
+    # dynamic prompts (A1111's Dynamic Prompts extension): "random" resolves each image's prompt from its seed
+    dynamic_prompts: str = "off"
+    wildcard_dir: str | None = None  # t2i serve --wildcard-dir: where __NAME__ finds NAME.txt
 
     @property
     def images(self) -> int:
@@ -250,11 +253,11 @@ class Engine:
         job = jobs.check(self.request(req))
         pipe = jobs.prepare(self.pipe(req.task), job)
         out = Output()
-        for k, (_, prompt, seed) in enumerate(jobs.calls(job)):
+        for k, (i, prompt, seed) in enumerate(jobs.calls(job)):
             if on_iteration is not None:
                 on_iteration(k)
-            try:
-                result = jobs.call(pipe, job, prompt, seed)
+            try:  # a dynamic prompt's template: each image's prompt resolved from its seed (jobs._call_template)
+                result = jobs.call(pipe, job, prompt, seed, template=job.templates[i] if job.templates else "")
             except Skipped:
                 out.skipped += 1
                 continue
@@ -281,13 +284,32 @@ class Engine:
 
     def request(self, req: GenRequest) -> jobs.Request:
         """The server's job as t2i's `Request`: what `t2i generate` is asked with the same settings."""
-        return jobs.Request([req.prompt], task=req.task, negative_prompt=req.negative_prompt, steps=req.steps,
+        request = jobs.Request([req.prompt], task=req.task, negative_prompt=req.negative_prompt, steps=req.steps,
                             guidance=req.guidance, sampler=req.sampler, seed=req.seed, width=req.width,
                             height=req.height, batch=req.batch_size, iterations=req.n_iter, lora_dir=self.lora_dir,
                             init_image=req.init_image, strength=req.strength, mask=req.mask,
                             mask_blur=req.mask_blur, invert_mask=req.invert_mask, model=self.location,
                             device=self.device, scheduler=req.scheduler, clip_skip=req.clip_skip, vae=req.vae,
                             hires=req.hires, embedding_dir=self.embedding_dir, speed=self.speed)
+        request.dynamic_prompts, request.wildcard_dir = req.dynamic_prompts, req.wildcard_dir
+        return request
+
+
+def check_dynamic_prompt(prompt: str, wildcard_dir: str | None) -> bool:
+    """Whether the prompt is a dynamic-prompt template, checked as `t2i generate` checks it (grammar, wildcard
+    files): a one-line UsageError otherwise."""
+    if not dynamic_prompts.is_template(prompt):
+        return False
+    dynamic_prompts.check(prompt, wildcard_dir)
+    return True
+
+
+def resolved_prompts(req: GenRequest) -> list[str]:
+    """Each image's prompt: the template resolved from each image's seed (as the job resolves it), else as given."""
+    seeds = [req.seed + i for i in range(req.images)]
+    if req.dynamic_prompts != "random" or not dynamic_prompts.is_template(req.prompt):
+        return [req.prompt] * len(seeds)
+    return dynamic_prompts.resolve_many(req.prompt, seeds, req.wildcard_dir)
 
 
 def is_out_of_memory(e: BaseException) -> bool:

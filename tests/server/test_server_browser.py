@@ -64,12 +64,19 @@ def test_type_a_prompt_generate_see_image_and_seed(page):
     page.fill("#prompt", "a red circle")
     set_fast(page)
     page.fill("#seed", "1234")
-    page.click("#generate")
+    # A1111's "Schedule type" beside the sampler: Automatic by default, the server's schedulers, sent as `scheduler`
+    assert page.input_value("#scheduler") == "Automatic"
+    assert {"Automatic", "Karras", "Exponential"} <= set(page.locator("#scheduler option").all_inner_texts())
+    page.select_option("#scheduler", "Exponential")
+    with page.expect_request(lambda r: r.url.endswith("/t2i/v1/jobs") and r.method == "POST") as sent:
+        page.click("#generate")
+    assert sent.value.post_data_json["scheduler"] == "Exponential"
     card = page.locator("#gallery .card").first
     card.wait_for(timeout=30_000)
     assert card.locator(".seed").inner_text() == "Seed: 1234"
     assert card.locator("img").evaluate("img => img.complete && img.naturalWidth") == 32
     assert card.locator(".params").text_content().startswith("a red circle\nSteps: 2")
+    assert "Schedule type: Exponential" in card.locator(".params").text_content()
     # re-use the last seed after a random one
     page.click("#random-seed")
     assert page.input_value("#seed") == "-1"

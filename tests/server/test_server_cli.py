@@ -16,6 +16,7 @@ from helpers import one_line
     (["--model-dir", "/no/such/folder"], "--model-dir /no/such/folder is not a folder"),
     (["--lora-dir", "/no/such/folder"], "--lora-dir /no/such/folder is not a folder"),
     (["--embedding-dir", "/no/such/folder"], "--embedding-dir /no/such/folder is not a folder"),
+    (["--wildcard-dir", "/no/such/folder"], "--wildcard-dir /no/such/folder is not a folder"),
     (["--model", "/no/such/model"], "does not exist"),
     (["--device", "tpu"], "invalid choice"),
     (["--devices", "cpu,,cpu"], "--devices takes a comma-separated list"),

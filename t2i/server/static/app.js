@@ -1,7 +1,7 @@
 // t2i's page. It speaks the server's public API only:
 //   POST /t2i/v1/jobs (a txt2img/img2img body) -> job id; GET /sdapi/v1/progress?id_task= for the bar and
 //   live preview; GET /t2i/v1/jobs/{id}/result for the images; DELETE /t2i/v1/jobs/{id} to interrupt;
-//   /sdapi/v1/png-info, /samplers, /sd-models, /loras, /options (model switch), /t2i/v1/models (defaults).
+//   /sdapi/v1/png-info, /samplers, /schedulers, /sd-models, /loras, /options (model switch), /t2i/v1/models (defaults).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -49,9 +49,9 @@ async function loadChoices() {
     say("loading the model…");
     await sleep(500);
   }
-  const [samplers, models, loras, options, info] = await Promise.all([
+  const [samplers, models, loras, options, info, schedulers] = await Promise.all([
     api("GET", "/sdapi/v1/samplers"), api("GET", "/sdapi/v1/sd-models"), api("GET", "/sdapi/v1/loras"),
-    api("GET", "/sdapi/v1/options"), api("GET", "/t2i/v1/models"),
+    api("GET", "/sdapi/v1/options"), api("GET", "/t2i/v1/models"), api("GET", "/sdapi/v1/schedulers"),
   ]);
   const sampler = $("sampler");
   sampler.replaceChildren();
@@ -59,6 +59,11 @@ async function loadChoices() {
     const o = option(sampler, s.name);
     if (s.aliases.includes(info.defaults.sampler)) o.selected = true;
   }
+  // A1111's "Schedule type" beside the sampler: its labels, Automatic (the sampler's own schedule) first
+  const scheduler = $("scheduler");
+  scheduler.replaceChildren();
+  for (const s of schedulers) option(scheduler, s.label);
+  scheduler.value = "Automatic";
   const model = $("model");
   model.replaceChildren();
   for (const m of models) {
@@ -186,6 +191,7 @@ function request() {
     prompt: $("prompt").value,
     negative_prompt: $("negative").value,
     sampler_name: $("sampler").value,
+    scheduler: $("scheduler").value,
     steps: Number($("steps").value),
     cfg_scale: Number($("cfg").value),
     width: Number($("width").value),
@@ -315,6 +321,8 @@ function applyParameters(p) {
   if (p.Seed) $("seed").value = p.Seed;
   if (p["Size-1"]) { $("width").value = p["Size-1"]; $("height").value = p["Size-2"]; }
   if (p.Sampler && [...$("sampler").options].some((o) => o.value === p.Sampler)) $("sampler").value = p.Sampler;
+  const schedule = p["Schedule type"] || "Automatic";
+  if ([...$("scheduler").options].some((o) => o.value === schedule)) $("scheduler").value = schedule;
 }
 
 loadChoices().then(() => say("ready")).catch((e) => say(e.message, true));
