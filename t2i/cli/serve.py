@@ -64,6 +64,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--embedding-dir", metavar="DIR", help="textual-inversion embeddings: a prompt calls DIR/NAME.safetensors by NAME, as in A1111")
     s.add_argument("--wildcard-dir", metavar="DIR", help="where __NAME__ in a prompt finds NAME.txt (dynamic prompts; "
                                                          "default: no wildcards)")
+    s.add_argument("--speed", metavar="OPTS", default="auto",
+                   help="the speed mode of every job, as t2i generate --speed: auto (default), exact, or options "
+                        "such as compile (torch.compile of the UNet: the first job compiles, later ones reuse it), "
+                        "channels_last, cache3; recorded in each PNG (docs/speed.md)")
     s.add_argument("--no-dynamic-prompts", action="store_true",
                    help="keep {, } and __ in prompts as written (A1111 without its Dynamic Prompts extension)")
     s.add_argument("--out", "-o", metavar="DIR", help="also save every image here (numbered, never overwriting)")
@@ -95,6 +99,20 @@ def _folder(value: str | None, flag: str) -> Path | None:
     return path
 
 
+def _speed(text: str, device: str, devices: list[str] | None) -> str:
+    """--speed checked as `t2i generate` checks it (names, values, what the devices can run); no model loads."""
+    from t2i.server.errors import ConfigError
+    from t2i.speed import SpeedOptions
+
+    options = SpeedOptions.parse(text)  # a one-line UsageError for a bad name or value
+    if options.cpu_offload and any(not d.startswith("cuda") for d in devices or [device]):
+        raise ConfigError("--speed cpu_offload needs CUDA devices (--device cuda or --devices cuda:0,...); leave it off")
+    if options.tiny_vae is not None:
+        raise ConfigError("--speed tiny_vae is not offered by the server (it depends on the checkpoint; "
+                          "the server's previews already use a model's vae_tiny/); leave it off")
+    return text
+
+
 def config_from_args(args):
     """ServerConfig from `t2i serve` arguments; every check that needs no model, here (one-line errors)."""
     from t2i.server.app import ServerConfig
@@ -122,7 +140,8 @@ def config_from_args(args):
                         log_prompts=args.log_prompts, client_timeout=args.client_timeout,
                         vae_dir=_folder(getattr(args, "vae_dir", None), "--vae-dir"),
                         wildcard_dir=_folder(getattr(args, "wildcard_dir", None), "--wildcard-dir"),
-                        dynamic_prompts=not getattr(args, "no_dynamic_prompts", False))
+                        dynamic_prompts=not getattr(args, "no_dynamic_prompts", False),
+                        speed=_speed(args.speed, args.device, devices))
 
 
 def _devices(text: str) -> list[str]:

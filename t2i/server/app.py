@@ -66,6 +66,9 @@ class ServerConfig:
     # prompt resolved from its seed unless off here or in the request (alwayson_scripts)
     dynamic_prompts: bool = True
     wildcard_dir: Path | None = None  # --wildcard-dir: where __NAME__ finds NAME.txt; None: no wildcards
+    # --speed: the speed mode of every job (t2i.jobs.Request.speed), as `t2i generate --speed`; options such as
+    # compile act on the loaded UNet, so a long-lived server pays torch.compile's start once
+    speed: str = "auto"
 
     def flags(self) -> dict:
         """The server's settings as /sdapi/v1/cmd-flags shows them (never the credentials)."""
@@ -75,7 +78,8 @@ class ServerConfig:
                 "embedding_dir": str(self.embedding_dir) if self.embedding_dir else None,
                 "out": str(self.out) if self.out else None, "queue": self.queue, "device": self.device,
                 "devices": self.worker_devices, "cors_allow_origins": list(self.cors_allow_origins),
-                "log_prompts": self.log_prompts, "vae_dir": str(self.vae_dir) if self.vae_dir else None, "api": True, "nowebui": False, "listen": self.host != "127.0.0.1"}
+                "log_prompts": self.log_prompts, "vae_dir": str(self.vae_dir) if self.vae_dir else None,
+                "wildcard_dir": str(self.wildcard_dir) if self.wildcard_dir else None, "speed": self.speed, "api": True, "nowebui": False, "listen": self.host != "127.0.0.1"}
 
 
     @property
@@ -94,6 +98,8 @@ class Server:
         engine = ProcessEngine if len(config.worker_devices) > 1 else core.Engine
         self.engines = [engine(device, config.lora_dir, config.out, config.embedding_dir)
                         for device in config.worker_devices]
+        for e in self.engines:
+            e.speed = config.speed
         self.engine = self.engines[0]
         self.models: dict[str, dict] = {}  # name -> model_info of checkpoints loaded so far
         self.queue = JobQueue(self.engines, config.queue, config.history, self._loaded, config.preview_every)

@@ -56,13 +56,14 @@ def deployment(config: ServerConfig | None = None, replicas: int = 1, gpus: floa
 
 def app(args: dict[str, str]):
     """An application builder for `serve run t2i.server.ray_serve:app key=value ...`: `model`, `model_dir`,
-    `lora_dir`, `embedding_dir`, `out`, `queue`, `device`, `devices` (comma-separated), `api_auth`
-    (USER:PASS[,...]), `replicas`, `gpus`, `cpus`."""
+    `lora_dir`, `embedding_dir`, `vae_dir`, `wildcard_dir`, `out`, `queue`, `device`, `devices` (comma-separated),
+    `speed`, `api_auth` (USER:PASS[,...]), `replicas`, `gpus`, `cpus`."""
     from t2i.server.auth import parse_credentials
 
     folder = lambda key: Path(args[key]) if args.get(key) else None  # noqa: E731
     config = ServerConfig(model=args.get("model"), model_dir=folder("model_dir"), lora_dir=folder("lora_dir"),
-                          embedding_dir=folder("embedding_dir"), out=folder("out"),
+                          embedding_dir=folder("embedding_dir"), vae_dir=folder("vae_dir"),
+                          wildcard_dir=folder("wildcard_dir"), speed=args.get("speed", "auto"), out=folder("out"),
                           queue=int(args.get("queue", 16)), device=args.get("device", "auto"),
                           devices=args["devices"].split(",") if args.get("devices") else None,
                           api_auth=parse_credentials(args["api_auth"]) if args.get("api_auth") else [])

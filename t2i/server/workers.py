@@ -39,6 +39,7 @@ class ProcessEngine:
                  embedding_dir: Path | None = None):
         self.device, self.lora_dir, self.out = device, lora_dir, out
         self.embedding_dir = embedding_dir
+        self.speed = core.Engine.speed  # the child's Engine.speed (t2i serve --speed), given when it starts
         self.loaded: str | None = None
         self.location: str | None = None
         self.model_info: dict = {}
@@ -60,7 +61,7 @@ class ProcessEngine:
         # the pixels this process would
         threads = torch.get_num_threads()
         self._process = self._context.Process(target=_serve, args=(child, self.device, self.lora_dir, self.out,
-                                                                    threads, self.embedding_dir),
+                                                                    threads, self.embedding_dir, self.speed),
                                               name=f"t2i-worker-{self.device}", daemon=True)
         self._process.start()
         child.close()
@@ -152,12 +153,13 @@ class ProcessEngine:
         return Image.open(io.BytesIO(png))
 
 
-def _serve(conn, device: str, lora_dir, out, threads: int, embedding_dir=None) -> None:
+def _serve(conn, device: str, lora_dir, out, threads: int, embedding_dir=None, speed: str = "auto") -> None:
     """The child: an `Engine` answering the parent's requests until told to stop (or the pipe closes)."""
     import torch
 
     torch.set_num_threads(threads)
     engine = core.Engine(device, lora_dir, out, embedding_dir)
+    engine.speed = speed
     while True:
         try:
             message = conn.recv()

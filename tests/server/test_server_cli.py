@@ -20,6 +20,9 @@ from helpers import one_line
     (["--model", "/no/such/model"], "does not exist"),
     (["--device", "tpu"], "invalid choice"),
     (["--devices", "cpu,,cpu"], "--devices takes a comma-separated list"),
+    (["--speed", "warp9"], "unknown speed option 'warp9'"),
+    (["--speed", "auto,compile"], "stands alone"),
+    (["--speed", "cpu_offload", "--device", "cpu"], "cpu_offload needs CUDA devices"),
     (["--cors-allow-origins", "evil.example"], "is not an origin"),
     (["--cors-allow-origins", "http://ok.example/path"], "is not an origin"),
 ])

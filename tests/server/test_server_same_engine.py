@@ -53,6 +53,23 @@ def test_n_iter_equals_one_batch_of_the_cli(make_client, run_cli, tiny_sd, tmp_p
     assert [chunks(base64.b64decode(b))[0] for b in r.json()["images"]] == cli
 
 
+def test_the_servers_speed_mode_runs_as_t2i_generate_with_that_speed(make_client, run_cli, tiny_sd, tmp_path):
+    """`t2i serve --speed cache2` (ServerConfig.speed): every job runs as `t2i generate --speed cache2`, which
+    changes the pixels, and the PNG records it; the default server runs `auto` as the CLI's default does."""
+    args = ["a red circle", "--model", tiny_sd, "--device", "cpu", "--seed", 3, "--steps", 6, "-W", 32, "-H", 32]
+    body = {"prompt": "a red circle", "seed": 3, "steps": 6, "width": 32, "height": 32}
+    made = {}
+    for speed in ("cache2", "auto"):
+        code, out, err = run_cli("generate", *args, "--speed", speed, "--out", tmp_path / speed, "--quiet")
+        assert code == 0, err
+        r = make_client(speed=speed).post(f"{A}/txt2img", json=body)
+        assert r.status_code == 200, r.text
+        made[speed] = chunks(base64.b64decode(r.json()["images"][0]))
+        assert made[speed] == chunks(open(out.strip(), "rb").read())
+    assert made["cache2"][0] != made["auto"][0]  # feature caching changes the image: the mode reached the UNet
+    assert "cache2" in made["cache2"][2]["speed"] and "cache2" not in made["auto"][2]["speed"]
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_img2img_and_inpaint_equal_the_cli(make_client, run_cli, tiny_sd, tmp_path, masked):
     init = Image.effect_noise((32, 32), 60).convert("RGB")
