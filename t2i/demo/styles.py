@@ -6,6 +6,11 @@ about 0 for filled shapes, well above 0.4 for outlines.
 `pastel`: every colour washed 60% towards white. Its metric, `paleness`, is one
 minus the mean saturation of the painted pixels.
 Both need no model, only the background colour (read off the image border).
+`mosaic`: a structural style, the render pixelated into 8 x 8-pixel blocks (each block
+its mean colour). Its metric, `blockiness`, is the share of the image's gradient energy
+that lies on the block edges: about 1/8 for anything without blocks, 1 for a perfect
+mosaic. What the model's VAE can reproduce of a style (its ceiling) is measured by
+`vae_ceiling` and reported by `t2i eval --style`.
 """
 
 from __future__ import annotations
@@ -44,7 +49,17 @@ def render_pastel(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     return render(scene, size, paint=_pastel)
 
 
-STYLES = {"outline": render_outline, "pastel": render_pastel, "plain": render}
+MOSAIC_BLOCK = 8  # pixels at 64 x 64: 8 x 8 blocks per image, 2 x 2 latent pixels of the bundled VAE per block
+
+
+def render_mosaic(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """Like shapes.render, pixelated: every MOSAIC_BLOCK x MOSAIC_BLOCK block (at 64 x 64) filled with its mean colour."""
+    img = render(scene, size)
+    n = max(1, round(size / IMAGE_SIZE * IMAGE_SIZE / MOSAIC_BLOCK))  # blocks per side
+    return img.resize((n, n), Image.BOX).resize((size, size), Image.NEAREST)
+
+
+STYLES = {"outline": render_outline, "pastel": render_pastel, "mosaic": render_mosaic, "plain": render}
 
 
 def write_dataset(folder: str | Path, style: str, n: int, seed: int = 0) -> Path:
@@ -106,7 +121,24 @@ def paleness(img: Image.Image, threshold: float = 48.0) -> float | None:
     return float(1.0 - np.mean((hi - lo) / np.maximum(hi, 1.0)))
 
 
-METRICS = {"outline": hollowness, "pastel": paleness, "plain": paleness}
+def blockiness(img: Image.Image, block: int = MOSAIC_BLOCK) -> float | None:
+    """Share of the gradient energy (squared neighbour differences, both axes) that lies on block edges.
+
+    Block edges are between pixels k*block - 1 and k*block; at 64 x 64 with 8-px blocks they are 7 of the 63
+    neighbour pairs per row, so an image without blocks scores about 0.11 and a perfect mosaic 1.
+    None: a flat image (no gradient at all)."""
+    a = np.asarray(img.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    dx = ((a[:, 1:] - a[:, :-1]) ** 2).sum(axis=(0, 2))  # (W-1,) energy between column j and j+1
+    dy = ((a[1:] - a[:-1]) ** 2).sum(axis=(1, 2))  # (H-1,)
+    total = dx.sum() + dy.sum()
+    if total < 1.0:
+        return None
+    edges_x = (np.arange(1, a.shape[1]) % block) == 0  # the pair (j-1, j) straddles an edge when j % block == 0
+    edges_y = (np.arange(1, a.shape[0]) % block) == 0
+    return float((dx[edges_x].sum() + dy[edges_y].sum()) / total)
+
+
+METRICS = {"outline": hollowness, "pastel": paleness, "mosaic": blockiness, "plain": paleness}
 
 
 def style_score(images: list[Image.Image], style: str = "outline") -> float:
