@@ -49,14 +49,13 @@ def render_pastel(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     return render(scene, size, paint=_pastel)
 
 
-MOSAIC_BLOCK = 8  # pixels at 64 x 64: 8 x 8 blocks per image, 2 x 2 latent pixels of the bundled VAE per block
+MOSAIC_BLOCK = 8  # pixels, at any size: 8 x 8 blocks at 64 x 64, 2 x 2 latent pixels of the bundled VAE each
 
 
 def render_mosaic(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
-    """Like shapes.render, pixelated: every MOSAIC_BLOCK x MOSAIC_BLOCK block (at 64 x 64) filled with its mean colour."""
-    img = render(scene, size)
-    n = max(1, round(size / IMAGE_SIZE * IMAGE_SIZE / MOSAIC_BLOCK))  # blocks per side
-    return img.resize((n, n), Image.BOX).resize((size, size), Image.NEAREST)
+    """Like shapes.render, pixelated: every MOSAIC_BLOCK x MOSAIC_BLOCK-pixel block filled with its mean colour."""
+    n = max(1, size // MOSAIC_BLOCK)  # blocks per side
+    return render(scene, size).resize((n, n), Image.BOX).resize((size, size), Image.NEAREST)
 
 
 STYLES = {"outline": render_outline, "pastel": render_pastel, "mosaic": render_mosaic, "plain": render}
@@ -151,17 +150,19 @@ def style_score(images: list[Image.Image], style: str = "outline") -> float:
 
 
 def style_eval(pipe, lora: str, style: str, trigger: str, prompts=None, seeds=(0, 1), scale: float = 1.0,
-               data_n: int = 64) -> dict[str, dict[str, float]]:
+               data: list[Image.Image] | None = None) -> dict[str, dict[str, float]]:
     """Style metric and ShapeEval accuracy of the same prompts, with and without the LoRA and its trigger.
 
-    Rows: `style data` (renders of the style itself), `base` (no LoRA), `base + trigger words`,
-    `lora + trigger`, `lora, no trigger`, `lora at scale 0 + trigger` (must equal `base + trigger words`).
+    Rows: `style data` (the prompts' ground-truth scenes rendered in the style, or `data`: a user's own images),
+    `style data through the VAE (ceiling)` (the same, encoded and decoded by the pipeline's VAE: the most any
+    UNet LoRA can show), `base` (no LoRA), `base + trigger words`, `lora + trigger`, `lora, no trigger`,
+    `lora at scale 0 + trigger` (must equal `base + trigger words`). The `lora + trigger` row also holds
+    `share_of_ceiling`, (lora + trigger - base) / (ceiling - base) of the style metric (see ceiling_share).
     """
     from t2i.train.data import with_trigger  # deferred: torch; `t2i train style-data` renders with PIL alone
 
     prompts = list(prompts or shapeeval.build_prompts()[::12])
-    scenes = [sample_scene(10**8 + 10**6 + i) for i in range(data_n)]
-    rows = {"style data": {"style": style_score([STYLES[style](s) for s in scenes], style)}}
+    rows = ceiling_rows(pipe, style, prompts, seeds, data)
     runs = {
         "base": ("", []),
         "base + trigger words": (trigger, []),
@@ -177,23 +178,24 @@ def style_eval(pipe, lora: str, style: str, trigger: str, prompts=None, seeds=(0
             images += out
             passed += [shapeeval.check(img, p) for img in out]
         rows[name] = {"style": style_score(images, style), "shapeeval": float(np.mean(passed))}
+    rows["lora + trigger"]["share_of_ceiling"] = ceiling_share(rows, "lora + trigger")
     return rows
 
 
 def embedding_eval(pipe, embedding: str | Path, style: str, prompts=None, seeds=(0, 1),
-                   data_n: int = 64) -> dict[str, dict[str, float]]:
+                   data: list[Image.Image] | None = None) -> dict[str, dict[str, float]]:
     """Style metric and ShapeEval accuracy of the same prompts without and with a style embedding's name.
 
-    Rows: `style data` (renders of the style itself), `base` (the prompts alone), `base + the name as a word`
-    (the name appended, no embedding file: just a word), `embedding` (the name calls the embedding).
+    Rows: `style data` and `style data through the VAE (ceiling)` (as style_eval's), `base` (the prompts alone),
+    `base + the name as a word` (the name appended, no embedding file: just a word), `embedding` (the name calls
+    the embedding; also holds `share_of_ceiling`).
     """
     from t2i.embeddings import EmbeddingSet  # deferred: torch; `t2i train style-data` renders with PIL alone
     from t2i.train.data import with_trigger
 
     name = Path(embedding).stem
     prompts = list(prompts or shapeeval.build_prompts()[::12])
-    scenes = [sample_scene(10**8 + 10**6 + i) for i in range(data_n)]
-    rows = {"style data": {"style": style_score([STYLES[style](s) for s in scenes], style)}}
+    rows = ceiling_rows(pipe, style, prompts, seeds, data)
     runs = {"base": ("", {}), "base + the name as a word": (name, {}), "embedding": (name, {name: Path(embedding)})}
     kept = pipe.embeddings
     try:
@@ -207,6 +209,7 @@ def embedding_eval(pipe, embedding: str | Path, style: str, prompts=None, seeds=
             rows[row] = {"style": style_score(images, style), "shapeeval": float(np.mean(passed))}
     finally:
         pipe.embeddings = kept
+    rows["embedding"]["share_of_ceiling"] = ceiling_share(rows, "embedding")
     return rows
 
 
@@ -242,6 +245,55 @@ def transfer_eval(pipe, lora: str, style: str, trigger: str, strengths=(0.3, 0.5
                                   progress=False).images
             rows[f"img2img {strength:g}, {name}"] = score(images)
     return rows
+
+
+# --------------------------------------------------------------------------- the VAE's ceiling
+
+DATA_ROW, CEILING_ROW = "style data", "style data through the VAE (ceiling)"
+
+
+def vae_ceiling(pipe, images: list[Image.Image], batch: int = 16) -> list[Image.Image]:
+    """The images encoded and decoded by the pipeline's VAE: the closest any UNet's latents can come to them."""
+    from t2i.demo.evaluation import vae_round_trip  # deferred: torch
+
+    through = vae_round_trip(pipe)
+    return [out for i in range(0, len(images), batch) for out in through(images[i:i + batch])]
+
+
+def ceiling_rows(pipe, style: str, prompts, seeds=(0, 1), data: list[Image.Image] | None = None) -> dict:
+    """The `style data` row and its `... through the VAE (ceiling)` row: the style metric of the data and of the
+    data after the VAE's round trip, which is what a perfect UNet (or LoRA) would score.
+
+    `data` None: ShapeEval's ground-truth scenes of `prompts` x `seeds` rendered in the style (the very images a
+    perfect LoRA would draw for the eval's prompts), which ShapeEval's checker also scores. Else the user's own
+    images (style metric only: they have no ShapeEval prompt)."""
+    if data is None:
+        cases = [(p, shapeeval.ground_truth_scene(p, seed)) for p in prompts for seed in seeds]
+        raw = [STYLES[style](scene) for _, scene in cases]
+        through = vae_ceiling(pipe, raw)
+
+        def score(images):
+            passed = [shapeeval.check(img, p) for img, (p, _) in zip(images, cases)]
+            return {"style": style_score(images, style), "shapeeval": float(np.mean(passed))}
+
+        return {DATA_ROW: score(raw), CEILING_ROW: score(through)}
+    return {DATA_ROW: {"style": style_score(data, style)},
+            CEILING_ROW: {"style": style_score(vae_ceiling(pipe, data), style)}}
+
+
+def ceiling_share(rows: dict[str, dict[str, float]], row: str, base: str = "base") -> float | None:
+    """(row - base) / (ceiling - base) of the style metric: 0 = the base model, 1 = all the VAE lets through.
+    None when the ceiling does not differ from the base (the style is invisible to the metric after the VAE)."""
+    gap = rows[CEILING_ROW]["style"] - rows[base]["style"]
+    if abs(gap) < 1e-6:
+        return None
+    return float((rows[row]["style"] - rows[base]["style"]) / gap)
+
+
+def share_line(rows: dict[str, dict[str, float]], row: str) -> str:
+    share = rows[row].get("share_of_ceiling")
+    value = "n/a (the ceiling equals the base)" if share is None else f"{share:.0%}"
+    return f"share of the way to the VAE's ceiling, ({row} - base) / (ceiling - base): {value}"
 
 
 def style_table(rows: dict[str, dict[str, float]]) -> str:
