@@ -108,6 +108,19 @@ def test_eval_data_folder_alone_scores_it_raw_and_through_the_vae(run_cli, tiny_
     assert "3 images of" in out and "at 32x32" in out and "through the VAE (ceiling)" in out
 
 
+def test_eval_lora_with_a_data_folder_measures_against_its_ceiling(run_cli, tiny_sd, lora_file, tmp_path):
+    styles.write_dataset(tmp_path / "d", "pastel", 2)
+    code, out, err = run_cli("eval", "--style", "pastel", "--data", tmp_path / "d", "--model", tiny_sd, "--lora",
+                             lora_file, "--seeds", 1, "--steps", 2, "-q", "--out", tmp_path / "o")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "o" / "style-eval.json").read_text())
+    assert list(rows[styles.DATA_ROW]) == ["style"]  # the folder's images: no ShapeEval prompt
+    assert rows[styles.DATA_ROW]["style"] > 0.5  # pastels (resized to the tiny model's 32 x 32)
+    assert "shapeeval" not in rows[styles.CEILING_ROW] and "lora + trigger" in rows
+    assert rows["lora + trigger"]["share_of_ceiling"] == pytest.approx(styles.ceiling_share(rows, "lora + trigger"))
+    assert "(ceiling - base)" in out
+
+
 def test_eval_data_folder_errors_come_first(run_cli, tmp_path, no_model_load):
     code, _, err = run_cli("eval", "--style", "mosaic", "--data", tmp_path / "none")
     assert code == 2 and "--data" in err and "is not a folder" in err
