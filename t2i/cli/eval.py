@@ -127,7 +127,13 @@ def _ground_truth_eval(args) -> int:
 def _style_eval(args) -> int:
     # deferred: torch and diffusers; --help must not import them
     from t2i import models
-    from t2i.demo.styles import STYLES, share_line, style_eval, style_table, transfer_eval
+    from t2i.demo.styles import (
+        STYLES,
+        share_line,
+        style_eval,
+        style_table,
+        transfer_eval,
+    )
     from t2i.lora import LoraSet, parse_lora_arg
 
     if args.style not in STYLES:
@@ -172,9 +178,10 @@ def _data_folder(folder: str):
 
 def _fitted(data, pipe):
     """--data's images resized and centre-cropped to the model's native size, as training does by default."""
+    # deferred: PIL and torch; --help must not import them
     from PIL import Image
 
-    from t2i.train.data import fit  # deferred: torch; --help must not import it
+    from t2i.train.data import fit
 
     if data is None:
         return None
