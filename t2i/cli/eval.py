@@ -45,7 +45,9 @@ def add_parser(sub) -> None:
     e.add_argument("--allow-pickle", action="store_true", help=argparse.SUPPRESS)
     e.add_argument("--model-config", metavar="DIR", help=argparse.SUPPRESS)
     e.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    e.add_argument("--style", help="instead of ShapeEval: measure a style LoRA (outline | pastel); needs --lora")
+    e.add_argument("--style", help="instead of ShapeEval: measure a style LoRA (outline | pastel | mosaic) against "
+                                   "the style's data and the VAE's ceiling (that data through the model's VAE); "
+                                   "needs --lora, --embedding or --data")
     e.add_argument("--lora", metavar="FILE[:SCALE]", help="the style LoRA for --style (scale default 1)")
     e.add_argument("--trigger", default="", help="the LoRA's trigger phrase, for --style")
     e.add_argument("--embedding", metavar="FILE",
@@ -54,6 +56,10 @@ def add_parser(sub) -> None:
     e.add_argument("--transfer", metavar="S[,S...]",
                    help="with --style: measure style transfer instead, img2img of content renders at these "
                         "strengths, e.g. 0.3,0.5,0.7 (style metric, and ShapeEval of the content)")
+    e.add_argument("--data", metavar="DIR",
+                   help="with --style: your own style images (a training folder) as the style data: the style "
+                        "metric of them, raw and through the model's VAE (the ceiling); alone, without --lora, "
+                        "only these two rows")
     e.set_defaults(func=cmd_eval)
 
 
@@ -121,15 +127,27 @@ def _ground_truth_eval(args) -> int:
 def _style_eval(args) -> int:
     # deferred: torch and diffusers; --help must not import them
     from t2i import models
-    from t2i.demo.styles import STYLES, style_eval, style_table, transfer_eval
+    from t2i.demo.styles import (
+        STYLES,
+        share_line,
+        style_eval,
+        style_table,
+        transfer_eval,
+    )
     from t2i.lora import LoraSet, parse_lora_arg
 
     if args.style not in STYLES:
         raise UsageError(f"unknown style {args.style!r}; use one of: {', '.join(STYLES)}")
+    if args.data and args.transfer:
+        raise UsageError("--transfer redraws ShapeEval's content renders; leave out --data")
+    data = _data_folder(args.data) if args.data else None  # vetted before the model loads
     if args.embedding:
-        return _embedding_eval(args)
+        return _embedding_eval(args, data)
+    if not args.lora and data is not None:
+        return _ceiling_eval(args, data)
     if not args.lora:
-        raise UsageError("--style needs the LoRA or embedding to measure: --lora FILE[:SCALE] or --embedding FILE")
+        raise UsageError("--style needs the LoRA or embedding to measure: --lora FILE[:SCALE] or --embedding FILE "
+                         "(or --data DIR for the ceiling of your own style images)")
     strengths = _strengths(args.transfer) if args.transfer else None
     spec = LoraSet(None, None, args.allow_pickle).spec(parse_lora_arg(args.lora))
     models.resolve(args.model)
@@ -139,8 +157,11 @@ def _style_eval(args) -> int:
     if strengths:
         rows = transfer_eval(pipe, spec.path, args.style, args.trigger, strengths, seeds=seeds, scale=spec.scale)
     else:
-        rows = style_eval(pipe, spec.path, args.style, args.trigger, seeds=seeds, scale=spec.scale)
+        rows = style_eval(pipe, spec.path, args.style, args.trigger, seeds=seeds, scale=spec.scale,
+                          data=_fitted(data, pipe))
     print(style_table(rows))
+    if not strengths:
+        print(share_line(rows, "lora + trigger"))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         name = "style-transfer.json" if strengths else "style-eval.json"
@@ -148,10 +169,50 @@ def _style_eval(args) -> int:
     return 0
 
 
-def _embedding_eval(args) -> int:
+def _data_folder(folder: str):
+    """The images of --data, scanned and vetted as `t2i train lora --data` does (a one-line error if none)."""
+    from t2i.train.data import scan  # deferred: torch; --help must not import it
+
+    return scan(folder)
+
+
+def _fitted(data, pipe):
+    """--data's images resized and centre-cropped to the model's native size, as training does by default."""
+    # deferred: PIL and torch; --help must not import them
+    from PIL import Image
+
+    from t2i.train.data import fit
+
+    if data is None:
+        return None
+    size = (pipe.defaults.width, pipe.defaults.height)
+    images = []
+    for item in data.items:
+        with Image.open(item.path) as img:
+            images.append(fit(img.convert("RGB"), size))
+    return images
+
+
+def _ceiling_eval(args, data) -> int:
+    """--style S --data DIR alone: the style metric of the folder's images, raw and through the model's VAE."""
+    from t2i import models  # deferred: torch and diffusers; --help must not import them
+    from t2i.demo.styles import ceiling_rows, style_table
+
+    models.resolve(args.model)
+    pipe = load_pipeline(args)
+    rows = ceiling_rows(pipe, args.style, [], data=_fitted(data, pipe))
+    print(f"style data: {len(data.items)} images of {args.data}, at {pipe.defaults.width}x{pipe.defaults.height}")
+    print(style_table(rows))
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "style-ceiling.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def _embedding_eval(args, data=None) -> int:
     # deferred: torch and diffusers; --help must not import them
     from t2i import embeddings, models
-    from t2i.demo.styles import embedding_eval, style_table
+    from t2i.demo.styles import embedding_eval, share_line, style_table
 
     if args.lora or args.transfer:
         raise UsageError("--embedding measures an embedding alone; leave out --lora and --transfer")
@@ -161,8 +222,9 @@ def _embedding_eval(args) -> int:
     models.resolve(args.model)
     pipe = load_pipeline(args)
     pipe.exact_batch = False
-    rows = embedding_eval(pipe, args.embedding, args.style, seeds=tuple(range(args.seeds)))
+    rows = embedding_eval(pipe, args.embedding, args.style, seeds=tuple(range(args.seeds)), data=_fitted(data, pipe))
     print(style_table(rows))
+    print(share_line(rows, "embedding"))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "embedding-eval.json").write_text(json.dumps(rows, indent=1))

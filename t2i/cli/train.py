@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
     sd = tsub.add_parser("style-data", help="write a style dataset from the shapes world (images + captions)",
                          description="Render shapes-world scenes in a style (e.g. outlines only) with a .txt "
                                      "caption beside each image: ready for `t2i train lora --data`.")
-    sd.add_argument("--style", required=True, help="outline | pastel | plain (the world as the base model saw it)")
+    sd.add_argument("--style", required=True, help="outline | pastel | mosaic | plain (the world as the base model saw it)")
     sd.add_argument("--out", "-o", required=True, metavar="DIR")
     sd.add_argument("--n", type=positive_int, default=64, help="number of images (default 64)")
     sd.add_argument("--seed", type=positive_int, default=0, help="first scene seed (default 0)")

@@ -6,6 +6,11 @@ about 0 for filled shapes, well above 0.4 for outlines.
 `pastel`: every colour washed 60% towards white. Its metric, `paleness`, is one
 minus the mean saturation of the painted pixels.
 Both need no model, only the background colour (read off the image border).
+`mosaic`: a structural style, the render pixelated into 8 x 8-pixel blocks (each block
+its mean colour). Its metric, `blockiness`, is the share of the image's gradient energy
+that lies on the block edges: about 1/8 for anything without blocks, 1 for a perfect
+mosaic. What the model's VAE can reproduce of a style (its ceiling) is measured by
+`vae_ceiling` and reported by `t2i eval --style`.
 """
 
 from __future__ import annotations
@@ -44,7 +49,16 @@ def render_pastel(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     return render(scene, size, paint=_pastel)
 
 
-STYLES = {"outline": render_outline, "pastel": render_pastel, "plain": render}
+MOSAIC_BLOCK = 8  # pixels, at any size: 8 x 8 blocks at 64 x 64, 2 x 2 latent pixels of the bundled VAE each
+
+
+def render_mosaic(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """Like shapes.render, pixelated: every MOSAIC_BLOCK x MOSAIC_BLOCK-pixel block filled with its mean colour."""
+    n = max(1, size // MOSAIC_BLOCK)  # blocks per side
+    return render(scene, size).resize((n, n), Image.BOX).resize((size, size), Image.NEAREST)
+
+
+STYLES = {"outline": render_outline, "pastel": render_pastel, "mosaic": render_mosaic, "plain": render}
 
 
 def write_dataset(folder: str | Path, style: str, n: int, seed: int = 0) -> Path:
@@ -106,7 +120,24 @@ def paleness(img: Image.Image, threshold: float = 48.0) -> float | None:
     return float(1.0 - np.mean((hi - lo) / np.maximum(hi, 1.0)))
 
 
-METRICS = {"outline": hollowness, "pastel": paleness, "plain": paleness}
+def blockiness(img: Image.Image, block: int = MOSAIC_BLOCK) -> float | None:
+    """Share of the gradient energy (squared neighbour differences, both axes) that lies on block edges.
+
+    Block edges are between pixels k*block - 1 and k*block; at 64 x 64 with 8-px blocks they are 7 of the 63
+    neighbour pairs per row, so an image without blocks scores about 0.11 and a perfect mosaic 1.
+    None: a flat image (no gradient at all)."""
+    a = np.asarray(img.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    dx = ((a[:, 1:] - a[:, :-1]) ** 2).sum(axis=(0, 2))  # (W-1,) energy between column j and j+1
+    dy = ((a[1:] - a[:-1]) ** 2).sum(axis=(1, 2))  # (H-1,)
+    total = dx.sum() + dy.sum()
+    if total < 1.0:
+        return None
+    edges_x = (np.arange(1, a.shape[1]) % block) == 0  # the pair (j-1, j) straddles an edge when j % block == 0
+    edges_y = (np.arange(1, a.shape[0]) % block) == 0
+    return float((dx[edges_x].sum() + dy[edges_y].sum()) / total)
+
+
+METRICS = {"outline": hollowness, "pastel": paleness, "mosaic": blockiness, "plain": paleness}
 
 
 def style_score(images: list[Image.Image], style: str = "outline") -> float:
@@ -119,17 +150,19 @@ def style_score(images: list[Image.Image], style: str = "outline") -> float:
 
 
 def style_eval(pipe, lora: str, style: str, trigger: str, prompts=None, seeds=(0, 1), scale: float = 1.0,
-               data_n: int = 64) -> dict[str, dict[str, float]]:
+               data: list[Image.Image] | None = None) -> dict[str, dict[str, float]]:
     """Style metric and ShapeEval accuracy of the same prompts, with and without the LoRA and its trigger.
 
-    Rows: `style data` (renders of the style itself), `base` (no LoRA), `base + trigger words`,
-    `lora + trigger`, `lora, no trigger`, `lora at scale 0 + trigger` (must equal `base + trigger words`).
+    Rows: `style data` (the prompts' ground-truth scenes rendered in the style, or `data`: a user's own images),
+    `style data through the VAE (ceiling)` (the same, encoded and decoded by the pipeline's VAE: the most any
+    UNet LoRA can show), `base` (no LoRA), `base + trigger words`, `lora + trigger`, `lora, no trigger`,
+    `lora at scale 0 + trigger` (must equal `base + trigger words`). The `lora + trigger` row also holds
+    `share_of_ceiling`, (lora + trigger - base) / (ceiling - base) of the style metric (see ceiling_share).
     """
     from t2i.train.data import with_trigger  # deferred: torch; `t2i train style-data` renders with PIL alone
 
     prompts = list(prompts or shapeeval.build_prompts()[::12])
-    scenes = [sample_scene(10**8 + 10**6 + i) for i in range(data_n)]
-    rows = {"style data": {"style": style_score([STYLES[style](s) for s in scenes], style)}}
+    rows = ceiling_rows(pipe, style, prompts, seeds, data)
     runs = {
         "base": ("", []),
         "base + trigger words": (trigger, []),
@@ -145,23 +178,24 @@ def style_eval(pipe, lora: str, style: str, trigger: str, prompts=None, seeds=(0
             images += out
             passed += [shapeeval.check(img, p) for img in out]
         rows[name] = {"style": style_score(images, style), "shapeeval": float(np.mean(passed))}
+    rows["lora + trigger"]["share_of_ceiling"] = ceiling_share(rows, "lora + trigger")
     return rows
 
 
 def embedding_eval(pipe, embedding: str | Path, style: str, prompts=None, seeds=(0, 1),
-                   data_n: int = 64) -> dict[str, dict[str, float]]:
+                   data: list[Image.Image] | None = None) -> dict[str, dict[str, float]]:
     """Style metric and ShapeEval accuracy of the same prompts without and with a style embedding's name.
 
-    Rows: `style data` (renders of the style itself), `base` (the prompts alone), `base + the name as a word`
-    (the name appended, no embedding file: just a word), `embedding` (the name calls the embedding).
+    Rows: `style data` and `style data through the VAE (ceiling)` (as style_eval's), `base` (the prompts alone),
+    `base + the name as a word` (the name appended, no embedding file: just a word), `embedding` (the name calls
+    the embedding; also holds `share_of_ceiling`).
     """
     from t2i.embeddings import EmbeddingSet  # deferred: torch; `t2i train style-data` renders with PIL alone
     from t2i.train.data import with_trigger
 
     name = Path(embedding).stem
     prompts = list(prompts or shapeeval.build_prompts()[::12])
-    scenes = [sample_scene(10**8 + 10**6 + i) for i in range(data_n)]
-    rows = {"style data": {"style": style_score([STYLES[style](s) for s in scenes], style)}}
+    rows = ceiling_rows(pipe, style, prompts, seeds, data)
     runs = {"base": ("", {}), "base + the name as a word": (name, {}), "embedding": (name, {name: Path(embedding)})}
     kept = pipe.embeddings
     try:
@@ -175,6 +209,7 @@ def embedding_eval(pipe, embedding: str | Path, style: str, prompts=None, seeds=
             rows[row] = {"style": style_score(images, style), "shapeeval": float(np.mean(passed))}
     finally:
         pipe.embeddings = kept
+    rows["embedding"]["share_of_ceiling"] = ceiling_share(rows, "embedding")
     return rows
 
 
@@ -210,6 +245,55 @@ def transfer_eval(pipe, lora: str, style: str, trigger: str, strengths=(0.3, 0.5
                                   progress=False).images
             rows[f"img2img {strength:g}, {name}"] = score(images)
     return rows
+
+
+# --------------------------------------------------------------------------- the VAE's ceiling
+
+DATA_ROW, CEILING_ROW = "style data", "style data through the VAE (ceiling)"
+
+
+def vae_ceiling(pipe, images: list[Image.Image], batch: int = 16) -> list[Image.Image]:
+    """The images encoded and decoded by the pipeline's VAE: the closest any UNet's latents can come to them."""
+    from t2i.demo.evaluation import vae_round_trip  # deferred: torch
+
+    through = vae_round_trip(pipe)
+    return [out for i in range(0, len(images), batch) for out in through(images[i:i + batch])]
+
+
+def ceiling_rows(pipe, style: str, prompts, seeds=(0, 1), data: list[Image.Image] | None = None) -> dict:
+    """The `style data` row and its `... through the VAE (ceiling)` row: the style metric of the data and of the
+    data after the VAE's round trip, which is what a perfect UNet (or LoRA) would score.
+
+    `data` None: ShapeEval's ground-truth scenes of `prompts` x `seeds` rendered in the style (the very images a
+    perfect LoRA would draw for the eval's prompts), which ShapeEval's checker also scores. Else the user's own
+    images (style metric only: they have no ShapeEval prompt)."""
+    if data is None:
+        cases = [(p, shapeeval.ground_truth_scene(p, seed)) for p in prompts for seed in seeds]
+        raw = [STYLES[style](scene) for _, scene in cases]
+        through = vae_ceiling(pipe, raw)
+
+        def score(images):
+            passed = [shapeeval.check(img, p) for img, (p, _) in zip(images, cases)]
+            return {"style": style_score(images, style), "shapeeval": float(np.mean(passed))}
+
+        return {DATA_ROW: score(raw), CEILING_ROW: score(through)}
+    return {DATA_ROW: {"style": style_score(data, style)},
+            CEILING_ROW: {"style": style_score(vae_ceiling(pipe, data), style)}}
+
+
+def ceiling_share(rows: dict[str, dict[str, float]], row: str, base: str = "base") -> float | None:
+    """(row - base) / (ceiling - base) of the style metric: 0 = the base model, 1 = all the VAE lets through.
+    None when the ceiling does not differ from the base (the style is invisible to the metric after the VAE)."""
+    gap = rows[CEILING_ROW]["style"] - rows[base]["style"]
+    if abs(gap) < 1e-6:
+        return None
+    return float((rows[row]["style"] - rows[base]["style"]) / gap)
+
+
+def share_line(rows: dict[str, dict[str, float]], row: str) -> str:
+    share = rows[row].get("share_of_ceiling")
+    value = "n/a (the ceiling equals the base)" if share is None else f"{share:.0%}"
+    return f"share of the way to the VAE's ceiling, ({row} - base) / (ceiling - base): {value}"
 
 
 def style_table(rows: dict[str, dict[str, float]]) -> str:

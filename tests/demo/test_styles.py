@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from PIL import Image
 
@@ -12,7 +14,7 @@ from t2i.demo.shapes import render, sample_scene
 SCENES = [sample_scene(10**8 + i) for i in range(24)]
 
 
-@pytest.mark.parametrize("style", ["outline", "pastel"])
+@pytest.mark.parametrize("style", ["outline", "pastel", "mosaic"])
 def test_metric_separates_the_style_from_the_plain_world(style):
     plain = styles.style_score([render(s) for s in SCENES], style)
     styled = styles.style_score([styles.STYLES[style](s) for s in SCENES], style)
@@ -25,6 +27,109 @@ def test_metric_ignores_empty_images_and_sees_holes():
     ring.paste((220, 30, 30), (10, 10, 40, 40))
     ring.paste((245, 245, 245), (14, 14, 36, 36))
     assert styles.hollowness(ring) > 0.5
+
+
+def test_blockiness_sees_blocks_on_the_grid_only():
+    scene = SCENES[0]
+    mosaic = styles.render_mosaic(scene)
+    assert styles.blockiness(mosaic) == pytest.approx(1.0)  # every colour change is on a block edge
+    assert styles.blockiness(render(scene)) < 0.2  # about 7/63 of the neighbour pairs are on edges
+    shifted = Image.new("RGB", (64, 64))
+    shifted.paste(mosaic, (4, 4))  # the same blocks, off the grid by half a block
+    assert styles.blockiness(shifted) < 0.5
+    assert styles.blockiness(Image.new("RGB", (64, 64), (245, 245, 245))) is None
+
+
+def _fake_vae(monkeypatch, change):
+    """The pipeline's VAE round trip replaced by `change` (each image -> image)."""
+    from t2i.demo import evaluation
+
+    calls = []
+
+    def round_trip(pipe):
+        def through(images):
+            calls.append(len(images))
+            return [change(img) for img in images]
+        return through
+
+    monkeypatch.setattr(evaluation, "vae_round_trip", round_trip)
+    return calls
+
+
+def test_the_ceiling_row_is_the_data_through_the_vae(sd_pipe, monkeypatch):
+    from t2i.demo import shapeeval
+
+    prompts = shapeeval.build_prompts()[:3]
+    calls = _fake_vae(monkeypatch, lambda img: img.copy())  # a perfect VAE: the ceiling is the data
+    rows = styles.ceiling_rows(sd_pipe, "mosaic", prompts, seeds=(0, 1))
+    assert sum(calls) == 6 and rows[styles.CEILING_ROW] == rows[styles.DATA_ROW]
+    assert rows[styles.DATA_ROW]["style"] == pytest.approx(1.0)  # renders of the eval's scenes, in the style
+
+    from PIL import ImageFilter
+
+    _fake_vae(monkeypatch, lambda img: img.filter(ImageFilter.GaussianBlur(1.5)))  # a VAE that blurs the blocks
+    blurred = styles.ceiling_rows(sd_pipe, "mosaic", prompts, seeds=(0, 1))
+    assert 0.15 < blurred[styles.CEILING_ROW]["style"] < 0.8 and blurred[styles.DATA_ROW]["style"] == 1.0
+
+
+def test_the_real_vae_round_trip_is_the_ceiling(sd_pipe):
+    """With the tiny model's own (random) VAE, the ceiling row scores its decoded images, not the data."""
+    from t2i.demo import shapeeval
+
+    prompts = shapeeval.build_prompts()[:2]
+    rows = styles.ceiling_rows(sd_pipe, "pastel", prompts, seeds=(0,))
+    renders = [styles.render_pastel(shapeeval.ground_truth_scene(p, 0)) for p in prompts]
+    through = styles.vae_ceiling(sd_pipe, renders)
+    assert [img.size for img in through] == [(64, 64)] * 2
+    assert rows[styles.CEILING_ROW]["style"] == styles.style_score(through, "pastel")
+    assert rows[styles.CEILING_ROW] != rows[styles.DATA_ROW]
+
+
+def test_share_of_the_ceiling():
+    rows = {styles.DATA_ROW: {"style": 1.0}, styles.CEILING_ROW: {"style": 0.32}, "base": {"style": 0.12},
+            "lora + trigger": {"style": 0.24}}
+    assert styles.ceiling_share(rows, "lora + trigger") == pytest.approx(0.6)
+    assert "60%" in styles.share_line({**rows, "lora + trigger": {"style": 0.24, "share_of_ceiling": 0.6}},
+                                      "lora + trigger")
+    rows["base"]["style"] = 0.32
+    assert styles.ceiling_share(rows, "lora + trigger") is None  # no gap to close: no share, no division by 0
+
+
+def test_eval_data_folder_alone_scores_it_raw_and_through_the_vae(run_cli, tiny_sd, tmp_path, monkeypatch):
+    styles.write_dataset(tmp_path / "d", "mosaic", 3)
+    _fake_vae(monkeypatch, lambda img: img.convert("L").convert("RGB"))  # a VAE that drops the colour
+    code, out, err = run_cli("eval", "--style", "pastel", "--data", tmp_path / "d", "--model", tiny_sd, "-q",
+                             "--out", tmp_path / "o")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "o" / "style-ceiling.json").read_text())
+    assert list(rows) == [styles.DATA_ROW, styles.CEILING_ROW]
+    assert rows[styles.CEILING_ROW]["style"] == pytest.approx(1.0)  # grey is all pale
+    assert rows[styles.DATA_ROW]["style"] < 0.9
+    assert "3 images of" in out and "at 32x32" in out and "through the VAE (ceiling)" in out
+
+
+def test_eval_lora_with_a_data_folder_measures_against_its_ceiling(run_cli, tiny_sd, lora_file, tmp_path):
+    styles.write_dataset(tmp_path / "d", "pastel", 2)
+    code, out, err = run_cli("eval", "--style", "pastel", "--data", tmp_path / "d", "--model", tiny_sd, "--lora",
+                             lora_file, "--seeds", 1, "--steps", 2, "-q", "--out", tmp_path / "o")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "o" / "style-eval.json").read_text())
+    assert list(rows[styles.DATA_ROW]) == ["style"]  # the folder's images: no ShapeEval prompt
+    assert rows[styles.DATA_ROW]["style"] > 0.5  # pastels (resized to the tiny model's 32 x 32)
+    assert "shapeeval" not in rows[styles.CEILING_ROW] and "lora + trigger" in rows
+    assert rows["lora + trigger"]["share_of_ceiling"] == pytest.approx(styles.ceiling_share(rows, "lora + trigger"))
+    assert "(ceiling - base)" in out
+
+
+def test_eval_data_folder_errors_come_first(run_cli, tmp_path, no_model_load):
+    code, _, err = run_cli("eval", "--style", "mosaic", "--data", tmp_path / "none")
+    assert code == 2 and "--data" in err and "is not a folder" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli("eval", "--style", "mosaic", "--data", tmp_path / "empty")
+    assert code == 2 and "no usable images" in err
+    code, _, err = run_cli("eval", "--style", "mosaic", "--data", tmp_path / "empty", "--lora", "x.safetensors",
+                           "--transfer", "0.5")
+    assert code == 2 and "leave out --data" in err
 
 
 def test_style_data_command_writes_captioned_images_once(run_cli, tmp_path):

@@ -85,8 +85,10 @@ def test_eval_style_measures_an_embedding(trained, sd_pipe, run_cli, tmp_path):
 
     path, _ = trained
     prompts = shapeeval.build_prompts()[:2]
-    rows = embedding_eval(sd_pipe, path, "pastel", prompts=prompts, seeds=(0,), data_n=4)
-    assert list(rows) == ["style data", "base", "base + the name as a word", "embedding"]
+    rows = embedding_eval(sd_pipe, path, "pastel", prompts=prompts, seeds=(0,))
+    assert list(rows) == ["style data", "style data through the VAE (ceiling)", "base", "base + the name as a word",
+                          "embedding"]
+    assert "share_of_ceiling" in rows["embedding"]
     assert not sd_pipe.embeddings.files and not sd_pipe.embeddings.dirs  # the pipeline's own set is back
     code, _, err = run_cli("eval", "--style", "pastel", "--embedding", tmp_path / "none.safetensors")
     assert code == 2 and "does not exist" in one_line(err)

@@ -234,11 +234,14 @@ def test_eval_style_prints_the_table_and_scale_0_is_the_base(trained, tiny_sd, r
                              "--trigger", "in sks style", "--seeds", 1, "--steps", 2, "-q", "--out", tmp_path)
     assert code == 0, err
     rows = json.loads((tmp_path / "style-eval.json").read_text())
-    assert list(rows) == ["style data", "base", "base + trigger words", "lora + trigger", "lora, no trigger",
-                          "lora at scale 0 + trigger"]
+    assert list(rows) == ["style data", "style data through the VAE (ceiling)", "base", "base + trigger words",
+                          "lora + trigger", "lora, no trigger", "lora at scale 0 + trigger"]
     assert rows["lora at scale 0 + trigger"] == rows["base + trigger words"]
-    assert rows["lora + trigger"] != rows["base + trigger words"]
-    assert "lora + trigger" in out and "ShapeEval" in out
+    assert rows["lora + trigger"]["style"] != rows["base + trigger words"]["style"]
+    share = (rows["lora + trigger"]["style"] - rows["base"]["style"]) / (
+        rows["style data through the VAE (ceiling)"]["style"] - rows["base"]["style"])
+    assert rows["lora + trigger"]["share_of_ceiling"] == pytest.approx(share)
+    assert "lora + trigger" in out and "ShapeEval" in out and f"(ceiling - base): {share:.0%}" in out
 
 
 def test_an_image_broken_mid_run_is_skipped_and_reported(tiny_sd, data, tmp_path, monkeypatch, caplog):
