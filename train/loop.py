@@ -207,19 +207,27 @@ def start_step(acc, job: Job, saved: SavedState | None, resume: str | None, iden
                was: dict[str, Any] | None = None) -> int:
     """The step a run starts at: 0, or the checkpoint's once its identity (the settings a resume must keep:
     base model, rank, data size...) matches this run's. `was`: what a checkpoint from before a key existed had."""
-    from t2i.errors import UsageError
-
     if saved is None:
         if resume == "latest" and acc.is_main_process:
             log.info("no checkpoint in %s yet: starting at step 0", job.checkpoints.root)
         return 0
+    same_settings(saved, identity, was)
+    return restore(acc, job, saved)
+
+
+def same_settings(saved: SavedState | None, identity: dict[str, Any], was: dict[str, Any] | None = None) -> None:
+    """Refuse, in one line naming the first, a checkpoint whose identity differs from `identity` in any key
+    (a trainer may check some keys early, before costly work that depends on them)."""
+    from t2i.errors import UsageError
+
+    if saved is None:
+        return
     before = {**(was or {}), **saved.state.get("identity", {})}
     differs = {k: (before.get(k), v) for k, v in identity.items() if before.get(k) != v}
     if differs:
         k, (then, now) = next(iter(differs.items()))
         raise UsageError(f"checkpoint {saved.folder} was trained with {k}={then}, this run has {k}={now}; "
                          f"use the same settings or a new --output")
-    return restore(acc, job, saved)
 
 
 def train(acc, job: Job, start: int) -> None:

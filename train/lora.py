@@ -277,6 +277,8 @@ def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
     ckpts, saved, acc, pipe = run.checkpoints, run.saved, run.acc, run.pipe
     noise_scheduler, prediction = run.noise_scheduler, run.prediction
     unet, text_encoder = pipe.pipe.unet, pipe.pipe.text_encoder
+    was = {"targets": "attn", "regularisation": "reg-data" if cfg.reg_data else "none"}  # what older checkpoints lack
+    loop.same_settings(saved, {"regularisation": regularisation(cfg)}, was)  # before drawing for nothing
     if uses_prior(cfg):
         if acc.is_main_process:
             prior.draw(pipe, dataset, out / prior.FOLDER, cfg.seed, cfg.prior_steps)
@@ -357,15 +359,15 @@ def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, loop.warmup(cfg.warmup))
     identity = {"base_model_hash": pipe.model.hash, "targets": cfg.targets, "rank": cfg.rank, "alpha": alpha,
                 **({"conv_rank": conv_rank, "conv_alpha": conv_alpha} if convs else {}),
-                "train_text_encoder": cfg.train_text_encoder, "images": len(dataset.items),
-                "reg_images": sum(it.reg for it in dataset.items), "regularisation": regularisation(cfg)}
+                "train_text_encoder": cfg.train_text_encoder,
+                "regularisation": regularisation(cfg),  # before the counts it changes: the refusal names it
+                "images": len(dataset.items), "reg_images": sum(it.reg for it in dataset.items)}
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.jsonl"
     job = loop.Job("lora", models, opt, sched, batches, loss, cfg.steps, ckpts, cfg.checkpoint_every, log_path,
                    tensors=params, state={"identity": identity, "config": asdict(cfg)}, grad_accum=cfg.grad_accum,
                    max_bad_steps=cfg.max_bad_steps, budget=budget, after_step=after_step)
-    start = loop.start_step(acc, job, saved, resume, identity,
-                            was={"targets": "attn", "regularisation": "reg-data" if cfg.reg_data else "none"})
+    start = loop.start_step(acc, job, saved, resume, identity, was)
 
     # 5. Train
     try:

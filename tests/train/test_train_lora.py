@@ -345,6 +345,10 @@ def test_no_prior_trains_on_the_data_alone(tiny_sd, data, tmp_path, run_cli):
     with safe_open(str(tmp_path / "o" / "lora.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["t2i.regularisation"] == "none" and meta["t2i.reg_images"] == "0"
+    (tmp_path / "o" / "lora.safetensors").unlink()  # its checkpoint (step 2) stays; resuming it with prior on:
+    with pytest.raises(UsageError, match="regularisation=none, this run has regularisation=prior"):
+        lora.run(None, _cfg(tiny_sd, data, tmp_path / "o", steps=4), resume="latest")
+    assert not (tmp_path / "o" / "prior").exists()  # refused before drawing anything
 
 
 def test_reg_data_replaces_the_prior_images(tiny_sd, data, tmp_path):
