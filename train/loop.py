@@ -18,6 +18,10 @@ budget that stops the run at a checkpoint, a JSONL log with a loss-curve PNG bes
     job = Job(name, models, optimizer, schedule, batches, loss, steps, checkpoints, every, folder / "log.jsonl")
     start = resume(acc, job, "latest")
     train(acc, job, start)
+
+A fine-tuning of a t2i model (the LoRA and embedding trainers) starts from `fine_tune` (the checkpoint to
+resume, the accelerator, the base model loaded and frozen, its noise schedule) and `start_step` (a resume
+only with the settings the checkpoint was trained with).
 """
 
 from __future__ import annotations
