@@ -144,9 +144,9 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(tiny_sd, data, t
         return out
 
     monkeypatch.setattr(UNet2DConditionModel, "forward", poisoned)
-    poison = {2}  # the second training step's forward
+    poison = {2}  # the second training step's forward (no prior images: drawing them runs the UNet too)
     out = tmp_path / "once"
-    lora.run(None, _cfg(tiny_sd, data, out, steps=4))
+    lora.run(None, _cfg(tiny_sd, data, out, steps=4, prior=False))
     log = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines() if '"step"' in l]
     assert [r["skipped"] for r in log] == [False, True, False, False]
     assert all(torch.isfinite(v).all() for v in _weights(out / "lora.safetensors").values())
@@ -154,7 +154,7 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(tiny_sd, data, t
     calls["n"], poison = 0, set(range(3, 100))
     out = tmp_path / "always"
     with pytest.raises(lora.TrainingError, match=r"3 non-finite steps in a row at step 5.*\(step 4\)"):
-        lora.run(None, _cfg(tiny_sd, data, out, steps=8, max_bad_steps=3))
+        lora.run(None, _cfg(tiny_sd, data, out, steps=8, max_bad_steps=3, prior=False))
     saved = Checkpoints(out / "checkpoints").all()
     assert [s for s, _ in saved] == [2, 4]  # skipped steps leave the weights as they were: finite
     for _, folder in saved:
