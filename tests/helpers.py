@@ -47,7 +47,7 @@ def lora_cfg(tiny_sd, data, out, **kw) -> dict:
     """A small `t2i train lora` config on the tiny model; `kw` overrides keys."""
     base = dict(model=str(tiny_sd), data=str(data), output=str(out), trigger="in sks style", rank=2, steps=4,
                 batch=2, lr=1e-2, checkpoint_every=2, validation_every=0, validation_prompts=["a square"],
-                validation_seeds=[0])
+                validation_seeds=[0], prior_steps=2)
     return {**base, **kw}
 
 
@@ -61,4 +61,4 @@ def lora_args(cfg: dict) -> list[str]:
     return ["--model", cfg["model"], "--data", cfg["data"], "--output", cfg["output"], "--trigger", cfg["trigger"],
             "--rank", str(cfg["rank"]), "--steps", str(cfg["steps"]), "--batch", str(cfg["batch"]),
             "--lr", str(cfg["lr"]), "--checkpoint-every", str(cfg["checkpoint_every"]), "--validation-every", "0",
-            "--validation-prompt", "a square"]
+            "--validation-prompt", "a square", "--prior-steps", str(cfg.get("prior_steps", 0))]

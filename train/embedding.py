@@ -32,7 +32,7 @@ from t2i.embeddings import Embedding
 from t2i.errors import UsageError
 from t2i.files import atomic_write
 from t2i.train import loop, losses
-from t2i.train.checkpoint import Checkpoints, read_training_state
+from t2i.train.checkpoint import Checkpoints
 from t2i.train.config import load_config
 from t2i.train.data import BatchPlan, Dataset, bucket_sizes, scan, with_trigger
 from t2i.train.embedding_config import EmbeddingTrainConfig
@@ -118,32 +118,17 @@ def save_embedding(path: Path, vectors: torch.Tensor, metadata: dict[str, str], 
 def train(cfg: EmbeddingTrainConfig, resume: str | None = None) -> Path | None:
     """Run (or continue) textual inversion; returns the written embedding (None on processes other than the main,
     and when max_minutes ran out first)."""
-    from diffusers import DDPMScheduler
-
     from t2i import prompts
-    from t2i.pipelines import Text2Image
 
     # 1. Check inputs, and read the checkpoint to resume (a damaged or hostile one is refused before a model loads)
     budget = loop.TimeBudget(cfg.max_minutes)
     dataset, out = check(cfg, resume)
-    ckpts = Checkpoints(out / "checkpoints", keep=cfg.keep_checkpoints)
-    path = ckpts.resolve(resume)
-    saved = read_training_state(path) if path is not None else None
-    acc = loop.accelerator(cfg.mixed_precision, out, cpu=not torch.cuda.is_available())
-    if acc.is_main_process:
-        log.info("data: %s", dataset.report())
 
     # 2. Load and freeze the base model; the new vectors
-    pipe = Text2Image.from_pretrained(cfg.model or None, device="cpu", dtype="fp32", allow_pickle=cfg.allow_pickle)
-    if pipe.model.arch == "sdxl":
-        raise UsageError("embedding training supports SD 1.x/2.x models so far, not SDXL")
-    noise_scheduler = DDPMScheduler.from_config(pipe.pipe.scheduler.config)
-    prediction = noise_scheduler.config.prediction_type
-    losses.check_prediction_type(prediction)
-    pipe.pipe.to(acc.device)
+    run = loop.fine_tune("embedding", cfg, out, resume, dataset.report())
+    ckpts, saved, acc, pipe = run.checkpoints, run.saved, run.acc, run.pipe
+    noise_scheduler, prediction = run.noise_scheduler, run.prediction
     unet, vae, text_encoder, tokenizer = pipe.pipe.unet, pipe.pipe.vae, pipe.pipe.text_encoder, pipe.pipe.tokenizer
-    for m in (unet, vae, text_encoder):
-        m.requires_grad_(False).eval()
     name_ids = tokenizer(cfg.token, add_special_tokens=False).input_ids
     vectors = Vectors(initial_vectors(tokenizer, text_encoder, cfg.init_words, cfg.vectors)).to(acc.device)
 
@@ -192,17 +177,7 @@ def train(cfg: EmbeddingTrainConfig, resume: str | None = None) -> Path | None:
                    cfg.checkpoint_every, log_path, tensors={KEY: vectors.weight},
                    state={"identity": identity, "config": asdict(cfg)}, max_bad_steps=cfg.max_bad_steps,
                    budget=budget)
-    start = 0
-    if saved is not None:
-        was = saved.state.get("identity", {})
-        differs = {k: (was.get(k), v) for k, v in identity.items() if was.get(k) != v}
-        if differs:
-            k, (before, now) = next(iter(differs.items()))
-            raise UsageError(f"checkpoint {saved.folder} was trained with {k}={before}, this run has {k}={now}; "
-                             f"use the same settings or a new --output")
-        start = loop.restore(acc, job, saved)
-    elif resume == "latest" and acc.is_main_process:
-        log.info("no checkpoint in %s yet: starting at step 0", out / "checkpoints")
+    start = loop.start_step(acc, job, saved, resume, identity)
 
     # 5. Train
     try:

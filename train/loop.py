@@ -18,6 +18,10 @@ budget that stops the run at a checkpoint, a JSONL log with a loss-curve PNG bes
     job = Job(name, models, optimizer, schedule, batches, loss, steps, checkpoints, every, folder / "log.jsonl")
     start = resume(acc, job, "latest")
     train(acc, job, start)
+
+A fine-tuning of a t2i model (the LoRA and embedding trainers) starts from `fine_tune` (the checkpoint to
+resume, the accelerator, the base model loaded and frozen, its noise schedule) and `start_step` (a resume
+only with the settings the checkpoint was trained with).
 """
 
 from __future__ import annotations
@@ -158,6 +162,76 @@ def restore(acc, job: Job, saved: SavedState) -> int:
     if acc.is_main_process:
         log.info("%s: resumed from %s at step %d", job.name, saved.folder, step)
     return step
+
+
+@dataclass
+class FineTune:
+    """What every fine-tuning of a t2i model starts from (see `fine_tune`)."""
+
+    checkpoints: Checkpoints
+    saved: SavedState | None  # the checkpoint to resume, read and vetted; None: a fresh start
+    acc: Any  # accelerate's Accelerator
+    pipe: Any  # t2i.pipelines.Text2Image: the base model, frozen, on acc.device
+    noise_scheduler: Any  # diffusers' DDPMScheduler of the model: the noise the training adds
+    prediction: str  # the UNet's prediction type (epsilon | v_prediction)
+
+
+def fine_tune(what: str, cfg, out: Path, resume: str | None, report: str = "") -> FineTune:
+    """Steps 1-2 of a LoRA or embedding run: read the checkpoint to resume (a damaged or hostile one is refused
+    before a model loads), make the accelerator, load the base model through t2i (safe loading, its hash),
+    refuse SDXL, freeze it on the accelerator's device, and take its training noise schedule.
+
+    `cfg` has keep_checkpoints, mixed_precision, model ("" = the bundled one) and allow_pickle; `report` (the
+    data's) is logged once the accelerator knows the main process."""
+    from diffusers import DDPMScheduler
+
+    from t2i.errors import UsageError
+    from t2i.pipelines import Text2Image
+    from t2i.train import losses
+
+    checkpoints = Checkpoints(out / "checkpoints", keep=cfg.keep_checkpoints)
+    path = checkpoints.resolve(resume)
+    saved = read_training_state(path) if path is not None else None
+    acc = accelerator(cfg.mixed_precision, out, cpu=not torch.cuda.is_available())
+    if report and acc.is_main_process:
+        log.info("data: %s", report)
+    pipe = Text2Image.from_pretrained(cfg.model or None, device="cpu", dtype="fp32", allow_pickle=cfg.allow_pickle)
+    if pipe.model.arch == "sdxl":
+        raise UsageError(f"{what} training supports SD 1.x/2.x models so far, not SDXL")
+    noise_scheduler = DDPMScheduler.from_config(pipe.pipe.scheduler.config)
+    prediction = noise_scheduler.config.prediction_type
+    losses.check_prediction_type(prediction)
+    pipe.pipe.to(acc.device)
+    for m in (pipe.pipe.unet, pipe.pipe.vae, pipe.pipe.text_encoder):
+        m.requires_grad_(False).eval()  # the job's models go back to train() in the loop
+    return FineTune(checkpoints, saved, acc, pipe, noise_scheduler, prediction)
+
+
+def start_step(acc, job: Job, saved: SavedState | None, resume: str | None, identity: dict[str, Any],
+               was: dict[str, Any] | None = None) -> int:
+    """The step a run starts at: 0, or the checkpoint's once its identity (the settings a resume must keep:
+    base model, rank, data size...) matches this run's. `was`: what a checkpoint from before a key existed had."""
+    if saved is None:
+        if resume == "latest" and acc.is_main_process:
+            log.info("no checkpoint in %s yet: starting at step 0", job.checkpoints.root)
+        return 0
+    same_settings(saved, identity, was)
+    return restore(acc, job, saved)
+
+
+def same_settings(saved: SavedState | None, identity: dict[str, Any], was: dict[str, Any] | None = None) -> None:
+    """Refuse, in one line naming the first, a checkpoint whose identity differs from `identity` in any key
+    (a trainer may check some keys early, before costly work that depends on them)."""
+    from t2i.errors import UsageError
+
+    if saved is None:
+        return
+    before = {**(was or {}), **saved.state.get("identity", {})}
+    differs = {k: (before.get(k), v) for k, v in identity.items() if before.get(k) != v}
+    if differs:
+        k, (then, now) = next(iter(differs.items()))
+        raise UsageError(f"checkpoint {saved.folder} was trained with {k}={then}, this run has {k}={now}; "
+                         f"use the same settings or a new --output")
 
 
 def train(acc, job: Job, start: int) -> None:

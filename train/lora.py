@@ -5,9 +5,13 @@ The run, in order:
 2. Load the base model through t2i (safe loading, model hash), freeze it, add
    peft LoRA adapters to the UNet's `targets` (attention; + MLPs; + ResNet convolutions)
    (and the text encoder's attention).
+   Without `reg_data`, the base model first draws its own image of each caption
+   into OUT/prior (prior preservation, train/prior.py; once, reused on resume;
+   `prior = false` / --no-prior turns it off).
 3. Cache VAE latents (and text embeddings when the text encoder is frozen).
-   Regularisation images (`reg_data`) train on their captions without the
-   trigger, so prompts without it keep the base model's look.
+   Regularisation images (`reg_data`, or the prior images) train on their
+   captions without the trigger, so prompts without it keep the base model's
+   look and content.
 4. Train on the one training loop (train/loop.py): accelerate (one CPU process,
    a GPU with mixed precision, several processes under `accelerate launch`),
    atomic checkpoints every N steps with an exact resume, a validation grid every
@@ -33,8 +37,8 @@ import torch
 from tqdm.auto import tqdm
 
 from t2i.errors import UsageError
-from t2i.train import loop, losses
-from t2i.train.checkpoint import Checkpoints, read_training_state
+from t2i.train import loop, losses, prior
+from t2i.train.checkpoint import Checkpoints
 from t2i.train.config import load_config
 from t2i.train.data import BatchPlan, Dataset, bucket_sizes, fit, merge, scan, to_tensor, with_trigger
 from t2i.train.loop import TrainingError  # noqa: F401 - raised by the loop; part of this module's API
@@ -50,13 +54,24 @@ def load(config: str | None, overrides: dict) -> LoraTrainConfig:
     return load_config(LoraTrainConfig, config, overrides)
 
 
+def uses_prior(cfg: LoraTrainConfig) -> bool:
+    """Prior preservation (train/prior.py): on unless turned off, and only when no --reg-data is given."""
+    return cfg.prior and not cfg.reg_data
+
+
+def regularisation(cfg: LoraTrainConfig) -> str:
+    """What kept prompts without the trigger as they were: reg-data (the user's images), prior (the base model's
+    own, made by the run) or none. The LoRA's metadata says it."""
+    return "reg-data" if cfg.reg_data else "prior" if cfg.prior else "none"
+
+
 def check(cfg: LoraTrainConfig, resume: str | None) -> tuple[Dataset, Path]:
     """Every cheap check, before a model is loaded."""
     if not cfg.data:
         raise UsageError("give the training images with --data DIR")
     if not cfg.output:
         raise UsageError("give the output folder with --output DIR")
-    for name, value, low in (("rank", cfg.rank, 1), ("steps", cfg.steps, 1), ("batch", cfg.batch, 1),
+    for name, value, low in (("prior-steps", cfg.prior_steps, 0), ("rank", cfg.rank, 1), ("steps", cfg.steps, 1), ("batch", cfg.batch, 1),
                              ("grad-accum", cfg.grad_accum, 1), ("checkpoint-every", cfg.checkpoint_every, 1),
                              ("max-bad-steps", cfg.max_bad_steps, 1)):
         if value < low:
@@ -249,33 +264,26 @@ def validation_grid(pipe, cfg: LoraTrainConfig, prompts: list[str], out: Path, s
 def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
     """Run (or continue) a LoRA fine-tuning; returns the written LoRA file (None on processes other than the main,
     and when max_minutes ran out first)."""
-    from diffusers import DDPMScheduler
     from peft import LoraConfig, inject_adapter_in_model
 
-    from t2i.pipelines import Text2Image
     from t2i.lora import format as lora_format
 
     # 1. Check inputs, and read the checkpoint to resume (a damaged or hostile one is refused before a model loads)
     budget = loop.TimeBudget(cfg.max_minutes)
     dataset, out = check(cfg, resume)
-    ckpts = Checkpoints(out / "checkpoints", keep=cfg.keep_checkpoints)
-    path = ckpts.resolve(resume)
-    saved = read_training_state(path) if path is not None else None
-    acc = loop.accelerator(cfg.mixed_precision, out, cpu=not torch.cuda.is_available())
-    if acc.is_main_process:
-        log.info("data: %s", dataset.report())
 
-    # 2. Load and freeze the base model; add the adapters
-    pipe = Text2Image.from_pretrained(cfg.model or None, device="cpu", dtype="fp32", allow_pickle=cfg.allow_pickle)
-    if pipe.model.arch == "sdxl":
-        raise UsageError("LoRA training supports SD 1.x/2.x models so far, not SDXL")
-    noise_scheduler = DDPMScheduler.from_config(pipe.pipe.scheduler.config)
-    prediction = noise_scheduler.config.prediction_type
-    losses.check_prediction_type(prediction)
-    pipe.pipe.to(acc.device)
-    unet, vae, text_encoder = pipe.pipe.unet, pipe.pipe.vae, pipe.pipe.text_encoder
-    for m in (unet, vae, text_encoder):
-        m.requires_grad_(False)
+    # 2. Load and freeze the base model; its own images of the captions (prior preservation); add the adapters
+    run = loop.fine_tune("LoRA", cfg, out, resume, dataset.report())
+    ckpts, saved, acc, pipe = run.checkpoints, run.saved, run.acc, run.pipe
+    noise_scheduler, prediction = run.noise_scheduler, run.prediction
+    unet, text_encoder = pipe.pipe.unet, pipe.pipe.text_encoder
+    was = {"targets": "attn", "regularisation": "reg-data" if cfg.reg_data else "none"}  # what older checkpoints lack
+    loop.same_settings(saved, {"regularisation": regularisation(cfg)}, was)  # before drawing for nothing
+    if uses_prior(cfg):
+        if acc.is_main_process:
+            prior.draw(pipe, dataset, out / prior.FOLDER, cfg.seed, cfg.prior_steps)
+        acc.wait_for_everyone()  # the main process drew them; every process trains on them
+        dataset = merge(dataset, prior.images(out / prior.FOLDER))
     alpha = cfg.alpha or float(cfg.rank)
     conv_rank = cfg.conv_rank or cfg.rank
     conv_alpha = cfg.conv_alpha or float(conv_rank)
@@ -351,24 +359,15 @@ def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, loop.warmup(cfg.warmup))
     identity = {"base_model_hash": pipe.model.hash, "targets": cfg.targets, "rank": cfg.rank, "alpha": alpha,
                 **({"conv_rank": conv_rank, "conv_alpha": conv_alpha} if convs else {}),
-                "train_text_encoder": cfg.train_text_encoder, "images": len(dataset.items),
-                "reg_images": sum(it.reg for it in dataset.items)}
+                "train_text_encoder": cfg.train_text_encoder,
+                "regularisation": regularisation(cfg),  # before the counts it changes: the refusal names it
+                "images": len(dataset.items), "reg_images": sum(it.reg for it in dataset.items)}
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.jsonl"
     job = loop.Job("lora", models, opt, sched, batches, loss, cfg.steps, ckpts, cfg.checkpoint_every, log_path,
                    tensors=params, state={"identity": identity, "config": asdict(cfg)}, grad_accum=cfg.grad_accum,
                    max_bad_steps=cfg.max_bad_steps, budget=budget, after_step=after_step)
-    start = 0
-    if saved is not None:
-        was = {"targets": "attn", **saved.state.get("identity", {})}  # checkpoints from before --targets
-        differs = {k: (was.get(k), v) for k, v in identity.items() if was.get(k) != v}
-        if differs:
-            k, (before, now) = next(iter(differs.items()))
-            raise UsageError(f"checkpoint {saved.folder} was trained with {k}={before}, this run has {k}={now}; "
-                             f"use the same settings or a new --output")
-        start = loop.restore(acc, job, saved)
-    elif resume == "latest" and acc.is_main_process:
-        log.info("no checkpoint in %s yet: starting at step 0", out / "checkpoints")
+    start = loop.start_step(acc, job, saved, resume, identity, was)
 
     # 5. Train
     try:
@@ -395,7 +394,8 @@ def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
             "t2i.steps": str(cfg.steps), "t2i.trigger": cfg.trigger, "t2i.resolution": str(resolution),
             "t2i.lr": str(cfg.lr), "t2i.batch": str(cfg.batch * cfg.grad_accum * acc.num_processes),
             "t2i.images": str(sum(not it.reg for it in dataset.items)),
-            "t2i.reg_images": str(sum(it.reg for it in dataset.items)), "t2i.train_text_encoder": str(cfg.train_text_encoder).lower(),
+            "t2i.reg_images": str(sum(it.reg for it in dataset.items)), "t2i.regularisation": regularisation(cfg),
+            "t2i.train_text_encoder": str(cfg.train_text_encoder).lower(),
             "t2i.processes": str(acc.num_processes), "t2i.weights_sha256": _digest(params),
         }
         lora_format.save_lora(final, sd, metadata, format=cfg.format, overwrite=resume is not None)

@@ -56,3 +56,7 @@ class LoraTrainConfig:
     max_minutes: float = 0.0  # stop at the next checkpoint after this many minutes (0 = no limit); --resume latest goes on
     format: str = "kohya"  # kohya (what A1111, ComfyUI and diffusers all read) | diffusers
     allow_pickle: bool = False
+    # prior preservation (train/prior.py): without reg_data, the base model's own images of the data's captions
+    # train beside the data, on those captions without the trigger (made once, in <output>/prior)
+    prior: bool = True
+    prior_steps: int = 0  # sampling steps of each prior image (0 = the model's default)

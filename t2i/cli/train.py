@@ -68,7 +68,13 @@ def _train_lora_parser(tsub) -> None:
     a("--config", metavar="TOML", help="a TOML file with any of the keys below (flags win)")
     a("--model", "-m", metavar="PATH|ID", help="base model (default: the bundled t2i-shapes)")
     a("--data", metavar="DIR", help="images with a .txt caption beside each, or a metadata.jsonl")
-    a("--reg-data", metavar="DIR", help="regularisation images, trained on their captions without the trigger")
+    a("--reg-data", metavar="DIR", help="regularisation images, trained on their captions without the trigger "
+                                         "(default: the base model's own images of the data's captions, made once "
+                                         "into OUTPUT/prior)")
+    a("--no-prior", dest="prior", action="store_false", default=None,
+      help="without --reg-data, train on the data alone (no base-model images): faster to start, but prompts "
+           "without the trigger drift towards the data")
+    a("--prior-steps", type=positive_int, metavar="N", help="sampling steps of each prior image (default: the model's)")
     a("--output", "-o", metavar="DIR", help="checkpoints, validation grids and the LoRA file go here")
     a("--name", help="file name of the LoRA (default: lora -> OUT/lora.safetensors)")
     a("--trigger", metavar="TEXT", help='phrase added to every caption, e.g. "in sks style"')

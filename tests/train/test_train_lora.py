@@ -144,9 +144,9 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(tiny_sd, data, t
         return out
 
     monkeypatch.setattr(UNet2DConditionModel, "forward", poisoned)
-    poison = {2}  # the second training step's forward
+    poison = {2}  # the second training step's forward (no prior images: drawing them runs the UNet too)
     out = tmp_path / "once"
-    lora.run(None, _cfg(tiny_sd, data, out, steps=4))
+    lora.run(None, _cfg(tiny_sd, data, out, steps=4, prior=False))
     log = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines() if '"step"' in l]
     assert [r["skipped"] for r in log] == [False, True, False, False]
     assert all(torch.isfinite(v).all() for v in _weights(out / "lora.safetensors").values())
@@ -154,7 +154,7 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(tiny_sd, data, t
     calls["n"], poison = 0, set(range(3, 100))
     out = tmp_path / "always"
     with pytest.raises(lora.TrainingError, match=r"3 non-finite steps in a row at step 5.*\(step 4\)"):
-        lora.run(None, _cfg(tiny_sd, data, out, steps=8, max_bad_steps=3))
+        lora.run(None, _cfg(tiny_sd, data, out, steps=8, max_bad_steps=3, prior=False))
     saved = Checkpoints(out / "checkpoints").all()
     assert [s for s, _ in saved] == [2, 4]  # skipped steps leave the weights as they were: finite
     for _, folder in saved:
@@ -315,3 +315,59 @@ def test_one_set_of_defaults_cli_config_file_and_python_api(run_cli):
     for key in ("rank", "steps", "lr", "batch", "format", "targets"):
         shown = f"{defaults[key]:g}" if isinstance(defaults[key], float) else str(defaults[key])
         assert re.search(rf"\(default {re.escape(shown)}\b", entries[f"--{key}"]), (key, entries[f"--{key}"])
+
+
+# --------------------------------------------------------------------------- prior preservation (the default)
+
+
+def _captions(folder: Path) -> list[str]:
+    return sorted(p.read_text().strip() for p in folder.glob("*.txt"))
+
+
+def test_default_run_draws_the_base_models_images_of_the_captions_and_trains_on_them(trained, tiny_sd, data):
+    from t2i.pipelines import Text2Image
+
+    drawn = sorted((trained / "prior").glob("*.png"))
+    assert len(drawn) == len(list(data.glob("*.png"))) == 6  # one per data image
+    assert _captions(trained / "prior") == sorted(_captions(data) + [""])  # without the trigger; "": uncaptioned
+    first = (trained / "prior" / "0000.txt").read_text().strip()
+    base = Text2Image.from_pretrained(str(tiny_sd), device="cpu", dtype="fp32")
+    assert (pixels(base(first, seed=0, steps=2, progress=False).images[0]) == pixels(Image.open(drawn[0]))).all()
+    with safe_open(str(trained / "lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["t2i.regularisation"] == "prior" and meta["t2i.reg_images"] == "6" and meta["t2i.images"] == "6"
+    state = json.loads((Checkpoints(trained / "checkpoints").latest() / "state.json").read_text())
+    assert state["identity"]["reg_images"] == 6  # they were in the training set
+
+
+def test_no_prior_trains_on_the_data_alone(tiny_sd, data, tmp_path, run_cli):
+    cfg = _cfg(tiny_sd, data, tmp_path / "o", steps=2)
+    code, _, err = run_cli("train", "lora", *_args(cfg), "--no-prior")
+    assert code == 0, err
+    assert not (tmp_path / "o" / "prior").exists()
+    with safe_open(str(tmp_path / "o" / "lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["t2i.regularisation"] == "none" and meta["t2i.reg_images"] == "0"
+    (tmp_path / "o" / "lora.safetensors").unlink()  # its checkpoint (step 2) stays; resuming it with prior on:
+    with pytest.raises(UsageError, match="regularisation=none, this run has regularisation=prior"):
+        lora.run(None, _cfg(tiny_sd, data, tmp_path / "o", steps=4), resume="latest")
+    assert not (tmp_path / "o" / "prior").exists()  # refused before drawing anything
+
+
+def test_reg_data_replaces_the_prior_images(tiny_sd, data, tmp_path):
+    lora.run(None, _cfg(tiny_sd, data, tmp_path / "o", steps=2, reg_data=str(data)))
+    assert not (tmp_path / "o" / "prior").exists()
+    with safe_open(str(tmp_path / "o" / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["t2i.regularisation"] == "reg-data"
+
+
+def test_resume_reuses_the_prior_images_and_redraws_only_a_missing_one(tiny_sd, data, tmp_path):
+    out = tmp_path / "o"
+    lora.run(None, _cfg(tiny_sd, data, out, steps=2, checkpoint_every=2))
+    files = {p.name: p.stat().st_ino for p in (out / "prior").iterdir()}  # atomic writes give a new inode
+    (out / "prior" / "0002.png").unlink()
+    (out / "lora.safetensors").unlink()
+    lora.run(None, _cfg(tiny_sd, data, out, steps=4, checkpoint_every=2), resume="latest")
+    now = {p.name: p.stat().st_ino for p in (out / "prior").iterdir()}
+    assert now.keys() == files.keys()
+    assert [n for n in files if now[n] != files[n]] == ["0002.png"]  # .txt unchanged: only the image was missing
