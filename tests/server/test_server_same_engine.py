@@ -38,18 +38,16 @@ def test_txt2img_equals_t2i_generate(make_client, run_cli, tiny_sd, tmp_path):
     assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == [p.name for p in saved]
 
 
-def test_n_iter_equals_one_batch_of_the_cli(make_client, run_cli, tiny_sd, tmp_path, monkeypatch):
+def test_n_iter_equals_one_batch_of_the_cli(make_client, run_cli, tiny_sd, tmp_path):
     """A1111's n_iter x batch_size: image i has seed + i, the pixels of the CLI's batch image i (bit for bit on the
-    exact path; `auto` batches the UNet, and a batch of 4 then equals two of 2 only to within rounding)."""
-    from t2i.server.engine import Engine
-
-    monkeypatch.setattr(Engine, "speed", "exact")
+    exact path, `t2i serve --speed exact`; `auto` batches the UNet, and a batch of 4 then equals two of 2 only to
+    within rounding)."""
     code, out, err = run_cli("generate", "a star", "--model", tiny_sd, "--device", "cpu", "--seed", 11, "--steps", 2,
                              "-W", 32, "-H", 32, "--batch", 4, "--speed", "exact", "--out", tmp_path, "--quiet")
     assert code == 0, err
     cli = [chunks(open(p, "rb").read())[0] for p in out.split()]
-    r = make_client().post(f"{A}/txt2img", json={"prompt": "a star", "seed": 11, "steps": 2, "width": 32,
-                                                 "height": 32, "batch_size": 2, "n_iter": 2})
+    r = make_client(speed="exact").post(f"{A}/txt2img", json={"prompt": "a star", "seed": 11, "steps": 2,
+                                                              "width": 32, "height": 32, "batch_size": 2, "n_iter": 2})
     assert [chunks(base64.b64decode(b))[0] for b in r.json()["images"]] == cli
 
 
