@@ -363,7 +363,8 @@ def check_loras(server, prompt: str) -> None:
             raise _field_error("prompt", f"unknown LoRA {name!r} in <lora:{name}:...>; {where}")
 
 
-def build_request(server, req: _Request, task: str, images=None) -> tuple[core.GenRequest, Any]:
+def build_request(server, req: _Request, task: str, images=None,
+                  dynamic: str | None = None) -> tuple[core.GenRequest, Any]:
     """Check a txt2img/img2img request whole, before any compute; the job's request and its checkpoint."""
     sampler, schedule = resolve_sampler(req.sampler_name or req.sampler_index or None, req.scheduler)
     _unsupported(req, sampler)
@@ -388,7 +389,8 @@ def build_request(server, req: _Request, task: str, images=None) -> tuple[core.G
                                       f"{server.limits.max_prompt}", status=413)
     check_loras(server, req.prompt)
     check_loras(server, req.negative_prompt)
-    dynamic = dynamic_prompts_mode(server, req)
+    if dynamic is None:  # the routes check a template on a worker thread first and pass its mode
+        dynamic = dynamic_prompts_mode(server, req)
     if req.save_images and server.config.out is None:
         raise _field_error("save_images", "this server saves nowhere: start it with --out DIR")
     seed = req.seed if req.seed != -1 else random.randrange(4294967294)  # A1111's range for a random seed
@@ -535,8 +537,8 @@ def _echo(req: _Request) -> dict:
 async def _generate(request: Request, req: _Request, task: str) -> dict:
     server = request.app.state.server
     images = await decode_img2img(req) if task == "img2img" else None
-    await run_in_threadpool(dynamic_prompts_mode, server, req)  # parsing a long template takes seconds: not here
-    gen, checkpoint = build_request(server, req, task, images)
+    dynamic = await run_in_threadpool(dynamic_prompts_mode, server, req)  # a long template parses for seconds
+    gen, checkpoint = build_request(server, req, task, images, dynamic)
     request.scope.setdefault("state", {}).update(seed=gen.seed, prompt=gen.prompt)
     job = new_job(server, gen, checkpoint, _echo(req), req.force_task_id)
     if images is not None and images.get("mask") is not None and req.inpaint_full_res:

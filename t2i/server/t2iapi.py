@@ -57,8 +57,8 @@ async def submit_job(request: Request, body: dict[str, Any] = Body(...)):
     req = _parse(body)
     task = "img2img" if isinstance(req, a1111.Img2ImgRequest) else "txt2img"
     images = await a1111.decode_img2img(req) if task == "img2img" else None
-    await run_in_threadpool(a1111.dynamic_prompts_mode, server, req)  # a long template parses for seconds
-    gen, checkpoint = a1111.build_request(server, req, task, images)
+    dynamic = await run_in_threadpool(a1111.dynamic_prompts_mode, server, req)  # a long template parses for seconds
+    gen, checkpoint = a1111.build_request(server, req, task, images, dynamic)
     request.scope.setdefault("state", {}).update(seed=gen.seed, prompt=gen.prompt)
     job = a1111.new_job(server, gen, checkpoint, a1111._echo(req), req.force_task_id)
     a1111.submit(server, job)
