@@ -403,6 +403,28 @@ def sample_scene(seed: int, held_out_ok: bool = False, mix: SceneMix = SceneMix(
     return Scene((a, b), bg, _finish(rng, f"{_np(rng, a, not colorless)} and {_np(rng, b, not colorless)}", bg), kind)
 
 
+# What a caption's trailing extra phrase is made of (unet.caption_extras): the shape of LoRA triggers and style
+# tags ("in sks style", "by xyz", "qzv art"), with words that are no caption word, so nothing it says is a
+# colour, shape, count, position or background.
+_EXTRA_TEMPLATES = ("{}", "{} {}", "in {} style", "{} style", "by {}", "{} art", "{}, {}")
+_EXTRA_WORDS = ("style", "art", "artwork", "detailed", "masterpiece", "painting", "sketch", "lora",
+                "trending", "quality", "best", "vivid", "cinematic", "pixel", "pastel", "mosaic", "outline", "flat")
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def extra_phrase(rng: random.Random) -> str:
+    """A phrase of words no caption uses, shaped like a LoRA trigger or style tag (`rng` decides it)."""
+    def word() -> str:
+        while True:
+            w = rng.choice(_EXTRA_WORDS) if rng.random() < 0.4 else "".join(
+                rng.choice(_LETTERS) for _ in range(rng.randint(2, 7)))
+            if w not in _CAPTION_WORDS:
+                return w
+
+    template = rng.choice(_EXTRA_TEMPLATES)
+    return template.format(*(word() for _ in range(template.count("{}"))))
+
+
 def caption_words() -> list[str]:
     """Every word a caption or ShapeEval prompt can contain (for building the tokenizer)."""
     words = set(SHAPES) | set(PLURALS.values()) | set(COLORS) | set(BACKGROUNDS) | set(SIZES)
@@ -410,3 +432,6 @@ def caption_words() -> list[str]:
     words |= {"picture", "image", "drawing", "render", "photo", "left", "right", "top", "bottom", "center", "above"}
     words |= {"below", "one", "two", "three", "four", "1", "2", "3", "4", ","}
     return sorted(words)
+
+
+_CAPTION_WORDS = frozenset(caption_words())

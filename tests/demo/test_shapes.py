@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from t2i.demo.shapes import COLORS, HELD_OUT_PAIRS, HELD_OUT_RELATIONS, SceneMix, render, sample_scene
+from t2i.demo.shapes import (COLORS, HELD_OUT_PAIRS, HELD_OUT_RELATIONS, SceneMix, caption_words, extra_phrase, render,
+                             sample_scene)
 
 SEEDS = range(1500)
 COLOUR_WORD = re.compile(r"\b(" + "|".join(COLORS) + r")\b")
@@ -84,3 +85,16 @@ def test_four_draws_counting_scenes_of_four_objects_and_leaves_the_rest_alone():
 def test_a_bad_mix_names_its_problem(change, words):
     assert words in dataclasses.replace(SceneMix(), **change).problem()
     assert SceneMix().problem() is None
+
+
+def test_extra_phrases_say_nothing_a_caption_can_say_and_follow_their_rng():
+    """unet.caption_extras' phrases: no colour, shape, count, position or background word (a caption's meaning stays
+    the image's), many different ones, the same for the same random state."""
+    import random
+
+    words = set(caption_words())
+    phrases = [extra_phrase(random.Random(i)) for i in range(2000)]
+    assert not {w for p in phrases for w in re.findall(r"[a-z0-9]+", p)} & words - {"in"}  # "in": "in X style"
+    assert len(set(phrases)) > 1500
+    assert phrases == [extra_phrase(random.Random(i)) for i in range(2000)]
+    assert any(p.startswith("in ") and p.endswith(" style") for p in phrases)  # the shape of "in sks style"

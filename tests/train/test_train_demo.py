@@ -491,3 +491,42 @@ def test_the_cli_finds_a_shipped_config_by_name(run_cli, tmp_path):
     assert code == 2 and "nonesuch" in err and "does not exist" in err
     with pytest.raises(UsageError, match="stage vae would replace"):  # the Python API takes the name too
         demo.run("continue", "vae", "latest", {"output_dir": str(tmp_path)})
+
+
+def test_caption_extras_append_a_phrase_to_that_share_of_the_captions(tmp_path, monkeypatch):
+    """unet.caption_extras = 1: every caption the UNet stage trains on ends with an extra phrase (2 steps of batch
+    4: 8 phrases, each after ", "); 0 (the default): none."""
+    from transformers import CLIPTokenizer
+
+    from t2i.train.demo import unet_stages
+
+    made, seen = [], []
+    real_phrase, real_call = unet_stages.extra_phrase, CLIPTokenizer.__call__
+
+    def phrase(rng):
+        made.append(real_phrase(rng))
+        return made[-1]
+
+    def call(self, text, *args, **kwargs):
+        if isinstance(text, list):
+            seen.extend(text)
+        return real_call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(unet_stages, "extra_phrase", phrase)
+    monkeypatch.setattr(CLIPTokenizer, "__call__", call)
+    for root, share in ((tmp_path / "extras", 1.0), (tmp_path / "plain", 0.0)):
+        _run(root, "tokenizer")
+        _run(root, "vae")
+        made.clear(), seen.clear()
+        _run(root, "unet", **{"unet.steps": 2, "unet.caption_extras": share, "unet.sample_every": 100})
+        if share:
+            assert len(made) == 8
+            assert sum(any(c.endswith(", " + p) for p in made) for c in seen) >= 8  # the training batches' captions
+        else:
+            assert made == [] and seen
+
+
+def test_a_caption_extras_share_outside_0_1_is_refused_before_any_work(tmp_path):
+    with pytest.raises(UsageError, match="unet.caption_extras is a share of captions"):
+        _run(tmp_path, "all", **{"unet.caption_extras": 1.5})
+    assert not list(tmp_path.iterdir())

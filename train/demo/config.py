@@ -113,6 +113,11 @@ class UNetConfig:
     # position words stayed close together, and the UNet put objects where the seed's noise put them.
     layout_weight: float = 0.0
     caption_dropout: float = 0.1
+    # The share of captions with a random trailing phrase (", in qzv style", ", xkd art", ...: t2i.demo.shapes.
+    # extra_phrase), the image unchanged: the model learns that words it never saw after a caption change nothing,
+    # so a LoRA's trigger words alone keep the base model's content (without, "prompt, in sks style" lost 40%
+    # of ShapeEval). 0 = off.
+    caption_extras: float = 0.0
     checkpoint_every: int = 200
     sample_every: int = 500
     # A diffusers folder (e.g. the bundled model) whose UNet and text encoder start the
@@ -188,6 +193,9 @@ def check(cfg: DemoConfig) -> None:
         raise UsageError(f"unet.lr_schedule must be constant or cosine, not {cu.lr_schedule!r}")
     if problem := cfg.scenes.problem():
         raise UsageError(problem)
+    for key in ("caption_dropout", "caption_extras"):
+        if not 0 <= getattr(cu, key) <= 1:
+            raise UsageError(f"unet.{key} is a share of captions, between 0 and 1, not {getattr(cu, key):g}")
     if cfg.data_workers < 0:
         raise UsageError(f"data_workers must be >= 0 (0 renders scenes in the training process), not {cfg.data_workers}")
     if cfg.max_minutes < 0:

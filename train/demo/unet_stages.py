@@ -16,13 +16,14 @@ import copy
 import json
 import logging
 import math
+import random
 import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from t2i.demo.shapes import IMAGE_SIZE
+from t2i.demo.shapes import IMAGE_SIZE, extra_phrase
 from t2i.errors import UsageError
 from t2i.train import loop, losses
 from t2i.train.checkpoint import Checkpoints
@@ -157,6 +158,9 @@ def stage_unet(cfg: DemoConfig, resume: str | None = "latest", budget: loop.Time
             with torch.no_grad():
                 posterior = vae.encode(images.to(acc.device)).latent_dist
                 latents = posterior.sample(generator=None) * vae.config.scaling_factor  # (B, 4, 16, 16)
+            if cu.caption_extras:
+                rng = random.Random(cfg.seed * 7919 + step * acc.num_processes + acc.process_index)
+                captions = [f"{c}, {extra_phrase(rng)}" if rng.random() < cu.caption_extras else c for c in captions]
             ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                             return_tensors="pt").input_ids  # (B, 77)
             ids[torch.rand(len(captions), generator=gen) < cu.caption_dropout] = empty_ids  # unconditional rows
