@@ -80,6 +80,8 @@ def check(cfg: LoraTrainConfig, resume: str | None) -> tuple[Dataset, Path]:
         raise UsageError(f"--lr must be a positive number, got {cfg.lr}")
     if not cfg.max_minutes >= 0:
         raise UsageError(f"--max-minutes must be >= 0 (0: no limit), got {cfg.max_minutes:g}")
+    if not (cfg.prior_loss_weight >= 0 and math.isfinite(cfg.prior_loss_weight)):
+        raise UsageError(f"--prior-loss-weight must be a number >= 0, got {cfg.prior_loss_weight:g}")
     if cfg.alpha < 0 or not 0 <= cfg.caption_dropout < 1 or cfg.noise_offset < 0:
         raise UsageError("--alpha and --noise-offset must be >= 0, caption_dropout in [0, 1)")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
@@ -332,13 +334,14 @@ def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
             t = t.to(acc.device)
             noisy = noise_scheduler.add_noise(latents, noise, t)  # (B, C, h, w)
-            yield noisy, t, losses.target(noise_scheduler, latents, noise, t), text
+            weight = torch.tensor([cfg.prior_loss_weight if dataset.items[i].reg else 1.0 for i in plan[k]])  # (B,)
+            yield noisy, t, losses.target(noise_scheduler, latents, noise, t), text, weight.to(acc.device)
 
     def loss(models, batch, step):
-        noisy, t, target, text = batch
+        noisy, t, target, text, weight = batch
         cond = models["text_encoder"](text)[0] if cfg.train_text_encoder else text  # (B, 77, D)
         pred = models["unet"](noisy, t, cond).sample  # (B, C, h, w)
-        return losses.diffusion_loss(pred, target, snr[t], prediction, cfg.min_snr_gamma), {}
+        return losses.diffusion_loss(pred, target, snr[t], prediction, cfg.min_snr_gamma, weight=weight), {}
 
     def validate(step: int | None) -> Path:
         unet.eval()
@@ -395,6 +398,7 @@ def train(cfg: LoraTrainConfig, resume: str | None = None) -> Path | None:
             "t2i.lr": str(cfg.lr), "t2i.batch": str(cfg.batch * cfg.grad_accum * acc.num_processes),
             "t2i.images": str(sum(not it.reg for it in dataset.items)),
             "t2i.reg_images": str(sum(it.reg for it in dataset.items)), "t2i.regularisation": regularisation(cfg),
+            **({"t2i.prior_loss_weight": f"{cfg.prior_loss_weight:g}"} if regularisation(cfg) != "none" else {}),
             "t2i.train_text_encoder": str(cfg.train_text_encoder).lower(),
             "t2i.processes": str(acc.num_processes), "t2i.weights_sha256": _digest(params),
         }

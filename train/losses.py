@@ -70,7 +70,12 @@ def mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = 
 
 
 def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, snr_t: torch.Tensor, prediction_type: str,
-                   gamma: float, floor: float = 0.0) -> torch.Tensor:
-    """The training loss: the prediction's MSE, min-SNR weighted when gamma > 0 (gamma 0: unweighted)."""
-    weight = min_snr_weight(snr_t, gamma, prediction_type, floor) if gamma > 0 else None
+                   gamma: float, floor: float = 0.0, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The training loss: the prediction's MSE, min-SNR weighted when gamma > 0 (gamma 0: unweighted), times each
+    sample's own `weight` (B,) when given (a regularisation image's prior_loss_weight)."""
+    snr_weight = min_snr_weight(snr_t, gamma, prediction_type, floor) if gamma > 0 else None
+    if weight is None:
+        weight = snr_weight
+    elif snr_weight is not None:
+        weight = weight * snr_weight
     return mse(pred, target, weight)

@@ -75,6 +75,8 @@ def _train_lora_parser(tsub) -> None:
       help="without --reg-data, train on the data alone (no base-model images): faster to start, but prompts "
            "without the trigger drift towards the data")
     a("--prior-steps", type=positive_int, metavar="N", help="sampling steps of each prior image (default: the model's)")
+    a("--prior-loss-weight", type=number, metavar="X",
+      help=f"loss weight of the prior (or --reg-data) images against the data's 1 (default {D('prior_loss_weight')})")
     a("--output", "-o", metavar="DIR", help="checkpoints, validation grids and the LoRA file go here")
     a("--name", help="file name of the LoRA (default: lora -> OUT/lora.safetensors)")
     a("--trigger", metavar="TEXT", help='phrase added to every caption, e.g. "in sks style"')

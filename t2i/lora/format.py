@@ -361,7 +361,8 @@ def kohya_metadata(metadata: dict[str, str], diffusers_sd: dict[str, torch.Tenso
     if metadata.get("t2i.conv_alpha"):
         out["t2i.training_conv_alpha"] = metadata["t2i.conv_alpha"]
     pairs = {"t2i.steps": "ss_steps", "t2i.base_model": "ss_sd_model_name",
-             "t2i.base_model_hash": "ss_new_sd_model_hash", "t2i.trigger": "modelspec.trigger_phrase"}
+             "t2i.base_model_hash": "ss_new_sd_model_hash", "t2i.trigger": "modelspec.trigger_phrase",
+             "t2i.prior_loss_weight": "ss_prior_loss_weight"}
     out.update({ss: metadata[t] for t, ss in pairs.items() if metadata.get(t)})
     if metadata.get("t2i.steps"):
         out["ss_max_train_steps"] = metadata["t2i.steps"]

@@ -46,6 +46,10 @@ def test_the_diffusion_loss_weighs_each_samples_error_and_gamma_0_turns_weightin
     weighted = losses.diffusion_loss(pred, target, snr, "v_prediction", gamma=5.0)
     assert float(weighted) == pytest.approx((1 * 0.5 + 4 * 5 / 11) / 2)
     assert float(losses.diffusion_loss(pred, target, snr, "v_prediction", gamma=0.0)) == pytest.approx(2.5)
+    own = torch.tensor([1.0, 0.25])  # a regularisation image's prior_loss_weight: times the min-SNR weight
+    assert float(losses.diffusion_loss(pred, target, snr, "v_prediction", gamma=5.0, weight=own)) == pytest.approx(
+        (1 * 0.5 + 0.25 * 4 * 5 / 11) / 2)
+    assert float(losses.diffusion_loss(pred, target, snr, "v_prediction", gamma=0.0, weight=own)) == pytest.approx(1)
 
 
 def test_an_unknown_prediction_type_is_refused():

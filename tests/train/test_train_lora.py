@@ -306,13 +306,14 @@ def test_one_set_of_defaults_cli_config_file_and_python_api(run_cli):
                 for f in dataclasses.fields(lora.LoraTrainConfig)}
     assert (defaults["rank"], defaults["lr"], defaults["batch"], defaults["steps"]) == (16, 3e-3, 8, 400)
     assert defaults["format"] == "kohya"
+    assert (defaults["targets"], defaults["prior"], defaults["prior_loss_weight"]) == ("all", True, 0.5)
     toml = tomllib.loads((REPO / "train" / "configs" / "lora.toml").read_text())
     assert {k: v for k, v in toml.items() if k != "trigger"} == {k: defaults[k] for k in toml if k != "trigger"}
     code, help_text, _ = run_cli("train", "lora", "--help")
     assert code == 0
     chunks = re.split(r"\n  (?=-)", help_text.split("options:")[1])
     entries = {e.split()[0]: " ".join(e.split()) for e in chunks if e.strip()}
-    for key in ("rank", "steps", "lr", "batch", "format", "targets"):
+    for key in ("rank", "steps", "lr", "batch", "format", "targets", "prior_loss_weight"):
         shown = f"{defaults[key]:g}" if isinstance(defaults[key], float) else str(defaults[key])
         assert re.search(rf"\(default {re.escape(shown)}\b", entries[f"--{key}"]), (key, entries[f"--{key}"])
 
@@ -338,6 +339,20 @@ def test_default_run_draws_the_base_models_images_of_the_captions_and_trains_on_
     assert meta["t2i.regularisation"] == "prior" and meta["t2i.reg_images"] == "6" and meta["t2i.images"] == "6"
     state = json.loads((Checkpoints(trained / "checkpoints").latest() / "state.json").read_text())
     assert state["identity"]["reg_images"] == 6  # they were in the training set
+
+
+def test_prior_loss_weight_weighs_the_prior_images_and_is_recorded(tiny_sd, data, tmp_path, run_cli):
+    """kohya's prior_loss_weight: 0 takes the prior images out of the loss (other weights than at 1); the file says
+    the weight (t2i's key and kohya's ss_prior_loss_weight); a negative one is refused before any work."""
+    runs = {}
+    for w in (1.0, 0.0):
+        out = tmp_path / f"w{w:g}"
+        lora.run(None, _cfg(tiny_sd, data, out, steps=2, prior_loss_weight=w))
+        runs[w] = _weights(out / "lora.safetensors")
+        with safe_open(str(out / "lora.safetensors"), "pt") as f:
+            meta = f.metadata()
+        assert meta["t2i.prior_loss_weight"] == meta["ss_prior_loss_weight"] == f"{w:g}"
+    assert any(not torch.equal(runs[1.0][k], runs[0.0][k]) for k in runs[1.0])
 
 
 def test_no_prior_trains_on_the_data_alone(tiny_sd, data, tmp_path, run_cli):
