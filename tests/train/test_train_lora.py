@@ -315,7 +315,7 @@ def test_one_set_of_defaults_cli_config_file_and_python_api(run_cli):
     entries = {e.split()[0]: " ".join(e.split()) for e in chunks if e.strip()}
     for key in ("rank", "steps", "lr", "batch", "format", "targets", "prior_loss_weight"):
         shown = f"{defaults[key]:g}" if isinstance(defaults[key], float) else str(defaults[key])
-        assert re.search(rf"\(default {re.escape(shown)}\b", entries[f"--{key}"]), (key, entries[f"--{key}"])
+        assert re.search(rf"\(default {re.escape(shown)}\b", entries["--" + key.replace("_", "-")]), (key, entries["--" + key.replace("_", "-")])
 
 
 # --------------------------------------------------------------------------- prior preservation (the default)
