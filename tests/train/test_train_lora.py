@@ -379,10 +379,10 @@ def test_reg_data_replaces_the_prior_images(tiny_sd, data, tmp_path):
 def test_resume_reuses_the_prior_images_and_redraws_only_a_missing_one(tiny_sd, data, tmp_path):
     out = tmp_path / "o"
     lora.run(None, _cfg(tiny_sd, data, out, steps=2, checkpoint_every=2))
-    files = {p.name: p.stat().st_ino for p in (out / "prior").iterdir()}  # atomic writes give a new inode
+    files = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "prior").iterdir()}  # a freed inode can be reused
     (out / "prior" / "0002.png").unlink()
     (out / "lora.safetensors").unlink()
     lora.run(None, _cfg(tiny_sd, data, out, steps=4, checkpoint_every=2), resume="latest")
-    now = {p.name: p.stat().st_ino for p in (out / "prior").iterdir()}
+    now = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "prior").iterdir()}
     assert now.keys() == files.keys()
     assert [n for n in files if now[n] != files[n]] == ["0002.png"]  # .txt unchanged: only the image was missing
